@@ -1,0 +1,474 @@
+"""The protocol state machine of one supervisor. Pure: no I/O, no clock, no
+global randomness. The caller feeds `tick`, `receive`, `observe` and `request`
+with its own monotonic time and carries out the returned actions in order
+(see `failoverd.core.actions` for the contract and docs/design.md for the
+protocol and its safety argument).
+
+Roles decide behaviour: a follower answers heartbeats and votes and may time
+out into a pre-vote; a candidate collects votes; a leader heartbeats, holds a
+lease, promotes once it is safe and fences itself the moment it is not.
+Leader-only logic lives in `failoverd.core.leader`.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Iterable
+
+from failoverd.core import actions as act
+from failoverd.core.leader import LeaderMixin, LeaderState
+from failoverd.core.messages import (
+    Heartbeat,
+    HeartbeatAck,
+    Message,
+    PreVoteRequest,
+    PreVoteResponse,
+    ProtocolError,
+    TimeoutNow,
+    VoteRequest,
+    VoteResponse,
+)
+from failoverd.core.quorum import Tally, vote_tally
+from failoverd.core.requests import AdminRequest
+from failoverd.core.spec import ClusterSpec, ReplicationMode
+from failoverd.core.state import ClusterState, PersistentState, PgObservation, PgRole, Position
+
+SAFEGUARDS = frozenset({"lease", "lsn-check", "persist-vote"})
+PG_ACTION_RETRY_S = 5.0
+FENCE_RETRY_S = 1.0
+
+
+class InvariantViolation(AssertionError):
+    """The core found its own state impossible; a bug, never a peer's fault."""
+
+
+class Role(enum.Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre_candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+class Node(LeaderMixin):
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        name: str,
+        persisted: PersistentState,
+        now: float,
+        rng: random.Random,
+        disabled_safeguards: Iterable[str] = (),
+    ) -> None:
+        if not spec.has_member(name):
+            raise ValueError(f"{name!r} is not a member of cluster {spec.name!r}")
+        disabled = frozenset(disabled_safeguards)
+        if disabled - SAFEGUARDS:
+            raise ValueError(f"unknown safeguard(s) {sorted(disabled - SAFEGUARDS)}")
+        self.spec = spec
+        self.name = name
+        self.me = spec.member(name)
+        self.rng = rng
+        self.disabled = disabled
+        self.timing = spec.timing
+        self.others = tuple(m.name for m in spec.members if m.name != name)
+        self.voters = tuple(m.name for m in spec.members)
+        self.data_voters = tuple(m.name for m in spec.data_members)
+
+        self.term = persisted.term
+        self.voted_for = persisted.voted_for
+        self.state = persisted.state
+        if self.state.stamp.version == 0:
+            initial_k = spec.replication.sync_count if spec.replication.mode is ReplicationMode.QUORUM else 0
+            self.state = ClusterState(sync_count=initial_k)
+        self.commit_version = persisted.commit_version
+        self._durable = persisted  # what a crash would leave us with
+
+        self.role = Role.FOLLOWER
+        self.leader: str | None = None
+        self.leader_since = 0.0  # when we first heard the current leader in this term
+        self.leader_primary_ready = False
+        self.last_primary_position: Position | None = None
+        # A restarted node may have promised a leader, before it crashed, not to
+        # vote until up to election_timeout_min after that; it keeps that promise.
+        self.promise_until = now + self.timing.election_timeout_min_s
+        self.election_deadline = now + self._random_timeout()
+        self.pg: PgObservation | None = None
+        self.pg_unresponsive_since: float | None = None
+        self.watchdog_armed = False
+        self.vip_held = False
+        self.fence_requested_at: float | None = None
+        self.pg_action_requested: tuple[str, float] | None = None
+        self.grants: dict[str, bool] = {}
+        self.vouchers: set[str] = set()
+        self.transfer_from: str | None = None
+        self.lead: LeaderState | None = None
+        self.wall_time: float | None = None
+        self.out: list[act.Action] = []
+
+    # ----------------------------------------------------------------- inputs
+
+    def tick(self, now: float, wall_time: float | None = None) -> list[act.Action]:
+        """Advance timers. `wall_time` only labels history entries."""
+        if wall_time is not None:
+            self.wall_time = wall_time
+        if self.role is Role.LEADER:
+            self._leader_tick(now)
+        elif now >= self.election_deadline:
+            if self.role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
+                self._emit("election_timed_out", role=self.role.value)
+                self.role = Role.FOLLOWER
+            if self._may_campaign(now):
+                self._start_pre_vote(now)
+            else:
+                self.election_deadline = now + self._random_timeout()
+        self._keep_local_postgres_in_line(now)
+        return self._flush()
+
+    def receive(self, msg: Message, now: float) -> list[act.Action]:
+        """Handle a decoded peer message. Raises ProtocolError, changing nothing, if it is not for us."""
+        self._check_envelope(msg)
+        if isinstance(msg, Heartbeat):
+            self._on_heartbeat(msg, now)
+        elif isinstance(msg, HeartbeatAck):
+            self._on_heartbeat_ack(msg, now)
+        elif isinstance(msg, PreVoteRequest):
+            self._on_pre_vote_request(msg, now)
+        elif isinstance(msg, VoteRequest):
+            self._on_vote_request(msg, now)
+        elif isinstance(msg, (PreVoteResponse, VoteResponse)):
+            self._on_vote_response(msg, now)
+        elif isinstance(msg, TimeoutNow):
+            self._on_timeout_now(msg, now)
+        else:
+            raise ProtocolError(f"unexpected message {type(msg).__name__}")
+        self._keep_local_postgres_in_line(now)
+        return self._flush()
+
+    def observe(self, pg: PgObservation, now: float) -> list[act.Action]:
+        """Record a probe of the local PostgreSQL (data members only)."""
+        if not self.me.is_data:
+            raise ValueError("a witness has no PostgreSQL to observe")
+        if self.pg is not None and pg.observed_at < self.pg.observed_at:
+            return self._flush()  # an older probe finished late; keep the newer one
+        self.pg = pg
+        if pg.role is PgRole.UNRESPONSIVE:
+            if self.pg_unresponsive_since is None:
+                self.pg_unresponsive_since = pg.observed_at
+        else:
+            self.pg_unresponsive_since = None
+        if self.role is Role.LEADER:
+            self._leader_observe(now)
+        self._keep_local_postgres_in_line(now)
+        return self._flush()
+
+    def request(self, req: AdminRequest, now: float) -> list[act.Action]:
+        if self.role is not Role.LEADER:
+            self.out.append(act.Reply(req.request_id, False, f"{self.name} is not the leader (leader: {self.leader})"))
+        else:
+            self._leader_request(req, now)
+        return self._flush()
+
+    def next_wakeup(self) -> float:
+        """The latest local time by which `tick` must be called again."""
+        if self.role is Role.LEADER and self.lead is not None:
+            return self._leader_next_wakeup()
+        return self.election_deadline
+
+    def persistent_state(self) -> PersistentState:
+        return PersistentState(self.term, self.voted_for, self.state, self.commit_version)
+
+    # ------------------------------------------------------------ follower side
+
+    def _on_heartbeat(self, m: Heartbeat, now: float) -> None:
+        if m.term < self.term:
+            self._send(m.sender, HeartbeatAck(**self._env(), seq=m.seq, success=False, reason="stale term"))
+            return
+        if m.term == self.term and self.role is Role.LEADER:
+            raise InvariantViolation(f"two leaders in term {m.term}: {self.name} and {m.sender}")
+        if m.term > self.term or self.role is not Role.FOLLOWER:
+            self._become_follower(m.term, now, reason=f"heartbeat from {m.sender}")
+        if self.leader != m.sender:
+            self.leader = m.sender
+            self.leader_since = now
+            self._emit("leader_known", leader=m.sender)
+            if self.me.is_data:
+                self.out.append(act.ProbeNow())
+        if "lease" not in self.disabled:
+            self.promise_until = max(self.promise_until, now + self.timing.election_timeout_min_s)
+        self.election_deadline = now + self._random_timeout()
+        self.leader_primary_ready = m.primary_ready
+        if m.primary_position is not None:
+            self.last_primary_position = m.primary_position
+        if m.state.stamp > self.state.stamp:
+            self.state = m.state
+            self._persist()
+        if m.state.stamp == self.state.stamp and m.commit_version > self.commit_version:
+            self.commit_version = min(m.commit_version, self.state.stamp.version)
+        pg = self.pg
+        fresh = pg is not None and pg.observed_at >= self.leader_since
+        self._send(
+            m.sender,
+            HeartbeatAck(
+                **self._env(),
+                seq=m.seq,
+                success=True,
+                accepted=self.state.stamp,
+                position=None if pg is None else pg.position,
+                position_fresh=fresh,
+                pg_healthy=pg is not None and pg.running,
+                following_leader=pg is not None and pg.role is PgRole.STANDBY and pg.following == m.sender,
+            ),
+        )
+
+    def _on_timeout_now(self, m: TimeoutNow, now: float) -> None:
+        if m.term != self.term or m.sender != self.leader or self.role is not Role.FOLLOWER:
+            return
+        if not self._may_campaign(now, transfer=True):
+            self._emit("transfer_declined", leader=m.sender)
+            return
+        self._start_election(now, transfer_from=m.sender)
+
+    def _keep_local_postgres_in_line(self, now: float) -> None:
+        """Outside leadership our PostgreSQL must never be a primary; follow the leader otherwise."""
+        pg = self.pg
+        if pg is None or self.role is Role.LEADER:
+            return
+        if pg.role is PgRole.PRIMARY:
+            if self.fence_requested_at is None or now - self.fence_requested_at >= FENCE_RETRY_S:
+                self._fence(now, "primary without leadership")
+            return
+        if self.watchdog_armed and pg.role in (PgRole.STOPPED, PgRole.STANDBY, PgRole.ABSENT):
+            self.watchdog_armed = False
+            self.out.append(act.ArmWatchdog(None))
+        if self.role is not Role.FOLLOWER or self.leader is None or not self.leader_primary_ready:
+            if pg.role is PgRole.STOPPED and not self.watchdog_armed:
+                self._request_once(now, "start_standby", act.StartStandby())
+            return
+        if pg.role is PgRole.STANDBY and pg.following == self.leader:
+            return
+        if pg.role is PgRole.UNRESPONSIVE or self.watchdog_armed:
+            return
+        if self._request_once(now, f"follow {self.leader} {self.term}", act.Follow(self.leader, self.term)):
+            self._emit("follow", leader=self.leader, pg_role=pg.role.value)
+
+    def _request_once(self, now: float, key: str, action: act.Action) -> bool:
+        """Emit a slow PostgreSQL action unless the same one was asked for recently."""
+        last = self.pg_action_requested
+        if last is not None and last[0] == key and now - last[1] < PG_ACTION_RETRY_S:
+            return False
+        self.pg_action_requested = (key, now)
+        self.out.append(action)
+        return True
+
+    # ----------------------------------------------------------------- voting
+
+    def _vote_refusal(self, candidate: str, position: Position | None, stamp, now: float, transfer_from: str | None) -> str | None:
+        member = self.spec.member(candidate)
+        if not member.can_lead:
+            return "candidate may not lead (witness or nofailover)"
+        waived = transfer_from is not None and transfer_from in (self.leader, self.name)
+        if now < self.promise_until and not waived and "lease" not in self.disabled:
+            return "a leader's lease may still be valid here"
+        if stamp < self.state.stamp:
+            return "candidate's cluster state is older than mine"
+        if self.me.is_data and "lsn-check" not in self.disabled:
+            mine = None if self.pg is None else self.pg.position
+            if mine is not None and (position is None or position < mine):
+                return f"candidate's WAL {position} is behind mine {mine}"
+        if self.spec.replication.mode is ReplicationMode.ASYNC and "lsn-check" not in self.disabled:
+            if self._lags_beyond_limit(position):
+                return "candidate lags the last primary by more than max_lag_bytes"
+        return None
+
+    def _vouches(self, position: Position | None) -> bool:
+        """Whether our WAL check of a candidate counts towards the data quorum."""
+        if not self.me.is_data:
+            return False
+        if "lsn-check" in self.disabled:
+            return True
+        if self.pg is None:
+            return False
+        mine = self.pg.position
+        return mine is None or (position is not None and position >= mine)
+
+    def _on_pre_vote_request(self, m: PreVoteRequest, now: float) -> None:
+        reason = "stale term" if m.term <= self.term else self._vote_refusal(m.sender, m.position, m.stamp, now, None)
+        self._send(
+            m.sender,
+            PreVoteResponse(
+                **self._env(), granted=reason is None, vouches_wal=reason is None and self._vouches(m.position),
+                reason=reason or "",
+            ),
+        )
+
+    def _on_vote_request(self, m: VoteRequest, now: float) -> None:
+        reason = self._vote_refusal(m.sender, m.position, m.stamp, now, m.transfer_from)
+        if m.term < self.term:
+            reason = "stale term"
+        elif reason == "a leader's lease may still be valid here":
+            pass  # do not even adopt the term: a live leader must not be disturbed
+        else:
+            if m.term > self.term:
+                self._become_follower(m.term, now, reason=f"vote request from {m.sender}")
+            if reason is None and self.voted_for not in (None, m.sender):
+                reason = f"already voted for {self.voted_for} in term {self.term}"
+            if reason is None:
+                self.voted_for = m.sender
+                self._persist(vote=True)
+                self.election_deadline = now + self._random_timeout()
+                self._emit("vote_granted", candidate=m.sender, transfer_from=m.transfer_from)
+        if reason is not None:
+            self._emit("vote_refused", candidate=m.sender, candidate_term=m.term, reason=reason)
+        self._send(
+            m.sender,
+            VoteResponse(
+                **self._env(), granted=reason is None, vouches_wal=reason is None and self._vouches(m.position),
+                reason=reason or "",
+            ),
+        )
+
+    def _on_vote_response(self, m: PreVoteResponse | VoteResponse, now: float) -> None:
+        if m.term > self.term and not m.granted:
+            self._become_follower(m.term, now, reason=f"{m.sender} is in a later term")
+            return
+        pre = isinstance(m, PreVoteResponse)
+        if (pre and self.role is not Role.PRE_CANDIDATE) or (not pre and self.role is not Role.CANDIDATE):
+            return
+        if not pre and m.term != self.term:
+            return
+        self.grants[m.sender] = m.granted
+        if m.granted and m.vouches_wal:
+            self.vouchers.add(m.sender)
+        tally = vote_tally(self.voters, self.data_voters, self.grants, self.vouchers, self._data_votes_needed())
+        if tally is Tally.WON:
+            if pre:
+                self._start_election(now, transfer_from=None)
+            else:
+                self._become_leader(now)
+        elif tally is Tally.LOST:
+            self._emit("election_lost", pre_vote=pre, grants=sorted(v for v, g in self.grants.items() if g))
+            self.role = Role.FOLLOWER
+            self.election_deadline = now + self._random_timeout()
+
+    def _may_campaign(self, now: float, transfer: bool = False) -> bool:
+        if not self.me.can_lead or self.pg is None:
+            return False
+        if self.state.paused and not transfer:
+            return False
+        if now < self.promise_until and not transfer and "lease" not in self.disabled:
+            return False
+        if now - self.pg.observed_at > self.timing.election_timeout_max_s:
+            return False  # we know too little of our own PostgreSQL
+        if self.pg.role is PgRole.STANDBY:
+            return True
+        # An uninitialised cluster: the first leader bootstraps with initdb.
+        return self.pg.role is PgRole.ABSENT and self.state.primary is None
+
+    def _start_pre_vote(self, now: float) -> None:
+        self.role = Role.PRE_CANDIDATE
+        self.grants = {self.name: True}
+        self.vouchers = {self.name} if self._vouches(self._my_position()) else set()
+        self.election_deadline = now + self._random_timeout()
+        self._emit("pre_vote_started", position=str(self._my_position()))
+        request = PreVoteRequest(
+            cluster=self.spec.name, sender=self.name, term=self.term + 1, position=self._my_position(), stamp=self.state.stamp
+        )
+        for peer in self.others:
+            self._send(peer, request)
+
+    def _start_election(self, now: float, transfer_from: str | None) -> None:
+        self.term += 1
+        self.voted_for = self.name
+        self.role = Role.CANDIDATE
+        self.leader = None
+        self.leader_primary_ready = False
+        self.transfer_from = transfer_from
+        self.grants = {self.name: True}
+        self.vouchers = {self.name} if self._vouches(self._my_position()) else set()
+        self.election_deadline = now + self._random_timeout()
+        self._persist(vote=True)
+        self._emit("election_started", transfer_from=transfer_from, position=str(self._my_position()))
+        request = VoteRequest(
+            **self._env(), position=self._my_position(), stamp=self.state.stamp, transfer_from=transfer_from
+        )
+        for peer in self.others:
+            self._send(peer, request)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _become_follower(self, term: int, now: float, reason: str) -> None:
+        was = self.role
+        if was is Role.LEADER:
+            self._step_down(now, reason)
+        if term > self.term:
+            self.term = term
+            self.voted_for = None
+            self._persist(vote=True)
+        self.role = Role.FOLLOWER
+        self.leader = None
+        self.leader_primary_ready = False
+        self.election_deadline = max(self.election_deadline, now + self._random_timeout())
+        if was is not Role.FOLLOWER:
+            self._emit("role_changed", role="follower", previous=was.value, reason=reason)
+
+    def _fence(self, now: float, reason: str) -> None:
+        if self.vip_held:
+            self.vip_held = False
+            self.out.append(act.ReleaseVip(reason))
+            self._emit("vip_released", reason=reason)
+        self.fence_requested_at = now
+        self.out.append(act.Fence(reason))
+        self._emit("fence", reason=reason)
+
+    def _my_position(self) -> Position | None:
+        return None if self.pg is None else self.pg.position
+
+    def _data_votes_needed(self) -> int:
+        if "lsn-check" in self.disabled:
+            return 0
+        return self.spec.data_votes_needed(self.state.sync_count)
+
+    def _lags_beyond_limit(self, position: Position | None) -> bool:
+        ref = self.last_primary_position
+        if ref is None:
+            return False
+        if position is None or position.timeline < ref.timeline:
+            return True
+        return position.timeline == ref.timeline and position.lsn + self.spec.replication.max_lag_bytes < ref.lsn
+
+    def _random_timeout(self) -> float:
+        """Election timeout, biased so higher-priority members tend to campaign first."""
+        t = self.timing
+        candidates = sorted((m for m in self.spec.data_members if m.can_lead), key=lambda m: (-m.priority, m.name))
+        rank = next((i for i, m in enumerate(candidates) if m.name == self.name), len(candidates))
+        spread = (rank / max(1, len(candidates))) * 0.5 + self.rng.random() * 0.5
+        return t.election_timeout_min_s + spread * (t.election_timeout_max_s - t.election_timeout_min_s)
+
+    def _check_envelope(self, msg: Message) -> None:
+        if msg.cluster != self.spec.name:
+            raise ProtocolError(f"message for cluster {msg.cluster!r}, this is {self.spec.name!r}")
+        if msg.sender == self.name or not self.spec.has_member(msg.sender):
+            raise ProtocolError(f"sender {msg.sender!r} is not another member of this cluster")
+
+    def _env(self) -> dict:
+        return {"cluster": self.spec.name, "sender": self.name, "term": self.term}
+
+    def _send(self, to: str, msg: Message) -> None:
+        self.out.append(act.Send(to, msg))
+
+    def _persist(self, vote: bool = False) -> None:
+        current = self.persistent_state()
+        if "persist-vote" in self.disabled:
+            # Safeguard test only: term and vote never reach the disk.
+            current = PersistentState(self._durable.term, self._durable.voted_for, self.state, self.commit_version)
+        self._durable = current
+        self.out.append(act.Persist(current))
+
+    def _emit(self, event: str, **fields) -> None:
+        base = (("node", self.name), ("term", self.term))
+        self.out.append(act.Emit(event, base + tuple(fields.items())))
+
+    def _flush(self) -> list[act.Action]:
+        out, self.out = self.out, []
+        return out

@@ -1,0 +1,1 @@
+"""Deterministic simulation of a failoverd cluster around the real protocol core."""
