@@ -229,7 +229,12 @@ class LeaderMixin:
                 continue
             # A member ahead of us is no evidence either way (a fenced old
             # primary holds WAL nobody acknowledged); it just does not vouch.
-            if view.position is None or (mine is not None and view.position <= mine):
+            # A fresh empty position (empty data directory) vouches only while
+            # we have no WAL either: the bootstrap.
+            if view.position is None:
+                if mine is None:
+                    vouched += 1
+            elif mine is not None and view.position <= mine:
                 vouched += 1
         needed = self.spec.data_votes_needed(self.state.sync_count)
         if vouched < needed:
@@ -240,6 +245,8 @@ class LeaderMixin:
 
     def _maybe_promote(self: Node, now: float) -> None:
         lead = self.lead
+        if lead.transfer is not None:
+            return  # a switchover has demoted us on purpose; _advance_transfer decides
         if lead.primary_ready or lead.promote_requested_at is not None:
             if lead.promote_requested_at is not None and not lead.primary_ready:
                 if now - lead.promote_requested_at > self.timing.promote_timeout_s:

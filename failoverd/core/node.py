@@ -36,6 +36,8 @@ from failoverd.core.state import ClusterState, PersistentState, PgObservation, P
 
 SAFEGUARDS = frozenset({"lease", "lsn-check", "persist-vote"})
 PG_ACTION_RETRY_S = 5.0
+LEASE_REFUSAL = "a leader's lease may still be valid here"
+MAY_NOT_LEAD_REFUSAL = "candidate may not lead (witness or nofailover)"
 FENCE_RETRY_S = 1.0
 
 
@@ -169,6 +171,12 @@ class Node(LeaderMixin):
             self._leader_request(req, now)
         return self._flush()
 
+    def shutdown(self, now: float) -> list[act.Action]:
+        """The supervisor is stopping: a leader fences and hands over to its best follower."""
+        if self.role is Role.LEADER:
+            self._step_down(now, "supervisor shutting down", transfer_to=self._best_successor(now))
+        return self._flush()
+
     def next_wakeup(self) -> float:
         """The latest local time by which `tick` must be called again."""
         if self.role is Role.LEADER and self.lead is not None:
@@ -206,7 +214,13 @@ class Node(LeaderMixin):
         if m.state.stamp == self.state.stamp and m.commit_version > self.commit_version:
             self.commit_version = min(m.commit_version, self.state.stamp.version)
         pg = self.pg
-        fresh = pg is not None and pg.observed_at >= self.leader_since
+        # A position counts for the leader's WAL check only if it was probed
+        # after we heard this leader, and is known (or the directory is empty).
+        fresh = (
+            pg is not None
+            and pg.observed_at >= self.leader_since
+            and (pg.position is not None or pg.role is PgRole.ABSENT)
+        )
         self._send(
             m.sender,
             HeartbeatAck(
@@ -264,12 +278,11 @@ class Node(LeaderMixin):
     # ----------------------------------------------------------------- voting
 
     def _vote_refusal(self, candidate: str, position: Position | None, stamp, now: float, transfer_from: str | None) -> str | None:
-        member = self.spec.member(candidate)
-        if not member.can_lead:
-            return "candidate may not lead (witness or nofailover)"
         waived = transfer_from is not None and transfer_from in (self.leader, self.name)
         if now < self.promise_until and not waived and "lease" not in self.disabled:
-            return "a leader's lease may still be valid here"
+            return LEASE_REFUSAL
+        if not self.spec.member(candidate).can_lead:
+            return MAY_NOT_LEAD_REFUSAL
         if stamp < self.state.stamp:
             return "candidate's cluster state is older than mine"
         if self.me.is_data and "lsn-check" not in self.disabled:
@@ -282,7 +295,12 @@ class Node(LeaderMixin):
         return None
 
     def _vouches(self, position: Position | None) -> bool:
-        """Whether our WAL check of a candidate counts towards the data quorum."""
+        """Whether our WAL check of a candidate counts towards the data quorum.
+
+        An unknown position (PostgreSQL unresponsive) vouches for nothing; an
+        empty data directory vouches only for another empty one (bootstrap),
+        since a wiped member no longer holds the commits it acknowledged.
+        """
         if not self.me.is_data:
             return False
         if "lsn-check" in self.disabled:
@@ -290,7 +308,9 @@ class Node(LeaderMixin):
         if self.pg is None:
             return False
         mine = self.pg.position
-        return mine is None or (position is not None and position >= mine)
+        if mine is None:
+            return self.pg.role is PgRole.ABSENT and position is None
+        return position is not None and position >= mine
 
     def _on_pre_vote_request(self, m: PreVoteRequest, now: float) -> None:
         reason = "stale term" if m.term <= self.term else self._vote_refusal(m.sender, m.position, m.stamp, now, None)
@@ -306,7 +326,7 @@ class Node(LeaderMixin):
         reason = self._vote_refusal(m.sender, m.position, m.stamp, now, m.transfer_from)
         if m.term < self.term:
             reason = "stale term"
-        elif reason == "a leader's lease may still be valid here":
+        elif reason in (LEASE_REFUSAL, MAY_NOT_LEAD_REFUSAL):
             pass  # do not even adopt the term: a live leader must not be disturbed
         else:
             if m.term > self.term:

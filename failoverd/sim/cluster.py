@@ -245,7 +245,7 @@ class SimCluster:
             up = self.hosts[pg.upstream].pg
             if up is not None and up.running and pg.compatible_with(up):
                 following = pg.upstream
-        obs = pg.observation(host.local(self.now), following)
+        obs = pg.observation(host.local(self.now), following, hung=self.now < pg.probe_hung_until)
         self._call(host, lambda n: n.observe(obs, host.local(self.now)))
 
     def probe_loop(self, host: Host) -> None:

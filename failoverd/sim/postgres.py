@@ -45,6 +45,7 @@ class SimPostgres:
     write_ids: set[int] = dataclasses.field(default_factory=set)
     busy_until: float = 0.0  # an action (promote/follow/stop) is in flight until then
     replication_stalled_until: float = 0.0
+    probe_hung_until: float = 0.0  # probes time out (UNRESPONSIVE, position unknown) but the server works
 
     @property
     def lsn(self) -> int:
@@ -99,7 +100,9 @@ class SimPostgres:
             self.role = SimRole.STOPPED
         return lost
 
-    def observation(self, observed_at: float, following: str | None) -> PgObservation:
+    def observation(self, observed_at: float, following: str | None, hung: bool = False) -> PgObservation:
+        if (hung and self.running) or self.role is SimRole.STOPPING:
+            return PgObservation(role=PgRole.UNRESPONSIVE, observed_at=observed_at, position=None)
         role = {
             SimRole.ABSENT: PgRole.ABSENT,
             SimRole.STOPPED: PgRole.STOPPED,

@@ -3,7 +3,7 @@
 Safety phase: from empty data directories the cluster bootstraps, then a
 seeded schedule injects crashes, restarts, freezes, partitions (symmetric,
 asymmetric, supervisor-port only), lossy/slow links, postmaster kills,
-stalled replication and planned switchovers; invariants are checked after
+stalled replication, hung probes and planned switchovers; invariants are checked after
 every event. Liveness phase: everything heals and a writable primary that
 acknowledges writes must appear within `LIVENESS_BOUND_S`.
 """
@@ -68,7 +68,7 @@ class FaultInjector:
         host = sim.hosts[target]
         kind = rng.choice(
             ["kill_postmaster", "kill_supervisor", "quick_restart", "freeze", "isolate", "isolate_inbound",
-             "cut_pair", "cut_peer_only", "lossy", "stall_replication", "host_crash", "switchover"]
+             "cut_pair", "cut_peer_only", "lossy", "stall_replication", "host_crash", "switchover", "pg_hang"]
         )
         sim.log(f"FAULT {kind} {target}")
         heal_after = rng.uniform(0.2, 4.0)
@@ -102,6 +102,8 @@ class FaultInjector:
             sim.at(now + heal_after, sim.net.heal)
         elif kind == "stall_replication" and host.pg is not None:
             host.pg.replication_stalled_until = now + heal_after
+        elif kind == "pg_hang" and host.pg is not None:
+            host.pg.probe_hung_until = now + rng.uniform(0.2, 5.0)
         elif kind == "host_crash":
             sim.kill_supervisor(target)
             if host.pg is not None:
@@ -119,6 +121,7 @@ class FaultInjector:
         for name, host in sim.hosts.items():
             if host.pg is not None:
                 host.pg.replication_stalled_until = 0.0
+                host.pg.probe_hung_until = 0.0
             if host.node is None:
                 sim.start_supervisor(name)
             elif host.frozen:
