@@ -14,7 +14,7 @@ import dataclasses
 import json
 from typing import Any, ClassVar, Union
 
-from failoverd.core.state import ClusterState, Position, StateStamp
+from failoverd.core.state import ClusterState, Position, StateStamp, describe
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_TERM = 2**62
@@ -27,14 +27,14 @@ class ProtocolError(Exception):
 
 def _check_int(name: str, value: Any, low: int = 0, high: int = MAX_TERM) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: {value!r} is not an integer")
+        raise TypeError(f"{name}: {describe(value)} is not an integer")
     if not low <= value <= high:
-        raise ValueError(f"{name}: {value} is not within {low}..{high}")
+        raise ValueError(f"{name}: {describe(value)} is not within {low}..{high}")
 
 
 def _check_name(name: str, value: Any) -> None:
     if not isinstance(value, str) or not 1 <= len(value) <= 63:
-        raise ValueError(f"{name}: {value!r} is not a member name")
+        raise ValueError(f"{name}: {describe(value)} is not a member name")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -160,8 +160,8 @@ def decode_message_bytes(body: bytes) -> Message:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"message is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # also over-long integer literals
+        raise ProtocolError(f"message is not JSON: {str(exc)[:200]}") from None
     return decode_message(data)
 
 
@@ -177,11 +177,12 @@ def decode_message(data: Any) -> Message:
     kind = data.get("type")
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {kind!r}")
+        raise ProtocolError(f"unknown message type {describe(kind)}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names - {"type"}
     if unknown:
-        raise ProtocolError(f"{kind}: unknown field(s) {sorted(unknown)}")
+        shown = sorted(describe(k) for k in unknown)[:5]
+        raise ProtocolError(f"{kind}: unknown field(s) {', '.join(shown)}")
     missing = {"cluster", "sender", "term"} - set(data)
     if missing:
         raise ProtocolError(f"{kind}: missing field(s) {sorted(missing)}")
@@ -192,8 +193,8 @@ def decode_message(data: Any) -> Message:
         return cls(**kwargs)
     except ProtocolError:
         raise
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ProtocolError(f"{kind}: {exc}") from None
+    except (TypeError, ValueError, KeyError, RecursionError) as exc:
+        raise ProtocolError(f"{kind}: {str(exc)[:200]}") from None
 
 
 def _decode_field(name: str, value: Any) -> Any:
@@ -205,7 +206,7 @@ def _decode_field(name: str, value: Any) -> Any:
         return ClusterState.from_wire(value)
     if name in _BOOL_FIELDS:
         if not isinstance(value, bool):
-            raise TypeError(f"{name}: {value!r} is not a boolean")
+            raise TypeError(f"{name}: {describe(value)} is not a boolean")
         return value
     if name in _STR_FIELDS:
         if not isinstance(value, str) or len(value) > 500:

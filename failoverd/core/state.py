@@ -17,19 +17,40 @@ MAX_TIMELINE = 2**32 - 1
 MAX_HISTORY = 50
 
 
+def describe(value: Any) -> str:
+    """A short description of a value that came from a peer or a file.
+
+    Never `repr()` such a value whole: it may be 64 KiB of text for a log line,
+    a huge integer, or nested deeply enough to exhaust the stack.
+    """
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value) if -(10**30) < value < 10**30 else "a very large integer"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    return f"a {type(value).__name__}"
+
+
 def _int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: {value!r} is not an integer")
+        raise TypeError(f"{name}: {describe(value)} is not an integer")
     if not low <= value <= high:
-        raise ValueError(f"{name}: {value} is not within {low}..{high}")
+        raise ValueError(f"{name}: {describe(value)} is not within {low}..{high}")
     return value
 
 
 def _name_or_none(name: str, value: Any) -> str | None:
     if value is None:
         return None
+    return _name(name, value)
+
+
+def _name(name: str, value: Any) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= 63:
-        raise ValueError(f"{name}: {value!r} is not a member name")
+        raise ValueError(f"{name}: {describe(value)} is not a member name")
     return value
 
 
@@ -55,7 +76,7 @@ class Position:
     @classmethod
     def from_wire(cls, value: Any) -> Position:
         if not isinstance(value, list) or len(value) != 2:
-            raise TypeError(f"position: {value!r} is not [timeline, lsn]")
+            raise TypeError(f"position: {describe(value)} is not [timeline, lsn]")
         return cls(value[0], value[1])
 
     def __str__(self) -> str:
@@ -79,7 +100,7 @@ class StateStamp:
     @classmethod
     def from_wire(cls, value: Any) -> StateStamp:
         if not isinstance(value, list) or len(value) != 2:
-            raise TypeError(f"stamp: {value!r} is not [written_term, version]")
+            raise TypeError(f"stamp: {describe(value)} is not [written_term, version]")
         return cls(value[0], value[1])
 
 
@@ -97,11 +118,14 @@ class HistoryEntry:
     def __post_init__(self) -> None:
         _int("term", self.term, 0, 2**62)
         _name_or_none("from_node", self.from_node)
-        _name_or_none("to_node", self.to_node)
+        _name("to_node", self.to_node)
         if not isinstance(self.reason, str) or len(self.reason) > 200:
             raise ValueError("reason: not a string of at most 200 characters")
-        if self.wall_time is not None and (isinstance(self.wall_time, bool) or not isinstance(self.wall_time, (int, float))):
-            raise TypeError("wall_time: not a number")
+        if self.wall_time is not None:
+            if isinstance(self.wall_time, bool) or not isinstance(self.wall_time, (int, float)):
+                raise TypeError("wall_time: not a number")
+            if not 0 <= self.wall_time < 1e11:  # also refuses NaN and infinities
+                raise ValueError("wall_time: not a time in seconds since the epoch")
 
     def to_wire(self) -> dict[str, Any]:
         return {

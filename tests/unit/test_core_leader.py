@@ -474,3 +474,21 @@ def test_pause_on_non_leader_is_refused():
     w = promoted()
     (reply,) = of_type(w["c"].request(Pause(4), 2.2), act.Reply)
     assert not reply.ok and not w["c"].state.paused
+
+
+def test_shutdown_of_leader_fences_then_hands_over_to_best_follower():
+    w = promoted()
+    now = run(w, 2.2, 3.0)
+    a = w["a"]
+    out = a.shutdown(now)
+    kinds = [type(x) for x in out if not isinstance(x, act.Emit)]
+    assert kinds.index(act.ReleaseVip) < kinds.index(act.Fence) < kinds.index(act.Send)
+    sends = of_type(out, act.Send)
+    assert [type(s.message) for s in sends] == [TimeoutNow] and sends[0].to in ("b", "c")
+    assert a.role is Role.FOLLOWER
+
+
+def test_shutdown_of_follower_does_nothing():
+    w = promoted()
+    now = run(w, 2.2, 3.0)
+    assert w["b"].shutdown(now) == []
