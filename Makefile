@@ -10,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test venv simulate clean
+.PHONY: test venv simulate clean postgres-server
 
 $(STAMP): pyproject.toml
 	@if [ ! -x "$(PYTHON_SYSTEM)" ]; then echo "need $(PYTHON_SYSTEM) (Debian: apt-get install python3)"; exit 1; fi
@@ -25,9 +25,23 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The integration tests need PostgreSQL server binaries (found through
+# pg_config, as the daemon finds them). As root on Debian they are installed
+# here, without the distribution's default cluster: failoverd runs its own.
+postgres-server:
+	@bindir=$$(pg_config --bindir 2>/dev/null); \
+	if [ -n "$$bindir" ] && [ -x "$$bindir/postgres" ] && [ -x "$$bindir/pg_waldump" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "PostgreSQL server binaries not found: integration tests will be skipped (as root: apt-get install postgresql)"; exit 0; fi; \
+	echo "installing PostgreSQL server packages"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -qq && apt-get install -y -qq postgresql-common >/dev/null && \
+	sed -i 's/^#*\s*create_main_cluster.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf && \
+	apt-get install -y -qq postgresql >/dev/null
+
 # pytest exits 5 when it collected no tests; that must fail the build, and it
 # does because any non-zero status fails make.
-test: $(STAMP)
+test: $(STAMP) postgres-server
 	$(PY) -m pytest
 
 simulate: $(STAMP)

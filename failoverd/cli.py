@@ -36,6 +36,35 @@ def check_config(ctx: click.Context, file: Path, node: str | None) -> None:
     click.echo(summary(config))
 
 
+@failoverd_main.command("run", short_help="Run the supervisor of this member in the foreground.")
+@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="The cluster's configuration file.")
+@click.option("--node", metavar="NAME", help="The member this host is. Default: the member named like this host.")
+@click.pass_context
+def run(ctx: click.Context, config_file: Path, node: str | None) -> None:
+    """Run the supervisor: health checks, elections, promotion and fencing.
+
+    Stops in order on SIGTERM or SIGINT: a leader hands over (fencing its
+    PostgreSQL) before the process exits. Exits 1 with a one-line reason
+    when the member cannot start safely.
+    """
+    import asyncio
+
+    from failoverd.daemon import StartupError, configure_logging, run_daemon
+
+    try:
+        config = load_config(config_file, node)
+    except ConfigError as error:
+        for problem in error.problems:
+            click.echo(f"{error.source}: {problem}", err=True)
+        ctx.exit(1)
+    configure_logging(config)
+    try:
+        asyncio.run(run_daemon(config))
+    except StartupError as error:
+        click.echo(f"failoverd: cannot start: {error}", err=True)
+        ctx.exit(1)
+
+
 def summary(config: Config) -> str:
     """One screen on what the configured cluster is and what it survives."""
     spec = config.spec

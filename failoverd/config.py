@@ -31,6 +31,10 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 
 _HOOK_TIMEOUT_MAX_S = 3600.0
+_PROBE_TIMEOUT_MAX_S = 60.0
+_COMMAND_TIMEOUT_MAX_S = 86400.0
+# sun_path holds 107 bytes; PostgreSQL appends "/.s.PGSQL.<port>" (at most 16).
+_SOCKET_DIR_MAX_BYTES = 107 - len("/.s.PGSQL.65535")
 _INT64 = 2**63
 
 
@@ -115,6 +119,10 @@ class PostgresDefaults:
     superuser: str = "postgres"
     replication_user: str = "replicator"
     database: str = "postgres"
+    socket_dir: Path | None = None  # None: "<data_dir>.run" beside each node's data directory
+    reclone_on_rewind_failure: bool = True
+    probe_timeout_s: float = 1.0
+    command_timeout_s: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -316,6 +324,23 @@ def _hook_timeout(value: Any) -> float:
     return seconds
 
 
+def _seconds_up_to(limit: float) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        seconds = _number(value)
+        if not 0 < seconds <= limit:
+            raise _Invalid(f"is not within 0..{limit:g} s")
+        return seconds
+
+    return convert
+
+
+def _socket_dir(value: Any) -> Path:
+    path = _path(value)
+    if len(str(path).encode()) > _SOCKET_DIR_MAX_BYTES:
+        raise _Invalid(f"is too long for a Unix socket directory (at most {_SOCKET_DIR_MAX_BYTES} bytes)")
+    return path
+
+
 def _choice(*allowed: str) -> _Kind:
     def convert(value: Any) -> str:
         if value not in allowed:
@@ -336,6 +361,9 @@ _HOST_PORT = _Kind("host:port", _host_port)
 _IPV4_INTERFACE = _Kind("IPv4 address with prefix length", _ipv4_interface)
 _INTERFACE = _Kind("network interface name", _interface_name)
 _HOOK_TIMEOUT = _Kind("number of seconds", _hook_timeout)
+_PROBE_TIMEOUT = _Kind("number of seconds", _seconds_up_to(_PROBE_TIMEOUT_MAX_S))
+_COMMAND_TIMEOUT = _Kind("number of seconds", _seconds_up_to(_COMMAND_TIMEOUT_MAX_S))
+_SOCKET_DIR = _Kind("absolute path", _socket_dir)
 
 _REQUIRED: Any = object()
 _ABSENT: Any = object()
@@ -493,6 +521,12 @@ class _Reader:
         values = {"port": t.get("port", _PORT, _POSTGRES.port), "bin_dir": t.get("bin_dir", _PATH, None)}
         for key in ("os_user", "superuser", "replication_user", "database"):
             values[key] = t.get(key, _STRING, getattr(_POSTGRES, key))
+        values["socket_dir"] = t.get("socket_dir", _SOCKET_DIR, None)
+        values["reclone_on_rewind_failure"] = t.get(
+            "reclone_on_rewind_failure", _BOOLEAN, _POSTGRES.reclone_on_rewind_failure
+        )
+        values["probe_timeout_s"] = t.get("probe_timeout_s", _PROBE_TIMEOUT, _POSTGRES.probe_timeout_s)
+        values["command_timeout_s"] = t.get("command_timeout_s", _COMMAND_TIMEOUT, _POSTGRES.command_timeout_s)
         t.finish()
         return None if t.failed else PostgresDefaults(**values)
 

@@ -58,6 +58,7 @@ class LeaderState:
     primary_ready: bool = False
     blocked_reason: str = ""
     confirm_failed: bool = False  # the WAL check itself (not timing) blocks promotion
+    bootstrapping: bool = False  # the promotion is an initdb of a new cluster
     transfer: Transfer | None = None
 
 
@@ -249,7 +250,8 @@ class LeaderMixin:
             return  # a switchover has demoted us on purpose; _advance_transfer decides
         if lead.primary_ready or lead.promote_requested_at is not None:
             if lead.promote_requested_at is not None and not lead.primary_ready:
-                if now - lead.promote_requested_at > self.timing.promote_timeout_s:
+                limit = self.timing.bootstrap_timeout_s if lead.bootstrapping else self.timing.promote_timeout_s
+                if now - lead.promote_requested_at > limit:
                     self._step_down(now, "promotion timed out")
             return
         blocker = self._promotion_blocker(now)
@@ -272,6 +274,7 @@ class LeaderMixin:
             self.watchdog_armed = True
             self.out.append(act.ArmWatchdog(lead.lease_until))
         lead.promote_requested_at = now
+        lead.bootstrapping = self.pg is not None and self.pg.role is PgRole.ABSENT
         self.out.append(act.Promote(self.term))
         self._emit("promote", position=str(self._my_position()), lease_remaining_s=round(lead.lease_until - now, 3))
         if self.pg is not None and self.pg.role is PgRole.PRIMARY:

@@ -84,6 +84,7 @@ class Timing:
     clock_drift_max: float = 0.01  # max clock-rate error of any host, as a fraction
     fence_margin_s: float = 0.05  # time the watchdog needs to stop PostgreSQL
     promote_timeout_s: float = 5.0  # a promotion not seen within this is abandoned
+    bootstrap_timeout_s: float = 120.0  # the same for the first leader's initdb and start
     transfer_timeout_s: float = 5.0  # a leadership transfer not done within this is aborted
     pg_unresponsive_s: float = 3.0  # a primary that fails probes this long is given up
     switchover_max_lag_bytes: int = 16 * 1024 * 1024  # a switchover target further behind is refused

@@ -106,7 +106,10 @@ def test_three_nodes_example_shows_every_key() -> None:
         "cluster": ["name", "secret_file", "state_dir"],
         "timing": [f.name for f in dataclasses.fields(Timing)],
         "replication": ["mode", "sync_count", "max_lag_bytes"],
-        "postgres": ["port", "bin_dir", "os_user", "superuser", "replication_user", "database"],
+        "postgres": [
+            *("port", "bin_dir", "os_user", "superuser", "replication_user", "database"),
+            *("socket_dir", "reclone_on_rewind_failure", "probe_timeout_s", "command_timeout_s"),
+        ],
         "vip": ["address", "interface"],
         "api": ["listen", "token_file"],
         "hooks": ["on_role_change", "on_vip_change", "pre_promote", "timeout_s"],
@@ -173,6 +176,22 @@ def test_node_settings_override_postgres_defaults() -> None:
         HostPort("w1", 8008),
     )
     assert str(w1.peer) == "[2001:db8::3]:7400"
+
+
+def test_postgres_adapter_settings() -> None:
+    assert parse(base()).postgres_defaults.socket_dir is None
+    doc = base()
+    doc["postgres"] = {
+        "socket_dir": "/run/failoverd",
+        "reclone_on_rewind_failure": False,
+        "probe_timeout_s": 2,
+        "command_timeout_s": 600.5,
+    }
+    defaults = parse(doc).postgres_defaults
+    assert defaults.socket_dir == Path("/run/failoverd")
+    assert defaults.reclone_on_rewind_failure is False
+    assert defaults.probe_timeout_s == 2.0 and isinstance(defaults.probe_timeout_s, float)
+    assert defaults.command_timeout_s == 600.5
 
 
 def test_timing_and_replication_reach_the_spec() -> None:
@@ -294,6 +313,18 @@ PROBLEMS: list[tuple[str, Mutation, str]] = [
     ("pg user empty", _set("postgres.superuser", ""), 'postgres.superuser: "" is empty'),
     ("pg user control", _set("postgres.os_user", "pg\x01"), 'postgres.os_user: "pg\\u0001" contains a control'),
     ("pg typo", _set("postgres.data_dir", "/d"), "postgres.data_dir: unknown key (known keys: port, bin_dir,"),
+    ("socket dir relative", _set("postgres.socket_dir", "run"), 'postgres.socket_dir: "run" is not an absolute path'),
+    (
+        "socket dir too long",
+        _set("postgres.socket_dir", "/" + "s" * 92),
+        "postgres.socket_dir: \"/sssss",
+    ),
+    ("reclone int", _set("postgres.reclone_on_rewind_failure", 1), "postgres.reclone_on_rewind_failure: 1 is not true"),
+    ("probe timeout zero", _set("postgres.probe_timeout_s", 0), "postgres.probe_timeout_s: 0 is not within 0..60 s"),
+    ("probe timeout nan", _set("postgres.probe_timeout_s", math.nan), "postgres.probe_timeout_s: nan is not within"),
+    ("probe timeout word", _set("postgres.probe_timeout_s", "1s"), 'postgres.probe_timeout_s: "1s" is not a number'),
+    ("command timeout", _set("postgres.command_timeout_s", -5), "postgres.command_timeout_s: -5 is not within 0.."),
+    ("command timeout inf", _set("postgres.command_timeout_s", math.inf), "postgres.command_timeout_s: inf is not"),
     ("vip no prefix", _set("vip.address", "198.18.0.100"), 'vip.address: "198.18.0.100" has no prefix length'),
     ("vip bad", _set("vip.address", "198.18.0.300/24"), 'vip.address: "198.18.0.300/24" is not an IPv4 address'),
     ("vip v6", _set("vip.address", "fd00::1/64"), 'vip.address: "fd00::1/64" is not an IPv4 address'),

@@ -1,0 +1,317 @@
+"""The asyncio loop around the protocol core.
+
+It feeds the core ticks, peer messages and probe results and carries out the
+returned actions in the documented order (docs/design.md §2):
+
+* Core calls are serialised by one lock; each call's action list is executed
+  before the next call starts, so the ordering contract holds across inputs.
+* `Persist` is written and fsynced inline, before anything after it runs.
+* `Fence` is awaited inline (bounded), so a hand-over message is only sent
+  once PostgreSQL cannot write any more.
+* Slow PostgreSQL work (promote, follow, start, clean stop, sync settings)
+  runs one at a time in a background worker, so ticks, heartbeats and probes
+  go on while it runs; a fence cancels queued work first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import structlog
+
+from failoverd.core import actions as act
+from failoverd.core.messages import Message
+from failoverd.core.node import Node, Role
+from failoverd.core.state import PersistentState, PgObservation
+
+PG_ACTION_TIMEOUT_S = 600.0  # a clone of a large database may take long; fences never wait on this
+FENCE_TIMEOUT_S = 5.0
+SHUTDOWN_GRACE_S = 2.0
+
+
+class PostgresPort(Protocol):
+    async def probe(self, observed_at: float) -> PgObservation: ...
+    async def promote(self) -> None: ...
+    async def start_standby(self, upstream: Any) -> None: ...
+    async def follow(self, leader: Any) -> None: ...
+    async def stop(self, mode: str) -> None: ...
+    async def configure_sync(self, sync_count: int, standbys: tuple[str, ...]) -> None: ...
+    async def ensure_slots(self, standbys: tuple[str, ...]) -> None: ...
+
+
+class PeersPort(Protocol):
+    def send(self, to: str, msg: Message) -> None: ...
+
+
+class WatchdogPort(Protocol):
+    async def arm(self, deadline: float) -> None: ...
+    async def disarm(self) -> None: ...
+
+
+class StatePort(Protocol):
+    def save(self, state: PersistentState) -> None: ...
+
+
+class VipPort(Protocol):
+    async def acquire(self) -> None: ...
+    async def release(self) -> None: ...
+
+
+@dataclasses.dataclass
+class SupervisorStatus:
+    """What the REST API and the CLI report about this member (read-only snapshot)."""
+
+    name: str
+    role: str
+    term: int
+    leader: str | None
+    pg: PgObservation | None
+    lease_remaining_s: float | None
+    primary_ready: bool
+    vip_held: bool
+    paused: bool
+
+
+class Supervisor:
+    def __init__(
+        self,
+        node: Node,
+        *,
+        state: StatePort,
+        peers: PeersPort,
+        postgres: PostgresPort | None,
+        watchdog: WatchdogPort | None,
+        vip: VipPort | None,
+        members: dict[str, Any],
+        probe_interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        log: Any = None,
+    ) -> None:
+        self.node = node
+        self.state = state
+        self.peers = peers
+        self.postgres = postgres
+        self.watchdog = watchdog
+        self.vip = vip
+        self.members = members  # name -> NodeConfig, for Follow's upstream
+        self.probe_interval_s = probe_interval_s
+        self.clock = clock
+        self.log = log or structlog.get_logger("failoverd")
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._probe_now = asyncio.Event()
+        self._pg_queue: asyncio.Queue[act.Action] = asyncio.Queue()
+        self._pg_busy: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+        self.failed = asyncio.Event()  # set when a loop died; the daemon then exits non-zero
+        self.failure: BaseException | None = None
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        loops = [self._ticker()]
+        if self.postgres is not None:
+            loops += [self._prober(), self._pg_worker()]
+        self._tasks = [asyncio.create_task(self._guard(loop), name=loop.__name__) for loop in loops]
+        self.log.info("supervisor_started", node=self.node.name, term=self.node.term)
+
+    async def _guard(self, loop) -> None:
+        """A loop that dies must take the supervisor down with it, loudly: a
+        member that silently stopped ticking or probing is worse than a restart
+        (the watchdog fences a leader whose supervisor is gone)."""
+        try:
+            await loop
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.failure = exc
+            self.log.critical("supervisor_loop_failed", node=self.node.name, term=self.node.term,
+                              loop=loop.__name__, error=repr(exc)[:500])
+            self.failed.set()
+            raise
+
+    async def stop(self) -> None:
+        """Orderly shutdown: hand leadership over (fencing), then stop the loops."""
+        self._stopping = True
+        async with self._lock:
+            await self._execute(self.node.shutdown(self.clock()))
+        if self.node.role is Role.FOLLOWER and self.watchdog is not None and not self.node.watchdog_armed:
+            await self.watchdog.disarm()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            await asyncio.wait({task}, timeout=SHUTDOWN_GRACE_S)
+        self.log.info("supervisor_stopped", node=self.node.name, term=self.node.term)
+
+    # ---------------------------------------------------------------- inputs
+
+    async def on_message(self, msg: Message) -> None:
+        """Peer input; ProtocolError propagates to the peer server (answered 400)."""
+        async with self._lock:
+            actions = self.node.receive(msg, self.clock())
+            await self._execute(actions)
+        self._wake.set()
+
+    async def request(self, req: Any) -> act.Reply:
+        async with self._lock:
+            actions = self.node.request(req, self.clock())
+            await self._execute(actions)
+        self._wake.set()
+        for a in actions:
+            if isinstance(a, act.Reply):
+                return a
+        raise RuntimeError("core returned no reply")  # a core bug, not a user error
+
+    def status(self) -> SupervisorStatus:
+        node = self.node
+        now = self.clock()
+        lead = node.lead
+        return SupervisorStatus(
+            name=node.name,
+            role=node.role.value,
+            term=node.term,
+            leader=node.leader,
+            pg=node.pg,
+            lease_remaining_s=None if lead is None or not lead.lease_ever else max(0.0, lead.lease_until - now),
+            primary_ready=bool(lead is not None and lead.primary_ready),
+            vip_held=node.vip_held,
+            paused=node.state.paused,
+        )
+
+    # ----------------------------------------------------------------- loops
+
+    async def _ticker(self) -> None:
+        while True:
+            async with self._lock:
+                await self._execute(self.node.tick(self.clock(), wall_time=time.time()))
+                delay = max(0.0, min(self.node.next_wakeup() - self.clock(), self.probe_interval_s))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+
+    async def _prober(self) -> None:
+        while True:
+            observed_at = self.clock()
+            obs = await self.postgres.probe(observed_at)
+            async with self._lock:
+                await self._execute(self.node.observe(obs, self.clock()))
+            self._wake.set()
+            self._probe_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.probe_interval_s):
+                    await self._probe_now.wait()
+
+    async def _pg_worker(self) -> None:
+        while True:
+            action = await self._pg_queue.get()
+            # Each action runs as a task of its own so that a fence can cancel
+            # it without cancelling the worker. The worker waits with
+            # asyncio.wait, which never swallows the worker's own cancellation
+            # (awaiting the task directly can lose it if both finish at once).
+            task = asyncio.create_task(self._run_pg_action_bounded(action))
+            self._pg_busy = task
+            started = self.clock()
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
+            finally:
+                self._pg_busy = None
+            name = type(action).__name__
+            if task.cancelled():
+                self.log.info("pg_action_cancelled", node=self.node.name, term=self.node.term, action=name)
+            elif task.exception() is not None:
+                self.log.error("pg_action_failed", node=self.node.name, term=self.node.term, action=name,
+                               error=str(task.exception())[:500])
+            else:
+                self.log.info("pg_action_done", node=self.node.name, term=self.node.term, action=name,
+                              seconds=round(self.clock() - started, 3))
+            self._probe_now.set()
+
+    async def _run_pg_action_bounded(self, action: act.Action) -> None:
+        async with asyncio.timeout(PG_ACTION_TIMEOUT_S):
+            await self._run_pg_action(action)
+
+    async def _run_pg_action(self, action: act.Action) -> None:
+        pg = self.postgres
+        if isinstance(action, act.Promote):
+            await pg.promote()
+        elif isinstance(action, act.Follow):
+            await pg.follow(self.members[action.leader])
+        elif isinstance(action, act.StartStandby):
+            await pg.start_standby(None)
+        elif isinstance(action, act.Demote):
+            await pg.stop("fast")
+        elif isinstance(action, act.ConfigureSync):
+            await pg.configure_sync(action.sync_count, action.standbys)
+
+    # --------------------------------------------------------------- actions
+
+    async def _execute(self, actions: list[act.Action]) -> None:
+        for a in actions:
+            if isinstance(a, act.Persist):
+                self.state.save(a.state)  # fsynced before anything after it
+            elif isinstance(a, act.Send):
+                self.peers.send(a.to, a.message)
+            elif isinstance(a, act.Emit):
+                self.log.info(a.event, **a.as_dict())
+            elif isinstance(a, act.ArmWatchdog):
+                if self.watchdog is not None:
+                    if a.deadline is None:
+                        await self.watchdog.disarm()
+                    else:
+                        await self.watchdog.arm(a.deadline)
+            elif isinstance(a, act.Fence):
+                await self._fence(a.reason)
+            elif isinstance(a, act.ReleaseVip):
+                if self.vip is not None:
+                    await self.vip.release()
+            elif isinstance(a, act.AcquireVip):
+                if self.vip is not None:
+                    await self.vip.acquire()
+            elif isinstance(a, act.ProbeNow):
+                self._probe_now.set()
+            elif isinstance(a, act.Reply):
+                pass  # returned to the caller of request()
+            elif isinstance(a, (act.Promote, act.Follow, act.StartStandby, act.Demote, act.ConfigureSync)):
+                if self.postgres is not None:
+                    self._pg_queue.put_nowait(a)
+            else:
+                raise TypeError(f"unknown action {a!r}")
+
+    async def _fence(self, reason: str) -> None:
+        """Stop PostgreSQL immediately; queued PostgreSQL work is dropped first so
+        nothing restarts or promotes it behind the fence."""
+        while not self._pg_queue.empty():
+            dropped = self._pg_queue.get_nowait()
+            self.log.info("pg_action_dropped", node=self.node.name, action=type(dropped).__name__, reason="fence")
+        busy = self._pg_busy
+        if busy is not None and not busy.done():
+            busy.cancel()
+        if self.postgres is None:
+            return
+        started = self.clock()
+        try:
+            async with asyncio.timeout(FENCE_TIMEOUT_S):
+                await self.postgres.stop("immediate")
+        except Exception as exc:  # noqa: BLE001 - the watchdog's deadline still fences
+            self.log.error("fence_failed", node=self.node.name, term=self.node.term, reason=reason, error=str(exc)[:300])
+            return
+        self.log.info("fenced", node=self.node.name, term=self.node.term, reason=reason,
+                      seconds=round(self.clock() - started, 3))
+        self._probe_now.set()
+
+
+def new_rng() -> random.Random:
+    return random.Random(int.from_bytes(os.urandom(8), "big"))
+

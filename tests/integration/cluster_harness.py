@@ -1,0 +1,372 @@
+"""A real cluster on this machine: `failoverd run` processes on loopback, each
+managing a real PostgreSQL, plus a writer that records every acknowledged
+insert and a sampler that looks for two servers out of recovery at once.
+
+Supervisors run as the PostgreSQL OS user when the tests run as root. That
+user may not be able to enter the checkout or its virtualenv (a clone under
+/root), so the harness copies the package and its dependencies into a
+"runtime bundle" under the test's temporary directory and runs the system
+interpreter on it (the virtualenv is built from that same interpreter, so
+compiled dependencies match). Every process is stopped by the PID recorded
+when it was started, never by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+from pg_helpers import free_ports, stop_servers_under
+
+import failoverd
+from failoverd.config import Config, parse_config
+from failoverd.core.state import PgRole
+from failoverd.postgres import PostgresAdapter, socket_dir_for
+
+SECRET = b"integration-test-secret-0123456789"
+LOOPBACK = "127.0.0.1"
+
+
+def make_runtime_bundle(base: Path) -> Path:
+    """The failoverd package and the site-packages it imports, readable by anyone."""
+    import asyncpg as _asyncpg
+
+    bundle = base / "bundle"
+    site = Path(_asyncpg.__file__).resolve().parent.parent
+    skip = {"pip", "setuptools", "_distutils_hack", "pkg_resources", "failoverd"}
+    shutil.copytree(site, bundle, ignore=lambda d, names: [
+        n for n in names if d == str(site) and (n in skip or n.startswith("__editable__") or n.endswith(".pth")
+                                                or n.startswith(("pip-", "setuptools-")))
+    ])
+    shutil.copytree(Path(failoverd.__file__).resolve().parent, bundle / "failoverd",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["chmod", "-R", "a+rX", str(bundle)], check=True)
+    return bundle
+
+
+def system_python() -> str:
+    """The interpreter the virtualenv was built from (it runs for any user)."""
+    return os.path.realpath(sys.executable)
+
+
+@dataclass
+class Supervisor:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log_events(self) -> list[dict]:
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+        return events
+
+    def watchdog_pids(self) -> list[int]:
+        return [e["pid"] for e in self.log_events() if e.get("event") == "watchdog_started" and "pid" in e]
+
+
+@dataclass
+class LocalCluster:
+    base: Path
+    bin_dir: Path
+    os_user: str
+    owner: tuple[int, int] | None
+    data_names: tuple[str, ...] = ("db1", "db2", "db3")
+    witness_names: tuple[str, ...] = ()
+    timing: str = ""
+    supervisors: dict[str, Supervisor] = field(default_factory=dict)
+    extra_pids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.bundle = make_runtime_bundle(self.base)
+        names = self.data_names + self.witness_names
+        ports = free_ports(2 * len(names))
+        self.pg_ports = dict(zip(names, ports[: len(names)], strict=True))
+        self.peer_ports = dict(zip(names, ports[len(names):], strict=True))
+        secret = self.base / "secret"
+        secret.write_bytes(SECRET)
+        os.chmod(secret, 0o600)
+        for d in [self.base / "state", *(self.base / n for n in self.data_names)]:
+            d.mkdir(mode=0o755, exist_ok=True)
+        if self.owner is not None:
+            for p in [secret, self.base / "state", *(self.base / n for n in self.data_names)]:
+                os.chown(p, *self.owner)
+        self.config_path = self.base / "cluster.toml"
+        self.config_path.write_text(self._config_text())
+        os.chmod(self.config_path, 0o644)
+        self.config: Config = parse_config(self.config_path.read_text(), source=str(self.config_path),
+                                           node=self.data_names[0])
+        self.adapters = {n.name: PostgresAdapter(self.config, n, SECRET) for n in self.config.nodes if n.postgres}
+
+    def _config_text(self) -> str:
+        nodes = ""
+        for name in self.data_names:
+            nodes += f"""
+[[nodes]]
+name = "{name}"
+peer = "{LOOPBACK}:{self.peer_ports[name]}"
+  [nodes.postgres]
+  host = "{LOOPBACK}"
+  port = {self.pg_ports[name]}
+  data_dir = "{self.base / name / 'data'}"
+"""
+        for name in self.witness_names:
+            nodes += f"""
+[[nodes]]
+name = "{name}"
+kind = "witness"
+peer = "{LOOPBACK}:{self.peer_ports[name]}"
+"""
+        return f"""
+[cluster]
+name = "itest"
+secret_file = "{self.base / 'secret'}"
+state_dir = "{self.base / 'state'}"
+
+[timing]
+{self.timing}
+
+[postgres]
+bin_dir = "{self.bin_dir}"
+os_user = "{self.os_user}"
+
+[logging]
+level = "info"
+format = "json"
+{nodes}"""
+
+    # ------------------------------------------------------------ processes
+
+    def start(self, name: str) -> Supervisor:
+        argv = [system_python(), "-m", "failoverd", "run", "--config", str(self.config_path), "--node", name]
+        if os.geteuid() == 0 and self.os_user != "root":
+            argv = ["setpriv", f"--reuid={self.os_user}", f"--regid={self.os_user}", "--init-groups", *argv]
+        log_path = self.base / f"{name}.supervisor.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": str(self.bundle), "LANG": "C.UTF-8"}
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/", start_new_session=True)
+        log.close()
+        sup = Supervisor(name, proc, log_path)
+        self.supervisors[name] = sup
+        return sup
+
+    def start_all(self) -> None:
+        for name in self.data_names + self.witness_names:
+            self.start(name)
+
+    def signal_supervisor(self, name: str, sig: int) -> None:
+        self.supervisors[name].proc.send_signal(sig)
+
+    def stop_supervisor(self, name: str, timeout_s: float = 15.0) -> int | None:
+        sup = self.supervisors[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sup.proc.pid, signal.SIGCONT)
+        sup.proc.send_signal(signal.SIGTERM)
+        try:
+            return sup.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            sup.proc.kill()
+            return sup.proc.wait(5)
+
+    def postmaster_pid(self, name: str) -> int | None:
+        return self.adapters[name].postmaster_pid()
+
+    def cleanup(self) -> None:
+        watchdogs = [pid for s in self.supervisors.values() for pid in s.watchdog_pids()]
+        for name, sup in self.supervisors.items():
+            if sup.proc.poll() is None:
+                self.stop_supervisor(name)
+        for pid in watchdogs + self.extra_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stop_servers_under(self.base)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n" + s.log_path.read_text(errors="replace")[-6000:] for n, s in self.supervisors.items())
+
+    # --------------------------------------------------------------- probes
+
+    async def roles(self) -> dict[str, PgRole]:
+        now = time.monotonic()
+        obs = await asyncio.gather(*(a.probe(now) for a in self.adapters.values()))
+        return {name: o.role for name, o in zip(self.adapters, obs, strict=True)}
+
+    async def primary(self) -> str | None:
+        prim = [n for n, r in (await self.roles()).items() if r is PgRole.PRIMARY]
+        return prim[0] if len(prim) == 1 else None
+
+    async def wait_for(self, what: str, check, timeout_s: float = 60.0):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            result = await check()
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{self.logs()}")
+            await asyncio.sleep(0.2)
+
+    async def healthy(self, primary: str | None = None) -> str | None:
+        """The primary's name once there is one primary and every other running data member streams from it."""
+        roles = await self.roles()
+        prim = [n for n, r in roles.items() if r is PgRole.PRIMARY]
+        if len(prim) != 1 or (primary is not None and prim[0] != primary):
+            return None
+        now = time.monotonic()
+        for name, adapter in self.adapters.items():
+            if name == prim[0]:
+                continue
+            o = await adapter.probe(now)
+            if o.role is not PgRole.STANDBY or o.following != prim[0]:
+                return None
+        return prim[0]
+
+    def dsn_hosts(self) -> tuple[list[str], list[int]]:
+        hosts = [str(socket_dir_for(self.config, n.postgres)) for n in self.config.nodes if n.postgres]
+        ports = [n.postgres.port for n in self.config.nodes if n.postgres]
+        return hosts, ports
+
+
+class DualPrimarySampler:
+    """Asks every member `pg_is_in_recovery()` every `interval_s` over a kept
+    connection and records instants at which two servers were out of recovery.
+    A member that does not answer within the interval counts as not primary
+    for that sample (it cannot be taking writes from us either)."""
+
+    def __init__(self, cluster: LocalCluster, interval_s: float = 0.05) -> None:
+        self.cluster = cluster
+        self.interval_s = interval_s
+        self.sample_times: list[float] = []
+        self.dual: list[tuple[float, list[str]]] = []
+        self._conns: dict[str, asyncpg.Connection | None] = {}
+        self._task: asyncio.Task | None = None
+
+    @property
+    def samples(self) -> int:
+        return len(self.sample_times)
+
+    def max_gap_s(self) -> float:
+        t = self.sample_times
+        return max((b - a for a, b in zip(t, t[1:])), default=0.0)
+
+    async def _is_primary(self, name: str) -> bool:
+        conn = self._conns.get(name)
+        try:
+            if conn is None or conn.is_closed():
+                a = self.cluster.adapters[name]
+                conn = await asyncpg.connect(host=str(a.socket_dir), port=a.pg.port, user="postgres",
+                                             database="postgres", timeout=self.interval_s)
+                self._conns[name] = conn
+            return not await conn.fetchval("SELECT pg_is_in_recovery()", timeout=self.interval_s)
+        except Exception:  # noqa: BLE001 - down, starting, or too slow to answer
+            if conn is not None:
+                conn.terminate()
+            self._conns[name] = None
+            return False
+
+    async def _run(self) -> None:
+        names = list(self.cluster.adapters)
+        while True:
+            started = time.monotonic()
+            answers = await asyncio.gather(*(self._is_primary(n) for n in names))
+            self.sample_times.append(started)
+            prim = [n for n, p in zip(names, answers, strict=True) if p]
+            if len(prim) > 1:
+                self.dual.append((started, prim))
+            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        for conn in self._conns.values():
+            if conn is not None:
+                conn.terminate()
+
+
+class Writer:
+    """Inserts ids through a multi-host connection that seeks the writable
+    server; records each id whose COMMIT was acknowledged."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.acked: list[int] = []
+        self.acked_at: list[float] = []
+        self.errors = 0
+        self._next = 1
+        self._conn: asyncpg.Connection | None = None
+        self._task: asyncio.Task | None = None
+
+    async def _connect(self) -> asyncpg.Connection:
+        hosts, ports = self.cluster.dsn_hosts()
+        return await asyncpg.connect(host=hosts, port=ports, user="postgres", database="postgres",
+                                     target_session_attrs="read-write", timeout=2, command_timeout=3)
+
+    async def setup(self) -> None:
+        conn = await self._connect()
+        try:
+            await conn.execute("CREATE TABLE IF NOT EXISTS acked (id bigint PRIMARY KEY)")
+        finally:
+            await conn.close()
+
+    async def _run(self) -> None:
+        conn = None
+        try:
+            await self._write_forever(conn)
+        finally:
+            if self._conn is not None:
+                self._conn.terminate()
+
+    async def _write_forever(self, conn) -> None:
+        while True:
+            self._conn = conn
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await self._connect()
+                wid = self._next
+                self._next += 1
+                await conn.execute("INSERT INTO acked VALUES ($1)", wid)
+                self.acked.append(wid)
+                self.acked_at.append(time.monotonic())
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a failover shows up as errors; keep trying
+                self.errors += 1
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
+                conn = None
+                await asyncio.sleep(0.05)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def missing_on(self, name: str) -> list[int]:
+        adapter = self.cluster.adapters[name]
+        conn = await asyncpg.connect(host=str(adapter.socket_dir), port=adapter.pg.port, user="postgres",
+                                     database="postgres", timeout=5)
+        try:
+            rows = await conn.fetch("SELECT id FROM acked")
+        finally:
+            await conn.close()
+        present = {r["id"] for r in rows}
+        return [w for w in self.acked if w not in present]

@@ -1,0 +1,214 @@
+"""The asyncio supervisor around the core, with small fakes behind its adapter
+interfaces: three supervisors in one event loop, peers wired in memory, a
+fake PostgreSQL per member. What is checked is the supervisor's own job:
+the ordering contract of docs/design.md §2 on a real event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+
+from failoverd.core.messages import Message, TimeoutNow, VoteResponse
+from failoverd.core.node import Node, Role
+from failoverd.core.spec import ClusterSpec, Member, Timing
+from failoverd.core.state import PersistentState, PgObservation, PgRole, Position
+from failoverd.supervisor import Supervisor
+
+TIMING = Timing(heartbeat_interval_s=0.02, election_timeout_min_s=0.2, election_timeout_max_s=0.3, lease_s=0.12,
+                fence_margin_s=0.02, promote_timeout_s=2.0)
+SPEC = ClusterSpec("t", (Member("a"), Member("b"), Member("c")), timing=TIMING)
+
+
+class Journal:
+    """One ordered record of everything every fake saw, across members."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str, object]] = []
+
+    def add(self, who: str, what: str, detail: object = None) -> None:
+        self.entries.append((who, what, detail))
+
+
+@dataclasses.dataclass
+class FakeState:
+    who: str
+    journal: Journal
+    saved: PersistentState | None = None
+
+    def save(self, state: PersistentState) -> None:
+        self.saved = state
+        self.journal.add(self.who, "persist", state)
+
+
+class FakePeers:
+    def __init__(self, who: str, journal: Journal, cluster: dict[str, Supervisor]) -> None:
+        self.who, self.journal, self.cluster = who, journal, cluster
+        self.cut: set[str] = set()
+
+    def send(self, to: str, msg: Message) -> None:
+        self.journal.add(self.who, "send", msg)
+        if to in self.cut or self.who in self.cluster[to].peers.cut:
+            return
+        asyncio.get_running_loop().call_later(0.001, lambda: asyncio.ensure_future(self._deliver(to, msg)))
+
+    async def _deliver(self, to: str, msg: Message) -> None:
+        await self.cluster[to].on_message(msg)
+
+
+class FakePostgres:
+    """Role, WAL position and upstream, changed by the supervisor's actions after a short delay."""
+
+    def __init__(self, who: str, journal: Journal, cluster: dict[str, FakePostgres]) -> None:
+        self.who, self.journal, self.cluster = who, journal, cluster
+        self.role = PgRole.ABSENT
+        self.timeline, self.lsn = 1, 0
+        self.upstream: str | None = None
+
+    async def probe(self, observed_at: float) -> PgObservation:
+        position = None if self.role is PgRole.ABSENT else Position(self.timeline, self.lsn)
+        following = self.upstream if self.role is PgRole.STANDBY else None
+        return PgObservation(self.role, observed_at, position, following)
+
+    async def promote(self) -> None:
+        self.journal.add(self.who, "promote")
+        await asyncio.sleep(0.01)
+        if self.role is PgRole.ABSENT:
+            self.role, self.lsn = PgRole.PRIMARY, 100
+        elif self.role is PgRole.STANDBY:
+            self.role, self.timeline, self.upstream = PgRole.PRIMARY, self.timeline + 1, None
+
+    async def follow(self, leader) -> None:
+        self.journal.add(self.who, "follow", leader)
+        await asyncio.sleep(0.01)
+        source = self.cluster[leader]
+        self.role, self.upstream, self.timeline, self.lsn = PgRole.STANDBY, leader, source.timeline, source.lsn
+
+    async def start_standby(self, upstream) -> None:
+        self.journal.add(self.who, "start_standby")
+        if self.role is PgRole.STOPPED:
+            self.role = PgRole.STANDBY
+
+    async def stop(self, mode: str) -> None:
+        self.journal.add(self.who, f"stop_{mode}")
+        await asyncio.sleep(0.005)
+        if self.role is not PgRole.ABSENT:
+            self.role = PgRole.STOPPED
+
+    async def configure_sync(self, sync_count: int, standbys: tuple[str, ...]) -> None:
+        self.journal.add(self.who, "configure_sync", (sync_count, standbys))
+
+    async def ensure_slots(self, standbys: tuple[str, ...]) -> None:
+        pass
+
+
+class FakeWatchdog:
+    def __init__(self, who: str, journal: Journal) -> None:
+        self.who, self.journal = who, journal
+        self.deadline: float | None = None
+
+    async def arm(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.journal.add(self.who, "arm", deadline)
+
+    async def disarm(self) -> None:
+        self.deadline = None
+        self.journal.add(self.who, "disarm")
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.journal = Journal()
+        self.sups: dict[str, Supervisor] = {}
+        self.pgs: dict[str, FakePostgres] = {}
+        for i, m in enumerate(SPEC.members):
+            node = Node(SPEC, m.name, PersistentState(), time.monotonic(), random.Random(i))
+            pg = FakePostgres(m.name, self.journal, self.pgs)
+            self.pgs[m.name] = pg
+            self.sups[m.name] = Supervisor(
+                node, state=FakeState(m.name, self.journal), peers=FakePeers(m.name, self.journal, self.sups),
+                postgres=pg, watchdog=FakeWatchdog(m.name, self.journal), vip=None,
+                members={n.name: n.name for n in SPEC.members}, probe_interval_s=0.02,
+            )
+
+    async def __aenter__(self) -> Cluster:
+        for s in self.sups.values():
+            await s.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for s in self.sups.values():
+            for task in s._tasks:
+                task.cancel()
+        await asyncio.gather(*(t for s in self.sups.values() for t in s._tasks), return_exceptions=True)
+
+    def primaries(self) -> list[str]:
+        return [n for n, pg in self.pgs.items() if pg.role is PgRole.PRIMARY]
+
+    async def wait_for(self, predicate, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert time.monotonic() < deadline, "condition not reached in time"
+            await asyncio.sleep(0.01)
+
+
+def _ready(c: Cluster) -> bool:
+    leaders = [s for s in c.sups.values() if s.node.role is Role.LEADER and s.status().primary_ready]
+    standbys = [pg for pg in c.pgs.values() if pg.role is PgRole.STANDBY and pg.upstream is not None]
+    return len(leaders) == 1 and len(standbys) == 2
+
+
+async def test_bootstrap_elects_one_leader_and_the_others_follow():
+    async with Cluster() as c:
+        await c.wait_for(lambda: _ready(c))
+        leader = c.primaries()[0]
+        assert all(pg.upstream == leader for n, pg in c.pgs.items() if n != leader)
+        # The watchdog was armed before the promotion was asked for.
+        kinds = [what for who, what, _ in c.journal.entries if who == leader]
+        assert kinds.index("arm") < kinds.index("promote")
+        assert kinds.index("configure_sync") < kinds.index("promote")
+
+
+async def test_every_granted_vote_is_persisted_before_it_is_sent():
+    async with Cluster() as c:
+        await c.wait_for(lambda: _ready(c))
+    for i, (who, what, detail) in enumerate(c.journal.entries):
+        if what == "send" and isinstance(detail, VoteResponse) and detail.granted:
+            earlier = [d for w, k, d in c.journal.entries[:i] if w == who and k == "persist"]
+            assert earlier and earlier[-1].term == detail.term and earlier[-1].voted_for is not None
+
+
+async def test_primary_crash_fences_before_handing_over_and_a_standby_takes_over():
+    async with Cluster() as c:
+        await c.wait_for(lambda: _ready(c))
+        old = c.primaries()[0]
+        c.pgs[old].role = PgRole.STOPPED  # the postmaster died
+        await c.wait_for(lambda: len(c.primaries()) == 1 and c.primaries()[0] != old)
+        mine = [(what, detail) for who, what, detail in c.journal.entries if who == old]
+        stops = [i for i, (what, _) in enumerate(mine) if what == "stop_immediate"]
+        handovers = [i for i, (what, d) in enumerate(mine) if what == "send" and isinstance(d, TimeoutNow)]
+        assert stops, "the old leader never fenced its PostgreSQL"
+        # A hand-over (when a healthy successor was known) only after the fence.
+        assert all(stops[0] < h for h in handovers)
+        await c.wait_for(lambda: c.pgs[old].role is PgRole.STANDBY and c.pgs[old].upstream == c.primaries()[0])
+
+
+async def test_isolated_leader_fences_itself_and_the_majority_elects_a_new_one():
+    async with Cluster() as c:
+        await c.wait_for(lambda: _ready(c))
+        old = c.primaries()[0]
+        c.sups[old].peers.cut = {n for n in c.sups if n != old}
+        await c.wait_for(lambda: c.pgs[old].role is not PgRole.PRIMARY, timeout_s=2.0)
+        assert c.sups[old].node.role is not Role.LEADER
+        await c.wait_for(lambda: len(c.primaries()) == 1 and c.primaries()[0] != old)
+
+
+async def test_orderly_stop_of_the_leader_hands_over():
+    async with Cluster() as c:
+        await c.wait_for(lambda: _ready(c))
+        old = c.primaries()[0]
+        await c.sups[old].stop()
+        assert c.pgs[old].role is PgRole.STOPPED
+        await c.wait_for(lambda: len(c.primaries()) == 1 and c.primaries()[0] != old, timeout_s=2.0)
