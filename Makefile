@@ -10,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test venv simulate clean postgres-server
+.PHONY: test venv simulate clean postgres-server bench-failover
 
 $(STAMP): pyproject.toml
 	@if [ ! -x "$(PYTHON_SYSTEM)" ]; then echo "need $(PYTHON_SYSTEM) (Debian: apt-get install python3)"; exit 1; fi
@@ -43,6 +43,10 @@ postgres-server:
 # does because any non-zero status fails make.
 test: $(STAMP) postgres-server
 	$(PY) -m pytest
+
+# Failover time on real PostgreSQL (root, or run as the postgres user).
+bench-failover: $(STAMP) postgres-server
+	$(PY) bench/failover.py --runs 5 --json bench/results/failover.json
 
 simulate: $(STAMP)
 	$(VENV)/bin/failoverd simulate --seeds 1000

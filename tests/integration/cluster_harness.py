@@ -307,6 +307,9 @@ class Writer:
         self.acked_at: list[float] = []
         self.errors = 0
         self._next = 1
+        self.acked_by: list[str | None] = []
+        self.pause_s = 0.01
+        self._server_by_port = {n.postgres.port: n.name for n in cluster.config.nodes if n.postgres}
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task | None = None
 
@@ -331,17 +334,21 @@ class Writer:
                 self._conn.terminate()
 
     async def _write_forever(self, conn) -> None:
+        server = None
         while True:
-            self._conn = conn
             try:
                 if conn is None or conn.is_closed():
                     conn = await self._connect()
+                    self._conn = conn
+                    port = int(await conn.fetchval("SELECT current_setting('port')"))
+                    server = self._server_by_port.get(port)
                 wid = self._next
                 self._next += 1
                 await conn.execute("INSERT INTO acked VALUES ($1)", wid)
                 self.acked.append(wid)
                 self.acked_at.append(time.monotonic())
-                await asyncio.sleep(0.01)
+                self.acked_by.append(server)
+                await asyncio.sleep(self.pause_s)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a failover shows up as errors; keep trying
@@ -349,7 +356,7 @@ class Writer:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.terminate()
-                conn = None
+                conn = self._conn = None
                 await asyncio.sleep(0.05)
 
     def start(self) -> None:

@@ -8,6 +8,7 @@ and no sample (every 50 ms) saw two servers out of recovery at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -140,6 +141,12 @@ def _role_is(cluster: LocalCluster, name: str, role: PgRole):
     return check
 
 
+def _not_primary(cluster: LocalCluster, name: str):
+    async def check():
+        return (await cluster.roles())[name] is not PgRole.PRIMARY
+    return check
+
+
 def _ts(event: dict) -> float:
     from datetime import datetime
 
@@ -147,3 +154,54 @@ def _ts(event: dict) -> float:
         return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
     except (KeyError, ValueError):
         return 0.0
+
+
+def _host_down(cluster: LocalCluster, name: str) -> None:
+    """The whole host dies: its supervisor and its postmaster, by PID."""
+    pid = cluster.postmaster_pid(name)
+    cluster.signal_supervisor(name, signal.SIGKILL)
+    cluster.supervisors[name].proc.wait(10)
+    for wd in cluster.supervisors[name].watchdog_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(wd, signal.SIGKILL)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_two_data_members_and_a_witness_fail_over(make_cluster):
+    cluster = make_cluster(data_names=("db1", "db2"), witness_names=("w1",))
+    old, writer, sampler = await _started(cluster)
+    os.kill(cluster.postmaster_pid(old), signal.SIGKILL)
+    new = await cluster.wait_for("the standby taking over", _new_primary(cluster, old), 30)
+    # With ANY 1 and one standby, commits wait until the old primary rejoins.
+    await cluster.wait_for("the old primary rejoining", lambda: cluster.healthy(new), 90)
+    await _finish(cluster, writer, sampler, expect_primary_not=old)
+
+
+async def test_one_standby_down_writes_continue_without_failover(make_cluster):
+    cluster = make_cluster()
+    primary, writer, sampler = await _started(cluster)
+    standby = next(n for n in cluster.data_names if n != primary)
+    _host_down(cluster, standby)
+    final = await _finish(cluster, writer, sampler)
+    assert final == primary
+
+
+async def test_both_standbys_down_primary_fences_itself_and_nothing_is_lost(make_cluster):
+    cluster = make_cluster()
+    primary, writer, sampler = await _started(cluster)
+    standbys = [n for n in cluster.data_names if n != primary]
+    for name in standbys:
+        _host_down(cluster, name)
+    # docs/design.md §7: without a majority the leader cannot hold its lease,
+    # so it fences itself rather than stay a primary nobody can vouch for.
+    # (Right after the fence it restarts as a standby: "no longer primary" is the check.)
+    await cluster.wait_for("the lone primary fencing itself", _not_primary(cluster, primary), 10)
+    acked_while_alone = len(writer.acked)
+    await asyncio.sleep(1.0)
+    assert len(writer.acked) == acked_while_alone  # nothing acknowledged without a standby
+    for name in standbys:
+        cluster.start(name)
+    await cluster.wait_for("the cluster back with one primary", cluster.healthy, 120)
+    await _finish(cluster, writer, sampler)
