@@ -81,6 +81,12 @@ async def one_run(index: int, bin_dir: Path, os_user: str, owner) -> dict:
 
 
 def main() -> int:
+    import logging
+
+    import structlog
+
+    # The harness probes with the daemon's adapter; its debug chatter is not the result.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
