@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
 
 import click
@@ -18,22 +19,25 @@ def failoverd_main() -> None:
     """The failoverd supervisor of one host of a PostgreSQL cluster."""
 
 
+def load_config_or_exit(file: Path, node: str | None, exit_code: int = 1) -> Config:
+    """The configuration, or every problem with it on stderr and exit."""
+    try:
+        return load_config(file, node)
+    except ConfigError as error:
+        for problem in error.problems:
+            click.echo(f"{error.source}: {problem}", err=True)
+        sys.exit(exit_code)
+
+
 @failoverd_main.command("check-config", short_help="Check a configuration file and summarise the cluster.")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--node", metavar="NAME", help="The member this host is. Default: the member named like this host.")
-@click.pass_context
-def check_config(ctx: click.Context, file: Path, node: str | None) -> None:
+def check_config(file: Path, node: str | None) -> None:
     """Check the configuration FILE and summarise the cluster it describes.
 
     Exits 1, with one line per problem on stderr, if the file cannot be used.
     """
-    try:
-        config = load_config(file, node)
-    except ConfigError as error:
-        for problem in error.problems:
-            click.echo(f"{error.source}: {problem}", err=True)
-        ctx.exit(1)
-    click.echo(summary(config))
+    click.echo(summary(load_config_or_exit(file, node)))
 
 
 @failoverd_main.command("run", short_help="Run the supervisor of this member in the foreground.")
@@ -51,12 +55,7 @@ def run(ctx: click.Context, config_file: Path, node: str | None) -> None:
 
     from failoverd.daemon import StartupError, configure_logging, run_daemon
 
-    try:
-        config = load_config(config_file, node)
-    except ConfigError as error:
-        for problem in error.problems:
-            click.echo(f"{error.source}: {problem}", err=True)
-        ctx.exit(1)
+    config = load_config_or_exit(config_file, node)
     configure_logging(config)
     try:
         asyncio.run(run_daemon(config))

@@ -239,8 +239,12 @@ class Supervisor:
             self._probe_now.set()
 
     async def _run_pg_action_bounded(self, action: act.Action) -> None:
-        async with asyncio.timeout(PG_ACTION_TIMEOUT_S):
-            await self._run_pg_action(action)
+        # The adapter's own events (clone, rewind, start, ...) carry the term
+        # and member they were done for, without the adapter knowing the core.
+        term = getattr(action, "term", self.node.term)
+        with structlog.contextvars.bound_contextvars(node=self.node.name, term=term):
+            async with asyncio.timeout(PG_ACTION_TIMEOUT_S):
+                await self._run_pg_action(action)
 
     async def _run_pg_action(self, action: act.Action) -> None:
         pg = self.postgres

@@ -56,14 +56,9 @@ def simulate_command(seed_count: int, first_seed: int, seed: int | None, data_no
 
 def _spec(config_file: Path | None, data_nodes: int, witness: bool, sync_count: int) -> ClusterSpec:
     if config_file is not None:
-        from failoverd.config import ConfigError, load_config
+        from failoverd.cli import load_config_or_exit
 
-        try:
-            return load_config(config_file).spec
-        except ConfigError as error:
-            for problem in error.problems:
-                click.echo(f"{error.source}: {problem}", err=True)
-            sys.exit(2)
+        return load_config_or_exit(config_file, None, exit_code=2).spec
     try:
         return preset_spec(data_nodes=data_nodes, witness=witness, sync_count=sync_count)
     except SpecError as error:

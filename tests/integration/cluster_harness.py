@@ -237,7 +237,28 @@ format = "json"
         return hosts, ports
 
 
-class DualPrimarySampler:
+class _Background:
+    """A coroutine `_run` run as a task between `start()` and `stop()`."""
+
+    _task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._closed()
+
+    def _closed(self) -> None:
+        """Release what the task held."""
+
+
+class DualPrimarySampler(_Background):
     """Asks every member `pg_is_in_recovery()` every `interval_s` over a kept
     connection and records instants at which two servers were out of recovery.
     A member that does not answer within the interval counts as not primary
@@ -249,7 +270,6 @@ class DualPrimarySampler:
         self.sample_times: list[float] = []
         self.dual: list[tuple[float, list[str]]] = []
         self._conns: dict[str, asyncpg.Connection | None] = {}
-        self._task: asyncio.Task | None = None
 
     @property
     def samples(self) -> int:
@@ -285,19 +305,13 @@ class DualPrimarySampler:
                 self.dual.append((started, prim))
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+    def _closed(self) -> None:
         for conn in self._conns.values():
             if conn is not None:
                 conn.terminate()
 
 
-class Writer:
+class Writer(_Background):
     """Inserts ids through a multi-host connection that seeks the writable
     server; records each id whose COMMIT was acknowledged."""
 
@@ -311,7 +325,6 @@ class Writer:
         self.pause_s = 0.01
         self._server_by_port = {n.postgres.port: n.name for n in cluster.config.nodes if n.postgres}
         self._conn: asyncpg.Connection | None = None
-        self._task: asyncio.Task | None = None
 
     async def _connect(self) -> asyncpg.Connection:
         hosts, ports = self.cluster.dsn_hosts()
@@ -358,14 +371,6 @@ class Writer:
                         conn.terminate()
                 conn = self._conn = None
                 await asyncio.sleep(0.05)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
     async def missing_on(self, name: str) -> list[int]:
         adapter = self.cluster.adapters[name]

@@ -212,3 +212,25 @@ async def test_orderly_stop_of_the_leader_hands_over():
         await c.sups[old].stop()
         assert c.pgs[old].role is PgRole.STOPPED
         await c.wait_for(lambda: len(c.primaries()) == 1 and c.primaries()[0] != old, timeout_s=2.0)
+
+
+async def test_postgres_work_runs_with_node_and_term_bound_for_its_log_events():
+    # The daemon's log configuration merges contextvars into every event, so
+    # what the adapter logs during an action carries the member and term.
+    import structlog
+
+    seen: list[dict] = []
+
+    class RecordingPostgres(FakePostgres):
+        async def follow(self, leader) -> None:
+            seen.append(structlog.contextvars.get_contextvars())
+            await super().follow(leader)
+
+    c = Cluster()
+    for name in list(c.pgs):
+        pg = RecordingPostgres(name, c.journal, c.pgs)
+        c.pgs[name] = pg
+        c.sups[name].postgres = pg
+    async with c:
+        await c.wait_for(lambda: _ready(c))
+    assert seen and all(ctx.get("term", 0) >= 1 and ctx.get("node") in ("a", "b", "c") for ctx in seen)
