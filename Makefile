@@ -10,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test venv simulate clean postgres-server bench-failover
+.PHONY: test venv simulate clean postgres-server net-tools bench-failover
 
 $(STAMP): pyproject.toml
 	@if [ ! -x "$(PYTHON_SYSTEM)" ]; then echo "need $(PYTHON_SYSTEM) (Debian: apt-get install python3)"; exit 1; fi
@@ -39,9 +39,21 @@ postgres-server:
 	sed -i 's/^#*\s*create_main_cluster.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf && \
 	apt-get install -y -qq postgresql >/dev/null
 
+# The VIP and its tests use ip (iproute2), arping, ping and sysctl.
+net-tools:
+	@missing=""; \
+	for c in ip:iproute2 arping:iputils-arping ping:iputils-ping sysctl:procps; do \
+		command -v $${c%%:*} >/dev/null || [ -x /usr/sbin/$${c%%:*} ] || [ -x /sbin/$${c%%:*} ] || missing="$$missing $${c##*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "missing$$missing: VIP tests will be skipped"; exit 0; fi; \
+	echo "installing$$missing"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null
+
 # pytest exits 5 when it collected no tests; that must fail the build, and it
 # does because any non-zero status fails make.
-test: $(STAMP) postgres-server
+test: $(STAMP) postgres-server net-tools
 	$(PY) -m pytest
 
 # Failover time on real PostgreSQL (root, or run as the postgres user).

@@ -94,12 +94,23 @@ async def _run(config: Config, local, secret: bytes, statefile: StateFile, log) 
     except StateFileError as error:
         raise StartupError(str(error)) from None
     node = Node(config.spec, local.name, persisted, time.monotonic(), new_rng())
-    postgres = watchdog = None
+    postgres = watchdog = vip = None
+    if local.postgres is not None and config.vip is not None:
+        from failoverd.vip import VipError, VirtualIp
+
+        try:
+            vip = VirtualIp(config.vip, log=log)
+            # A member starts as a follower: a VIP still on this host from an
+            # earlier life is not ours to hold.
+            await vip.release()
+        except VipError as error:
+            raise StartupError(f"virtual IP: {error}") from None
     if local.postgres is not None:
         from failoverd.postgres import PostgresAdapter
 
         postgres = PostgresAdapter(config, local, secret)
-        watchdog = WatchdogHandle(local.postgres.data_dir, local.postgres.bin_dir)
+        watchdog = WatchdogHandle(local.postgres.data_dir, local.postgres.bin_dir,
+                                  vip_release_command=None if vip is None else vip.release_command())
         try:
             await watchdog.start()
         except WatchdogError as error:
@@ -112,7 +123,7 @@ async def _run(config: Config, local, secret: bytes, statefile: StateFile, log) 
         peers=client,
         postgres=postgres,
         watchdog=watchdog,
-        vip=None,
+        vip=vip,
         members={n.name: n for n in config.nodes},
         probe_interval_s=config.spec.timing.heartbeat_interval_s,
         log=log,
@@ -143,6 +154,8 @@ async def _run(config: Config, local, secret: bytes, statefile: StateFile, log) 
                 if not node.watchdog_armed:
                     await watchdog.disarm()
             await watchdog.close()
+        if vip is not None:
+            await vip.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     if supervisor.failed.is_set():

@@ -277,12 +277,8 @@ class Supervisor:
                         await self.watchdog.arm(a.deadline)
             elif isinstance(a, act.Fence):
                 await self._fence(a.reason)
-            elif isinstance(a, act.ReleaseVip):
-                if self.vip is not None:
-                    await self.vip.release()
-            elif isinstance(a, act.AcquireVip):
-                if self.vip is not None:
-                    await self.vip.acquire()
+            elif isinstance(a, (act.ReleaseVip, act.AcquireVip)):
+                await self._move_vip(a)
             elif isinstance(a, act.ProbeNow):
                 self._probe_now.set()
             elif isinstance(a, act.Reply):
@@ -292,6 +288,19 @@ class Supervisor:
                     self._pg_queue.put_nowait(a)
             else:
                 raise TypeError(f"unknown action {a!r}")
+
+    async def _move_vip(self, action: act.Action) -> None:
+        """VIP trouble (another host answers, a command fails) is logged, never
+        fatal: the primary stays correct and reachable through the DSN, and the
+        watchdog removes the address when the lease ends."""
+        if self.vip is None:
+            return
+        acquire = isinstance(action, act.AcquireVip)
+        try:
+            await (self.vip.acquire() if acquire else self.vip.release())
+        except Exception as exc:  # noqa: BLE001 - reported, see docstring
+            self.log.error("vip_acquire_failed" if acquire else "vip_release_failed",
+                           node=self.node.name, term=self.node.term, error=str(exc)[:300])
 
     async def _fence(self, reason: str) -> None:
         """Stop PostgreSQL immediately; queued PostgreSQL work is dropped first so

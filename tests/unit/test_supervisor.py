@@ -234,3 +234,21 @@ async def test_postgres_work_runs_with_node_and_term_bound_for_its_log_events():
     async with c:
         await c.wait_for(lambda: _ready(c))
     assert seen and all(ctx.get("term", 0) >= 1 and ctx.get("node") in ("a", "b", "c") for ctx in seen)
+
+
+async def test_a_vip_that_cannot_be_taken_is_logged_not_fatal(_captured_logs):
+    class ConflictingVip:
+        async def acquire(self) -> None:
+            raise RuntimeError("another host answers for 198.18.7.100")
+
+        async def release(self) -> None:
+            pass
+
+    c = Cluster()
+    for s in c.sups.values():
+        s.vip = ConflictingVip()
+    async with c:
+        await c.wait_for(lambda: _ready(c))
+        await asyncio.sleep(0.2)
+        assert not any(s.failed.is_set() for s in c.sups.values())
+    assert any(e["event"] == "vip_acquire_failed" for e in _captured_logs)

@@ -1,0 +1,150 @@
+"""VirtualIp against real interfaces: hosts are network namespaces on a bridge
+(see netns.py); nothing touches the root namespace.
+
+Skipped, with the reason, when not root, when `ip netns add` is refused, or
+when ip/arping/ping are missing (apt-get install iproute2 iputils-arping
+iputils-ping).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from netns import Lab, lab, unsupported_reason
+from structlog.testing import capture_logs
+
+import failoverd.vip as vip_module
+from failoverd.config import VipConfig
+from failoverd.vip import VipError, VirtualIp
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.fixture(scope="module")
+def supported() -> None:
+    reason = unsupported_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def net(supported: None) -> Iterator[Lab]:
+    with lab(2) as built:
+        yield built
+
+
+def make_vip(net: Lab, host: str, **kwargs: Any) -> VirtualIp:
+    return VirtualIp(VipConfig(net.vip(), net.interface), netns=net.ns(host), **kwargs)
+
+
+@pytest.fixture
+async def vips(net: Lab) -> AsyncIterator[dict[str, VirtualIp]]:
+    made = {host: make_vip(net, host) for host in net.hosts}
+    yield made
+    for v in made.values():
+        await v.close()  # no announcement may outlive the test (or its namespaces)
+
+
+VIP = "198.18.7.100"
+
+
+async def test_acquire_makes_the_address_reachable_and_release_removes_it(net: Lab, vips: dict[str, VirtualIp]) -> None:
+    h1 = vips["h1"]
+    assert not await h1.held()
+    assert not await net.ping("h2", VIP)
+    with capture_logs() as logs:
+        await h1.acquire()
+        assert await h1.held()
+        assert f"{VIP}/24" in await net.addresses("h1")
+        assert await net.ping("h2", VIP)
+
+        await h1.release()
+        assert not await h1.held()
+        assert f"{VIP}/24" not in await net.addresses("h1")
+        assert "198.18.7.1/24" in await net.addresses("h1")  # the host's own address is left alone
+        assert not await net.ping("h2", VIP)
+    events = [e["event"] for e in logs if e["event"].startswith("vip_")]
+    assert events[0] == "vip_acquired" and "vip_released" in events
+
+
+async def test_acquire_and_release_are_idempotent(net: Lab, vips: dict[str, VirtualIp]) -> None:
+    h1 = vips["h1"]
+    with capture_logs() as logs:
+        await h1.acquire()
+        await h1.acquire()
+        assert (await net.addresses("h1")).count(f"{VIP}/24") == 1
+        await h1.release()
+        await h1.release()
+    assert not await h1.held()
+    acquired = [e for e in logs if e["event"] == "vip_acquired"]
+    released = [e for e in logs if e["event"] == "vip_released"]
+    assert [e["already_held"] for e in acquired] == [False, True]
+    assert [e["was_held"] for e in released] == [True, False]
+
+
+async def test_refuses_an_address_another_host_answers_for(net: Lab, vips: dict[str, VirtualIp]) -> None:
+    added = await net.run("h2", "ip", "addr", "add", f"{VIP}/24", "dev", net.interface)
+    assert added.returncode == 0, added
+    h1 = vips["h1"]
+    assert await h1.answered_elsewhere()
+    with pytest.raises(VipError, match=f"another host answers for {VIP}"):
+        await h1.acquire()
+    assert not await h1.held()
+    assert await net.addresses("h1") == ["198.18.7.1/24"]
+
+
+async def test_free_address_is_not_answered_elsewhere(net: Lab, vips: dict[str, VirtualIp]) -> None:
+    assert not await vips["h1"].answered_elsewhere()
+
+
+async def test_move_to_another_host(net: Lab, vips: dict[str, VirtualIp]) -> None:
+    h1, h2 = vips["h1"], vips["h2"]
+    await h1.acquire()
+    assert await net.ping("h2", VIP)
+    await h1.release()
+    await h2.acquire()
+    assert await h2.held() and not await h1.held()
+    assert await net.ping("h1", VIP)
+
+
+async def test_announcement_updates_neighbours_stale_arp_entry(supported: None) -> None:
+    with lab(3) as net:
+        # Accept an override of a fresh entry at once (default: 1 s lock).
+        await net.run("h3", "sysctl", "-q", "-w", f"net.ipv4.neigh.{net.interface}.locktime=0")
+        h1, h2 = make_vip(net, "h1"), make_vip(net, "h2")
+        try:
+            await h1.acquire()
+            assert await net.ping("h3", VIP)
+            assert await net.neighbour_mac("h3", VIP) == await net.mac("h1")
+            await h1.release()
+            with capture_logs() as logs:
+                await h2.acquire()
+                await h2.wait_announced()
+            assert any(e["event"] == "vip_announced" for e in logs), logs
+            # h3 sent nothing since: only the gratuitous ARP can have moved it.
+            assert await net.neighbour_mac("h3", VIP) == await net.mac("h2")
+        finally:
+            await h1.close()
+            await h2.close()
+
+
+async def test_release_stops_an_announcement_in_flight(net: Lab) -> None:
+    h1 = make_vip(net, "h1", arp_count=5, arp_interval_s=1.0)
+    with capture_logs() as logs:
+        await h1.acquire()
+        started = time.monotonic()
+        await h1.release()
+        assert time.monotonic() - started < 1.0
+        await h1.wait_announced()  # nothing left to wait for
+    assert not await h1.held()
+    assert not any(e["event"] in ("vip_announced", "vip_announce_failed") for e in logs)
+
+
+async def test_missing_program_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vip_module.shutil, "which", lambda name, path=None: None if name == "arping" else "/x/ip")
+    with pytest.raises(VipError, match="apt-get install iproute2 iputils-arping"):
+        VirtualIp(VipConfig(ipaddress.IPv4Interface("198.18.7.100/24"), "eth0"))
