@@ -193,28 +193,3 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(_REAP_TIMEOUT_S):
             await proc.wait()
-
-
-def children_of(pid: int) -> list[int]:
-    """The pids of the live processes whose parent is `pid` (from /proc)."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()  # the name in parentheses may hold spaces
-        if len(fields) > 1 and fields[0] != "Z" and fields[1] == str(pid):
-            children.append(int(entry.name))
-    return children
-
-
-def process_alive(pid: int) -> bool:
-    """Whether `pid` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]

@@ -35,7 +35,6 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from failoverd import oscmd
 
 NODE_CONF = "failoverd.conf"
 INCLUDE_LINE = f"include '{NODE_CONF}'  # failoverd: member settings, rewritten before every start"
@@ -359,26 +358,6 @@ def make_private_dir(path: Path, owner: tuple[int, int] | None) -> None:
 
 
 # --- the data directory ---------------------------------------------------------------
-
-
-def live_postmaster_pid(data_dir: Path) -> int | None:
-    """The pid in postmaster.pid, if that process is alive and really serves
-    `data_dir`: the file outlives a crash, and its pid may since belong to
-    another process (the postmaster's working directory is its data directory)."""
-    try:
-        first = (data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
-        pid = abs(int(first))  # negative: a single-user backend holds the directory
-    except (OSError, ValueError):
-        return None
-    if pid <= 1 or not oscmd.process_alive(pid):
-        return None
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except PermissionError:
-        return pid  # another user's process: the pid alone must do
-    except OSError:
-        return None
-    return pid if cwd == os.path.realpath(data_dir) else None
 
 
 def write_member_files(

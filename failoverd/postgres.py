@@ -68,7 +68,7 @@ from typing import Any, Literal
 import asyncpg
 import structlog
 
-from failoverd import oscmd
+from failoverd import oscmd, procs
 from failoverd import pgsetup as setup
 from failoverd.config import Config, NodeConfig, PostgresNodeConfig
 from failoverd.core.state import PgObservation, PgRole, Position
@@ -408,7 +408,7 @@ class PostgresAdapter:
     def postmaster_pid(self) -> int | None:
         """The postmaster's pid from postmaster.pid, if that process is alive
         and serves this data directory."""
-        return setup.live_postmaster_pid(self.data_dir)
+        return procs.live_postmaster_pid(self.data_dir)
 
     # ------------------------------------------------------- building blocks
 
@@ -578,7 +578,7 @@ class PostgresAdapter:
         pid = self.postmaster_pid()
         if pid is None:
             return
-        children = oscmd.children_of(pid)
+        children = procs.children_of(pid)
         # The postmaster first: it would restart children killed before it.
         for target in (pid, *children):
             with contextlib.suppress(ProcessLookupError):

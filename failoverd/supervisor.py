@@ -110,7 +110,6 @@ class Supervisor:
         self._pg_queue: asyncio.Queue[act.Action] = asyncio.Queue()
         self._pg_busy: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
-        self._stopping = False
         self.failed = asyncio.Event()  # set when a loop died; the daemon then exits non-zero
         self.failure: BaseException | None = None
 
@@ -140,7 +139,6 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Orderly shutdown: hand leadership over (fencing), then stop the loops."""
-        self._stopping = True
         async with self._lock:
             await self._execute(self.node.shutdown(self.clock()))
         if self.node.role is Role.FOLLOWER and self.watchdog is not None and not self.node.watchdog_armed:

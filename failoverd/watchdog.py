@@ -56,6 +56,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from failoverd import procs
+
 if __name__ != "__main__":
     # Only WatchdogHandle, in the supervisor, needs these; the watchdog process
     # starts in half the time (~0.15 s instead of ~0.4 s) without them.
@@ -177,68 +179,14 @@ def _write_stdout(line: str) -> None:
         pass
 
 
-def read_postmaster_pid(data_dir: Path) -> int | None:
-    try:
-        first = (data_dir / "postmaster.pid").read_text(errors="replace").split("\n", 1)[0].strip()
-    except OSError:
-        return None
-    return int(first) if first.isdigit() and 1 < int(first) <= 2**22 else None
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie (a zombie holds no sockets or locks)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _runs_in(pid: int, data_dir: Path) -> bool:
-    """False only when we can see that `pid` is not a postmaster of `data_dir`.
-
-    A postmaster's working directory is its data directory; a different one
-    means postmaster.pid is stale and the PID was reused by another process.
-    If /proc cannot tell us, we signal anyway: fencing matters more.
-    """
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return True
-    return os.path.realpath(cwd) == os.path.realpath(data_dir)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            found.append(int(entry))
-    return found
-
-
 def stop_postmaster(data_dir: Path, grace_s: float = FENCE_GRACE_S) -> str:
     """Immediate shutdown of the postmaster of `data_dir`; returns what happened."""
-    pid = read_postmaster_pid(data_dir)
+    pid = procs.read_postmaster_pid(data_dir)
     if pid is None:
         return "no postmaster (no readable postmaster.pid)"
-    if not _alive(pid):
+    if not procs.process_alive(pid):
         return f"no postmaster (pid {pid} from postmaster.pid is not running)"
-    if not _runs_in(pid, data_dir):
+    if not procs.runs_in(pid, data_dir):
         return f"no postmaster (pid {pid} from postmaster.pid is another process)"
     try:
         os.kill(pid, signal.SIGQUIT)
@@ -248,10 +196,10 @@ def stop_postmaster(data_dir: Path, grace_s: float = FENCE_GRACE_S) -> str:
         return f"postmaster {pid} could not be signalled: permission denied"
     end = time.monotonic() + grace_s
     while time.monotonic() < end:
-        if not _alive(pid):
+        if not procs.process_alive(pid):
             return f"postmaster {pid} stopped by SIGQUIT"
         time.sleep(POLL_INTERVAL_S)
-    children = _children(pid)
+    children = procs.children_of(pid)
     for victim in [pid, *children]:  # the postmaster first, so it forks no more
         try:
             os.kill(victim, signal.SIGKILL)

@@ -11,11 +11,11 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from failoverd.core import actions as act
-from failoverd.core.messages import Heartbeat, HeartbeatAck
+from failoverd.core.messages import Heartbeat, HeartbeatAck, TimeoutNow
 from failoverd.core.quorum import committed_version, quorum_time
 from failoverd.core.requests import AdminRequest, Pause, Resume, Switchover
 from failoverd.core.spec import ReplicationMode
-from failoverd.core.state import HistoryEntry, PgRole, Position
+from failoverd.core.state import HistoryEntry, PgRole, Position, Role
 
 if TYPE_CHECKING:
     from failoverd.core.node import Node
@@ -66,8 +66,6 @@ class LeaderMixin:
     # ------------------------------------------------------------ transitions
 
     def _become_leader(self: Node, now: float) -> None:
-        from failoverd.core.node import Role
-
         previous = self.state.primary
         reason = "transfer" if self.transfer_from else ("bootstrap" if previous is None else "election")
         entry = HistoryEntry(
@@ -86,8 +84,6 @@ class LeaderMixin:
 
     def _step_down(self: Node, now: float, reason: str, transfer_to: str | None = None) -> None:
         """Leave leadership: fence first (VIP, then PostgreSQL), then tell the successor."""
-        from failoverd.core.node import Role
-
         lead = self.lead
         self.lead = None
         self.role = Role.FOLLOWER
@@ -103,8 +99,6 @@ class LeaderMixin:
         self.election_deadline = max(now, self.promise_until) + self._random_timeout()
         self._emit("role_changed", role="follower", previous="leader", reason=reason, transfer_to=transfer_to)
         if transfer_to is not None:
-            from failoverd.core.messages import TimeoutNow
-
             self._send(transfer_to, TimeoutNow(**self._env()))
 
     # ------------------------------------------------------------------ ticks
@@ -163,8 +157,6 @@ class LeaderMixin:
         self._update_lease(now)
 
     def _on_heartbeat_ack(self: Node, m: HeartbeatAck, now: float) -> None:
-        from failoverd.core.node import Role
-
         if m.term > self.term:
             self._become_follower(m.term, now, reason=f"{m.sender} is in term {m.term}")
             return
@@ -323,14 +315,14 @@ class LeaderMixin:
         target = self._best_successor(now)
         self._step_down(now, f"local PostgreSQL is {pg.role.value}", transfer_to=target)
 
-    def _best_successor(self: Node, now: float, exclude_stale: bool = True) -> str | None:
+    def _best_successor(self: Node, now: float) -> str | None:
         best = None
         best_key = None
         for name, view in self.lead.followers.items():
             member = self.spec.member(name)
             if not member.can_lead or not view.pg_healthy:
                 continue
-            if exclude_stale and now - view.heard_at > self.timing.election_timeout_min_s:
+            if now - view.heard_at > self.timing.election_timeout_min_s:
                 continue
             key = (view.position is not None, view.position or Position(1, 0), member.priority, name)
             if best_key is None or key > best_key:

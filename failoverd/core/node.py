@@ -12,9 +12,8 @@ Leader-only logic lives in `failoverd.core.leader`.
 
 from __future__ import annotations
 
-import enum
-import random
 from collections.abc import Iterable
+from typing import Protocol
 
 from failoverd.core import actions as act
 from failoverd.core.leader import LeaderMixin, LeaderState
@@ -32,7 +31,7 @@ from failoverd.core.messages import (
 from failoverd.core.quorum import Tally, vote_tally
 from failoverd.core.requests import AdminRequest
 from failoverd.core.spec import ClusterSpec, ReplicationMode
-from failoverd.core.state import ClusterState, PersistentState, PgObservation, PgRole, Position
+from failoverd.core.state import ClusterState, PersistentState, PgObservation, PgRole, Position, Role
 
 SAFEGUARDS = frozenset({"lease", "lsn-check", "persist-vote"})
 PG_ACTION_RETRY_S = 5.0
@@ -41,15 +40,15 @@ MAY_NOT_LEAD_REFUSAL = "candidate may not lead (witness or nofailover)"
 FENCE_RETRY_S = 1.0
 
 
+class Rng(Protocol):
+    """The only randomness the core uses: the caller passes a seeded source
+    (random.Random in the daemon and the simulator)."""
+
+    def random(self) -> float: ...
+
+
 class InvariantViolation(AssertionError):
     """The core found its own state impossible; a bug, never a peer's fault."""
-
-
-class Role(enum.Enum):
-    FOLLOWER = "follower"
-    PRE_CANDIDATE = "pre_candidate"
-    CANDIDATE = "candidate"
-    LEADER = "leader"
 
 
 class Node(LeaderMixin):
@@ -59,7 +58,7 @@ class Node(LeaderMixin):
         name: str,
         persisted: PersistentState,
         now: float,
-        rng: random.Random,
+        rng: Rng,
         disabled_safeguards: Iterable[str] = (),
     ) -> None:
         if not spec.has_member(name):

@@ -247,6 +247,15 @@ class PersistentState:
         )
 
 
+class Role(enum.Enum):
+    """A member's role in the protocol (volatile: a restart begins as follower)."""
+
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre_candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
 class PgRole(enum.Enum):
     PRIMARY = "primary"  # running, out of recovery
     STANDBY = "standby"  # running, in recovery

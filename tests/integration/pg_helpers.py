@@ -23,6 +23,7 @@ import asyncpg
 
 from failoverd.config import Config, parse_config
 from failoverd.postgres import PostgresAdapter, socket_dir_for
+from failoverd.procs import process_alive
 
 T = TypeVar("T")
 SECRET = b"integration-test-secret"
@@ -158,14 +159,6 @@ def _postmasters_under(base: Path) -> Iterator[int]:
             yield pid
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
-
-
 def stop_servers_under(base: Path, grace_s: float = 5.0) -> list[int]:
     """Stop every postmaster running in a directory under `base`: SIGCONT (it
     may be a stopped test subject), SIGQUIT, then SIGKILL after `grace_s`."""
@@ -175,10 +168,10 @@ def stop_servers_under(base: Path, grace_s: float = 5.0) -> list[int]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
     deadline = time.monotonic() + grace_s
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in pids:
-        if _alive(pid):
+        if process_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     return pids

@@ -13,7 +13,6 @@ from failoverd.core import actions as act
 from failoverd.core.messages import Heartbeat, HeartbeatAck, TimeoutNow, VoteRequest, VoteResponse
 from failoverd.core.node import InvariantViolation, Role
 from failoverd.core.requests import Pause, Resume, Switchover
-from failoverd.core.spec import Timing
 from failoverd.core.state import PgRole, StateStamp
 
 MiB = 1024 * 1024

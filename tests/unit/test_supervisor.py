@@ -252,3 +252,13 @@ async def test_a_vip_that_cannot_be_taken_is_logged_not_fatal(_captured_logs):
         await asyncio.sleep(0.2)
         assert not any(s.failed.is_set() for s in c.sups.values())
     assert any(e["event"] == "vip_acquire_failed" for e in _captured_logs)
+
+
+async def test_orderly_stop_of_a_follower_leaves_its_standby_running():
+    async with Cluster() as c:
+        await c.wait_for(lambda: _ready(c))
+        follower = next(n for n, s in c.sups.items() if s.node.role is Role.FOLLOWER)
+        await c.sups[follower].stop()
+        assert c.pgs[follower].role is PgRole.STANDBY
+        mine = [what for who, what, _ in c.journal.entries if who == follower]
+        assert "stop_immediate" not in mine and mine[-1] == "disarm"
