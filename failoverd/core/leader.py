@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from failoverd.core import actions as act
 from failoverd.core.messages import Heartbeat, HeartbeatAck, TimeoutNow
 from failoverd.core.quorum import committed_version, quorum_time
-from failoverd.core.requests import AdminRequest, Pause, Resume, Switchover
+from failoverd.core.requests import AdminRequest, CancelSwitchover, Failover, Pause, RecordEvent, Resume, Switchover
 from failoverd.core.spec import ReplicationMode
 from failoverd.core.state import HistoryEntry, PgRole, Position, Role
 
@@ -60,6 +60,7 @@ class LeaderState:
     confirm_failed: bool = False  # the WAL check itself (not timing) blocks promotion
     bootstrapping: bool = False  # the promotion is an initdb of a new cluster
     transfer: Transfer | None = None
+    wal_check_waived: bool = False  # won an operator's failover with allow_data_loss
 
 
 class LeaderMixin:
@@ -67,15 +68,25 @@ class LeaderMixin:
 
     def _become_leader(self: Node, now: float) -> None:
         previous = self.state.primary
-        reason = "transfer" if self.transfer_from else ("bootstrap" if previous is None else "election")
+        failover = self.operator_failover
+        self.operator_failover = None
+        if failover is not None:
+            reason = "operator failover" + (" (data loss allowed)" if failover.allow_data_loss else "")
+        else:
+            reason = "transfer" if self.transfer_from else ("bootstrap" if previous is None else "election")
         entry = HistoryEntry(
             term=self.term, from_node=previous, to_node=self.name, reason=reason,
             position=self._my_position(), wall_time=self.wall_time,
         )
-        self.state = self.state.next_version(self.term, primary=self.name, switchover_to=None, history=self.state.with_history(entry))
+        # A scheduled switchover stays scheduled across the change of leader.
+        keep_to = self.state.switchover_to if self.state.switchover_at is not None else None
+        self.state = self.state.next_version(
+            self.term, primary=self.name, switchover_to=keep_to, history=self.state.with_history(entry)
+        )
         self.role = Role.LEADER
         self.leader = self.name
         self.lead = LeaderState(elected_at=now, election_version=self.state.stamp.version)
+        self.lead.wal_check_waived = failover is not None and failover.allow_data_loss
         self.lead.accepted[self.name] = self.state.stamp.version
         self._persist()
         self._emit("role_changed", role="leader", previous="candidate", reason=reason, votes=sorted(v for v, g in self.grants.items() if g))
@@ -117,6 +128,7 @@ class LeaderMixin:
         self._advance_transfer(now)
         if self.lead is None:
             return
+        self._maybe_start_scheduled_switchover(now)
         self._maybe_promote(now)
 
     def _leader_next_wakeup(self: Node) -> float:
@@ -206,7 +218,7 @@ class LeaderMixin:
             return "no probe of the local PostgreSQL since the election"
         if pg.role not in (PgRole.STANDBY, PgRole.ABSENT, PgRole.PRIMARY):
             return f"local PostgreSQL is {pg.role.value}"
-        if "lsn-check" in self.disabled:
+        if "lsn-check" in self.disabled or lead.wal_check_waived:
             return None
         blocker = self._wal_blocker(pg.position)
         lead.confirm_failed = blocker is not None
@@ -332,28 +344,103 @@ class LeaderMixin:
     # ---------------------------------------------------------------- admin
 
     def _leader_request(self: Node, req: AdminRequest, now: float) -> None:
+        def reply(ok: bool, message: str) -> None:
+            self.out.append(act.Reply(req.request_id, ok, message))
+
         if isinstance(req, (Pause, Resume)):
             paused = isinstance(req, Pause)
             if self.state.paused != paused:
-                self.state = self.state.next_version(self.term, paused=paused)
-                self.lead.accepted[self.name] = self.state.stamp.version
-                self._persist()
+                self._commit_state(now, paused=paused)
                 self._emit("paused" if paused else "resumed")
-                self._send_heartbeats(now)
-            self.out.append(act.Reply(req.request_id, True, "paused" if paused else "resumed"))
-            return
+            return reply(True, "paused" if paused else "resumed")
         if isinstance(req, Switchover):
+            due_now = req.at is None or self.wall_time is None or req.at <= self.wall_time
+            if not due_now:
+                refusal = self._schedule_refusal(req.target)
+                if refusal is not None:
+                    return reply(False, refusal)
+                self._commit_state(now, switchover_to=req.target, switchover_at=float(req.at))
+                self._emit("switchover_scheduled", target=req.target, at=req.at)
+                return reply(True, f"switchover to {req.target or 'the best standby'} scheduled")
+            if self.state.switchover_at is not None:
+                return reply(False, "a switchover is already scheduled; cancel it first")
             refusal = self._switchover_refusal(req.target, now)
             if refusal is not None:
-                self.out.append(act.Reply(req.request_id, False, refusal))
-                return
+                return reply(False, refusal)
             target = req.target or self._best_successor(now)
-            self._begin_switchover(target, now)
-            self.out.append(act.Reply(req.request_id, True, f"switchover to {target} started"))
+            self._begin_switchover(target, now, "switchover")
+            return reply(True, f"switchover to {target} started")
+        if isinstance(req, CancelSwitchover):
+            if self.state.switchover_at is None:
+                running = self.lead.transfer
+                return reply(False, f"a switchover to {running.target} is running and cannot be cancelled"
+                             if running is not None else "no switchover is scheduled")
+            self._commit_state(now, switchover_to=None, switchover_at=None)
+            self._emit("switchover_cancelled")
+            return reply(True, "scheduled switchover cancelled")
+        if isinstance(req, Failover):
+            if req.target == self.name:
+                return reply(False, f"{self.name} is already the leader")
+            refusal = self._switchover_refusal(req.target, now, operator_failover=True)
+            if refusal is not None:
+                return reply(False, refusal)
+            self._begin_switchover(req.target, now, "operator failover")
+            return reply(True, f"failover to {req.target} started")
+        if isinstance(req, RecordEvent):
+            if not isinstance(req.reason, str) or not 1 <= len(req.reason) <= 200:
+                return reply(False, "a history note is 1 to 200 characters")
+            entry = HistoryEntry(term=self.term, from_node=self.name, to_node=self.name, reason=req.reason,
+                                 position=self._my_position(), wall_time=self.wall_time)
+            self._commit_state(now, history=self.state.with_history(entry))
+            return reply(True, "recorded")
+        return reply(False, f"unknown request {type(req).__name__}")
 
-    def _switchover_refusal(self: Node, target: str | None, now: float) -> str | None:
-        lead = self.lead
+    def _commit_state(self: Node, now: float, **changes) -> None:
+        """Write a new version of the replicated state and send it at once."""
+        self.state = self.state.next_version(self.term, **changes)
+        self.lead.accepted[self.name] = self.state.stamp.version
+        self._persist()
+        self._send_heartbeats(now)
+
+    def _schedule_refusal(self: Node, target: str | None) -> str | None:
+        """What can be checked when a switchover is scheduled; health and lag
+        are checked again when it is due."""
         if self.state.paused:
+            return "the cluster is paused"
+        if self.state.switchover_at is not None:
+            return "a switchover is already scheduled; cancel it first"
+        if target is None:
+            return None
+        if not self.spec.has_member(target):
+            return f"{target} is not a member"
+        if target == self.name:
+            return f"{target} is already the primary"
+        if not self.spec.member(target).can_lead:
+            return f"{target} may not become primary (witness or nofailover)"
+        return None
+
+    def _maybe_start_scheduled_switchover(self: Node, now: float) -> None:
+        due = self.state.switchover_at
+        lead = self.lead
+        if due is None or self.wall_time is None or self.wall_time < due:
+            return
+        if lead.transfer is not None or (not lead.primary_ready and now - lead.elected_at < self.timing.promote_timeout_s):
+            return  # a new leader first finishes its own promotion
+        target = self.state.switchover_to
+        refusal = self._switchover_refusal(target, now)
+        if refusal is None:
+            self._begin_switchover(target or self._best_successor(now), now, "scheduled switchover")
+            return
+        # Dropped, not retried: a switchover long after the operator's window is a surprise.
+        entry = HistoryEntry(term=self.term, from_node=self.name, to_node=self.name,
+                             reason=f"scheduled switchover dropped: {refusal}"[:200],
+                             position=self._my_position(), wall_time=self.wall_time)
+        self._commit_state(now, switchover_to=None, switchover_at=None, history=self.state.with_history(entry))
+        self._emit("switchover_dropped", target=target, reason=refusal)
+
+    def _switchover_refusal(self: Node, target: str | None, now: float, operator_failover: bool = False) -> str | None:
+        lead = self.lead
+        if self.state.paused and not operator_failover:
             return "the cluster is paused"
         if not lead.primary_ready:
             return "this leader's PostgreSQL is not yet a primary"
@@ -379,14 +466,14 @@ class LeaderMixin:
         if view.position is None or mine is None or view.position.timeline != mine.timeline:
             return f"{target}'s WAL position is unknown or on another timeline"
         lag = mine.lsn - view.position.lsn
-        if lag > self.timing.switchover_max_lag_bytes:
+        if lag > self.timing.switchover_max_lag_bytes and not operator_failover:
             return f"{target} lags by {lag} bytes (limit {self.timing.switchover_max_lag_bytes})"
         return None
 
-    def _begin_switchover(self: Node, target: str, now: float) -> None:
+    def _begin_switchover(self: Node, target: str, now: float, reason: str) -> None:
         lead = self.lead
-        lead.transfer = Transfer(target=target, started_at=now, reason="switchover", demote_at=now)
-        self.state = self.state.next_version(self.term, switchover_to=target)
+        lead.transfer = Transfer(target=target, started_at=now, reason=reason, demote_at=now)
+        self.state = self.state.next_version(self.term, switchover_to=target, switchover_at=None)
         lead.accepted[self.name] = self.state.stamp.version
         self._persist()
         if self.vip_held:
@@ -395,7 +482,7 @@ class LeaderMixin:
             self._emit("vip_released", reason="switchover")
         self.out.append(act.Demote("switchover"))
         lead.primary_ready = False
-        self._emit("switchover_started", target=target)
+        self._emit("switchover_started", target=target, reason=reason)
         self.out.append(act.ProbeNow())
 
     def _advance_transfer(self: Node, now: float) -> None:

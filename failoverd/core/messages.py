@@ -76,6 +76,9 @@ class VoteRequest(Envelope):
     # Set when the leader of term-1 handed over leadership (TimeoutNow) after
     # fencing itself; voters that follow that leader then waive their lease promise.
     transfer_from: str | None = None
+    # An operator's failover with allow_data_loss: voters waive the WAL check
+    # (never the lease promise). Only reachable through the authenticated admin API.
+    waive_wal_check: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -165,7 +168,8 @@ def decode_message_bytes(body: bytes) -> Message:
     return decode_message(data)
 
 
-_BOOL_FIELDS = {"granted", "vouches_wal", "success", "position_fresh", "pg_healthy", "following_leader", "primary_ready"}
+_BOOL_FIELDS = {"granted", "vouches_wal", "success", "position_fresh", "pg_healthy", "following_leader", "primary_ready",
+                "waive_wal_check"}
 _STR_FIELDS = {"reason"}
 _NAME_OR_NONE_FIELDS = {"transfer_from"}
 

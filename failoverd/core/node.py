@@ -29,7 +29,7 @@ from failoverd.core.messages import (
     VoteResponse,
 )
 from failoverd.core.quorum import Tally, vote_tally
-from failoverd.core.requests import AdminRequest
+from failoverd.core.requests import AdminRequest, Failover
 from failoverd.core.spec import ClusterSpec, ReplicationMode
 from failoverd.core.state import ClusterState, PersistentState, PgObservation, PgRole, Position, Role
 
@@ -103,6 +103,10 @@ class Node(LeaderMixin):
         self.grants: dict[str, bool] = {}
         self.vouchers: set[str] = set()
         self.transfer_from: str | None = None
+        # Set while campaigning on an operator's Failover (and kept into the
+        # leadership it wins): the history reason, and whether voters were
+        # asked to waive the WAL check.
+        self.operator_failover: Failover | None = None
         self.lead: LeaderState | None = None
         self.wall_time: float | None = None
         self.out: list[act.Action] = []
@@ -119,6 +123,7 @@ class Node(LeaderMixin):
             if self.role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
                 self._emit("election_timed_out", role=self.role.value)
                 self.role = Role.FOLLOWER
+                self.operator_failover = None
             if self._may_campaign(now):
                 self._start_pre_vote(now)
             else:
@@ -164,10 +169,12 @@ class Node(LeaderMixin):
         return self._flush()
 
     def request(self, req: AdminRequest, now: float) -> list[act.Action]:
-        if self.role is not Role.LEADER:
-            self.out.append(act.Reply(req.request_id, False, f"{self.name} is not the leader (leader: {self.leader})"))
-        else:
+        if self.role is Role.LEADER:
             self._leader_request(req, now)
+        elif isinstance(req, Failover) and req.target == self.name:
+            self._operator_failover(req, now)
+        else:
+            self.out.append(act.Reply(req.request_id, False, f"{self.name} is not the leader (leader: {self.leader})"))
         return self._flush()
 
     def shutdown(self, now: float) -> list[act.Action]:
@@ -274,9 +281,40 @@ class Node(LeaderMixin):
         self.out.append(action)
         return True
 
+    def _operator_failover(self, req: Failover, now: float) -> None:
+        """The operator names us to take over and no leader is alive: campaign
+        now, skipping the pre-vote and, while paused, the pause. The lease
+        promise still holds here and on every voter, so a leader that is in
+        fact alive keeps its term and its lease."""
+        def refuse(why: str) -> None:
+            self.out.append(act.Reply(req.request_id, False, why))
+
+        if not self.me.can_lead:
+            return refuse(f"{self.name} may not become primary (witness or nofailover)")
+        if now < self.promise_until and "lease" not in self.disabled:
+            # Heartbeats renew this promise, so a leader heard within
+            # election_timeout_min is alive as far as we know.
+            wait = self.promise_until - now
+            if self.leader is not None:
+                return refuse(f"{self.leader} was heard {self.timing.election_timeout_min_s - wait:.1f} s ago "
+                              f"and may hold a lease: send the failover to the leader, or retry in {wait:.1f} s")
+            return refuse(f"a leader's lease may still be valid; retry in {wait:.1f} s")
+        pg = self.pg
+        if pg is None or now - pg.observed_at > self.timing.election_timeout_max_s:
+            return refuse(f"{self.name} has no recent probe of its PostgreSQL")
+        if pg.role is not PgRole.STANDBY:
+            return refuse(f"{self.name}'s PostgreSQL is {pg.role.value}, not a standby")
+        self.operator_failover = req
+        self._emit("operator_failover", allow_data_loss=req.allow_data_loss)
+        self._start_election(now, transfer_from=None)
+        self.out.append(act.Reply(req.request_id, True, f"{self.name} is campaigning for term {self.term}"))
+
     # ----------------------------------------------------------------- voting
 
-    def _vote_refusal(self, candidate: str, position: Position | None, stamp, now: float, transfer_from: str | None) -> str | None:
+    def _vote_refusal(
+        self, candidate: str, position: Position | None, stamp, now: float, transfer_from: str | None,
+        waive_wal_check: bool = False,
+    ) -> str | None:
         waived = transfer_from is not None and transfer_from in (self.leader, self.name)
         if now < self.promise_until and not waived and "lease" not in self.disabled:
             return LEASE_REFUSAL
@@ -284,6 +322,8 @@ class Node(LeaderMixin):
             return MAY_NOT_LEAD_REFUSAL
         if stamp < self.state.stamp:
             return "candidate's cluster state is older than mine"
+        if waive_wal_check:
+            return None
         if self.me.is_data and "lsn-check" not in self.disabled:
             mine = None if self.pg is None else self.pg.position
             if mine is not None and (position is None or position < mine):
@@ -293,7 +333,7 @@ class Node(LeaderMixin):
                 return "candidate lags the last primary by more than max_lag_bytes"
         return None
 
-    def _vouches(self, position: Position | None) -> bool:
+    def _vouches(self, position: Position | None, waived: bool = False) -> bool:
         """Whether our WAL check of a candidate counts towards the data quorum.
 
         An unknown position (PostgreSQL unresponsive) vouches for nothing; an
@@ -302,7 +342,7 @@ class Node(LeaderMixin):
         """
         if not self.me.is_data:
             return False
-        if "lsn-check" in self.disabled:
+        if "lsn-check" in self.disabled or waived:
             return True
         if self.pg is None:
             return False
@@ -322,7 +362,7 @@ class Node(LeaderMixin):
         )
 
     def _on_vote_request(self, m: VoteRequest, now: float) -> None:
-        reason = self._vote_refusal(m.sender, m.position, m.stamp, now, m.transfer_from)
+        reason = self._vote_refusal(m.sender, m.position, m.stamp, now, m.transfer_from, m.waive_wal_check)
         if m.term < self.term:
             reason = "stale term"
         elif reason in (LEASE_REFUSAL, MAY_NOT_LEAD_REFUSAL):
@@ -336,13 +376,15 @@ class Node(LeaderMixin):
                 self.voted_for = m.sender
                 self._persist(vote=True)
                 self.election_deadline = now + self._random_timeout()
-                self._emit("vote_granted", candidate=m.sender, transfer_from=m.transfer_from)
+                self._emit("vote_granted", candidate=m.sender, transfer_from=m.transfer_from,
+                           waive_wal_check=m.waive_wal_check)
         if reason is not None:
             self._emit("vote_refused", candidate=m.sender, candidate_term=m.term, reason=reason)
         self._send(
             m.sender,
             VoteResponse(
-                **self._env(), granted=reason is None, vouches_wal=reason is None and self._vouches(m.position),
+                **self._env(), granted=reason is None,
+                vouches_wal=reason is None and self._vouches(m.position, m.waive_wal_check),
                 reason=reason or "",
             ),
         )
@@ -368,6 +410,7 @@ class Node(LeaderMixin):
         elif tally is Tally.LOST:
             self._emit("election_lost", pre_vote=pre, grants=sorted(v for v, g in self.grants.items() if g))
             self.role = Role.FOLLOWER
+            self.operator_failover = None
             self.election_deadline = now + self._random_timeout()
 
     def _may_campaign(self, now: float, transfer: bool = False) -> bool:
@@ -404,12 +447,15 @@ class Node(LeaderMixin):
         self.leader_primary_ready = False
         self.transfer_from = transfer_from
         self.grants = {self.name: True}
-        self.vouchers = {self.name} if self._vouches(self._my_position()) else set()
+        waive = self.operator_failover is not None and self.operator_failover.allow_data_loss
+        self.vouchers = {self.name} if self._vouches(self._my_position(), waive) else set()
         self.election_deadline = now + self._random_timeout()
         self._persist(vote=True)
-        self._emit("election_started", transfer_from=transfer_from, position=str(self._my_position()))
+        self._emit("election_started", transfer_from=transfer_from, position=str(self._my_position()),
+                   waive_wal_check=waive)
         request = VoteRequest(
-            **self._env(), position=self._my_position(), stamp=self.state.stamp, transfer_from=transfer_from
+            **self._env(), position=self._my_position(), stamp=self.state.stamp, transfer_from=transfer_from,
+            waive_wal_check=waive,
         )
         for peer in self.others:
             self._send(peer, request)
@@ -427,6 +473,7 @@ class Node(LeaderMixin):
         self.role = Role.FOLLOWER
         self.leader = None
         self.leader_primary_ready = False
+        self.operator_failover = None
         self.election_deadline = max(self.election_deadline, now + self._random_timeout())
         if was is not Role.FOLLOWER:
             self._emit("role_changed", role="follower", previous=was.value, reason=reason)

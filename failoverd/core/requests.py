@@ -1,4 +1,9 @@
-"""Admin requests the core accepts (from the REST API or failoverctl, via the leader)."""
+"""Admin requests the core accepts (from the REST API or failoverctl).
+
+Most go to the leader; a non-leader answers "not the leader". The exception is
+`Failover` when no leader is alive: the operator sends it to the member that
+should take over, which then campaigns even while the cluster is paused.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,39 @@ from typing import Union
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Switchover:
-    """Planned handover of the primary role; `target` None lets the leader pick."""
+    """Planned handover of the primary role.
+
+    `target` None lets the leader pick the best standby. `at` (seconds since
+    the epoch) schedules it: the schedule is kept in the replicated state, so
+    it survives a change of leader; None or a time already past means now.
+    """
 
     request_id: int
     target: str | None = None
+    at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CancelSwitchover:
+    """Drop a scheduled switchover (one already running cannot be cancelled)."""
+
+    request_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failover:
+    """Operator-chosen failover to `target`.
+
+    With a live leader it is a switchover to `target` that is allowed while
+    paused and does not insist on a small lag (the handover still waits for the
+    target to receive every WAL record). Without a live leader the target
+    campaigns at once, pause or not. `allow_data_loss` lets its voters waive
+    the WAL check: the new primary may miss acknowledged commits.
+    """
+
+    request_id: int
+    target: str
+    allow_data_loss: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -24,4 +58,12 @@ class Resume:
     request_id: int
 
 
-AdminRequest = Union[Switchover, Pause, Resume]
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordEvent:
+    """Append an operator note (e.g. a drill's result) to the replicated history."""
+
+    request_id: int
+    reason: str
+
+
+AdminRequest = Union[Switchover, CancelSwitchover, Failover, Pause, Resume, RecordEvent]

@@ -48,6 +48,15 @@ def _name_or_none(name: str, value: Any) -> str | None:
     return _name(name, value)
 
 
+def _epoch_or_none(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: not a number")
+    if not 0 <= value < 1e11:  # also refuses NaN and infinities
+        raise ValueError(f"{name}: not a time in seconds since the epoch")
+
+
 def _name(name: str, value: Any) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= 63:
         raise ValueError(f"{name}: {describe(value)} is not a member name")
@@ -121,11 +130,7 @@ class HistoryEntry:
         _name("to_node", self.to_node)
         if not isinstance(self.reason, str) or len(self.reason) > 200:
             raise ValueError("reason: not a string of at most 200 characters")
-        if self.wall_time is not None:
-            if isinstance(self.wall_time, bool) or not isinstance(self.wall_time, (int, float)):
-                raise TypeError("wall_time: not a number")
-            if not 0 <= self.wall_time < 1e11:  # also refuses NaN and infinities
-                raise ValueError("wall_time: not a time in seconds since the epoch")
+        _epoch_or_none("wall_time", self.wall_time)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -161,8 +166,12 @@ class ClusterState:
     primary: str | None = None
     sync_count: int = 1
     paused: bool = False
-    switchover_to: str | None = None  # a pending planned switchover ("" never; None = none)
+    switchover_to: str | None = None  # target of a running (or scheduled) switchover; None = leader picks / none
     history: tuple[HistoryEntry, ...] = ()
+    # A scheduled switchover: due at this wall-clock time (seconds since the
+    # epoch). Wall time only decides *when* to start a switchover, which is
+    # as safe at any moment as an operator's request; no safety rule uses it.
+    switchover_at: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.stamp, StateStamp):
@@ -172,6 +181,7 @@ class ClusterState:
         if not isinstance(self.paused, bool):
             raise TypeError("paused: not a boolean")
         _name_or_none("switchover_to", self.switchover_to)
+        _epoch_or_none("switchover_at", self.switchover_at)
         if len(self.history) > MAX_HISTORY:
             raise ValueError(f"history: more than {MAX_HISTORY} entries")
 
@@ -191,12 +201,14 @@ class ClusterState:
             "paused": self.paused,
             "switchover_to": self.switchover_to,
             "history": [h.to_wire() for h in self.history],
+            "switchover_at": self.switchover_at,
         }
 
     @classmethod
     def from_wire(cls, value: Any) -> ClusterState:
         keys = {"stamp", "primary", "sync_count", "paused", "switchover_to", "history"}
-        if not isinstance(value, dict) or set(value) != keys:
+        # switchover_at is optional so that state files written before it existed still load.
+        if not isinstance(value, dict) or set(value) - {"switchover_at"} != keys:
             raise TypeError("state: wrong shape")
         history = value["history"]
         if not isinstance(history, list) or len(history) > MAX_HISTORY:
@@ -208,6 +220,7 @@ class ClusterState:
             paused=value["paused"],
             switchover_to=value["switchover_to"],
             history=tuple(HistoryEntry.from_wire(h) for h in history),
+            switchover_at=value.get("switchover_at"),
         )
 
 

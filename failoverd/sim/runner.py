@@ -15,7 +15,7 @@ import dataclasses
 import os
 import statistics
 
-from failoverd.core.requests import Switchover
+from failoverd.core.requests import Failover, Switchover
 from failoverd.core.spec import ClusterSpec, Member, MemberKind, Replication, ReplicationMode, Timing
 from failoverd.sim.cluster import SimCluster, Violation
 
@@ -68,7 +68,8 @@ class FaultInjector:
         host = sim.hosts[target]
         kind = rng.choice(
             ["kill_postmaster", "kill_supervisor", "quick_restart", "freeze", "isolate", "isolate_inbound",
-             "cut_pair", "cut_peer_only", "lossy", "stall_replication", "host_crash", "switchover", "pg_hang"]
+             "cut_pair", "cut_peer_only", "lossy", "stall_replication", "host_crash", "switchover", "pg_hang",
+             "operator_failover"]
         )
         sim.log(f"FAULT {kind} {target}")
         heal_after = rng.uniform(0.2, 4.0)
@@ -114,6 +115,17 @@ class FaultInjector:
             self.request_id += 1
             req = Switchover(self.request_id, None)
             sim._call(host, lambda n: n.request(req, host.local(sim.now)))
+        elif kind == "operator_failover":
+            # Without allow_data_loss: an operator's choice of target must
+            # keep every safety property. Sent to the leader when there is
+            # one, else to the target itself, as failoverctl does.
+            self.request_id += 1
+            chosen = rng.choice([m.name for m in sim.spec.data_members])
+            req = Failover(self.request_id, chosen)
+            leader = next((h for h in sim.hosts.values() if h.node is not None and h.node.lead is not None), None)
+            via = leader if leader is not None else sim.hosts[chosen]
+            if via.alive:
+                sim._call(via, lambda n: n.request(req, via.local(sim.now)))
 
     def heal_all(self) -> None:
         sim = self.sim
