@@ -12,6 +12,7 @@ Leader-only logic lives in `failoverd.core.leader`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -30,7 +31,7 @@ from failoverd.core.messages import (
 )
 from failoverd.core.quorum import Tally, vote_tally
 from failoverd.core.requests import AdminRequest, Failover
-from failoverd.core.spec import ClusterSpec, ReplicationMode
+from failoverd.core.spec import ClusterSpec, ReplicationMode, Timing
 from failoverd.core.state import ClusterState, PersistentState, PgObservation, PgRole, Position, Role
 
 SAFEGUARDS = frozenset({"lease", "lsn-check", "persist-vote"})
@@ -177,6 +178,17 @@ class Node(LeaderMixin):
             self.out.append(act.Reply(req.request_id, False, f"{self.name} is not the leader (leader: {self.leader})"))
         return self._flush()
 
+    def promotion_failed(self, term: int, reason: str, now: float) -> list[act.Action]:
+        """The supervisor could not carry out our `Promote` (the pre_promote
+        hook vetoed it, or the promotion command failed): give up leadership
+        now instead of waiting out promote_timeout, so another member can try."""
+        lead = self.lead
+        if (self.role is Role.LEADER and self.term == term and lead.promote_requested_at is not None
+                and not lead.primary_ready):
+            self._emit("promotion_failed", reason=reason)
+            self._step_down(now, f"promotion failed: {reason}", transfer_to=self._best_successor(now))
+        return self._flush()
+
     def shutdown(self, now: float) -> list[act.Action]:
         """The supervisor is stopping: a leader fences and hands over to its best follower."""
         if self.role is Role.LEADER:
@@ -188,6 +200,12 @@ class Node(LeaderMixin):
         if self.role is Role.LEADER and self.lead is not None:
             return self._leader_next_wakeup()
         return self.election_deadline
+
+    def retime(self, timing: Timing) -> None:
+        """Adopt reloaded timing; `failoverd.reload` decides whether it is
+        safe while other members still run the old one."""
+        self.spec = dataclasses.replace(self.spec, timing=timing)
+        self.timing = timing
 
     def persistent_state(self) -> PersistentState:
         return PersistentState(self.term, self.voted_for, self.state, self.commit_version)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 
 from failoverd.core import actions as act
-from failoverd.core.messages import ProtocolError, VoteRequest, decode_message, encode_message
+from failoverd.core.messages import ProtocolError, TimeoutNow, VoteRequest, decode_message, encode_message
 from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Switchover
 from failoverd.core.state import ClusterState, PgRole, Role
 from core_helpers import T, Wire, env, events, kinds, make_spec, obs, of_type, pos
-from test_core_leader import promoted, ready_for_switchover, run
+from test_core_leader import elected, promoted, ready_for_switchover, run
 
 WALL = 1_800_000_000.0  # a wall-clock time for the scheduling tests
 
@@ -252,3 +252,24 @@ def test_cluster_state_without_switchover_at_still_loads():
 def test_cluster_state_rejects_bad_switchover_at(bad):
     with pytest.raises((TypeError, ValueError)):
         ClusterState.from_wire(ClusterState().to_wire() | {"switchover_at": bad})
+
+
+# ------------------------------------------------------------ promotion failed
+
+
+def test_promotion_failed_makes_the_leader_step_down_and_hand_over():
+    w = elected()
+    w.observe_data(2.05)
+    out = w.tick("a", 2.1)
+    assert of_type(out["a"], act.Promote) == [act.Promote(1)]
+    out = w.deliver("a", w["a"].promotion_failed(1, "pre_promote hook exited 1", 2.12), 2.12, hold=(TimeoutNow,))
+    assert w["a"].role is Role.FOLLOWER and "promotion_failed" in events(out["a"])
+    assert of_type(out["a"], act.Fence)  # it asked PostgreSQL to promote: fence before handing over
+    assert [s.to for s in w.held] in (["b"], ["c"])
+
+
+def test_promotion_failed_for_another_term_or_after_promotion_changes_nothing():
+    w = promoted()
+    assert w["a"].promotion_failed(1, "late", 2.2) == []  # already primary
+    assert w["a"].promotion_failed(7, "other term", 2.2) == []
+    assert w["a"].role is Role.LEADER
