@@ -159,8 +159,25 @@ class VipConfig:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ApiConfig:
+    """The [api] table (docs/api.md). Admin requests always need the bearer
+    token in `token_file`; without one they are refused. `health_auth` puts the
+    read endpoints behind the same token. With `tls_cert`/`tls_key` every
+    member serves HTTPS (and uses that pair as its client certificate when it
+    forwards to another member); `tls_ca` is what clients verify servers with
+    (default: the system's CAs); `tls_client_ca` makes servers demand client
+    certificates signed by it."""
+
     listen: HostPort = HostPort("0.0.0.0", 8008)
     token_file: Path | None = None
+    health_auth: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_client_ca: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -541,8 +558,23 @@ class _Reader:
     def _api(self, t: _Table) -> ApiConfig | None:
         listen = t.get("listen", _HOST_PORT, ApiConfig().listen)
         token_file = t.get("token_file", _PATH, None)
+        health_auth = t.get("health_auth", _BOOLEAN, False)
+        tls = {key: t.get(key, _PATH, None) for key in ("tls_cert", "tls_key", "tls_ca", "tls_client_ca")}
+        checks = not t.failed  # a key already reported as invalid is not also "missing"
         t.finish()
-        return None if t.failed else ApiConfig(listen, token_file)
+        if checks:
+            self._api_combinations(t, token_file, health_auth, tls)
+        return None if t.failed else ApiConfig(listen, token_file, health_auth, **tls)
+
+    def _api_combinations(self, t: _Table, token_file: Path | None, health_auth: bool, tls: dict) -> None:
+        if health_auth and token_file is None:
+            t.problem("health_auth", "true needs api.token_file (the token the read endpoints would ask for)")
+        if (tls["tls_cert"] is None) != (tls["tls_key"] is None):
+            missing = "tls_key" if tls["tls_key"] is None else "tls_cert"
+            t.problem(missing, "missing (api.tls_cert and api.tls_key go together)")
+        for key in ("tls_ca", "tls_client_ca"):
+            if tls[key] is not None and tls["tls_cert"] is None:
+                t.problem(key, "needs api.tls_cert and api.tls_key (it only applies when the API serves TLS)")
 
     def _hooks(self, t: _Table) -> HooksConfig | None:
         commands = {key: t.get(key, _STRING, None) for key in ("on_role_change", "on_vip_change", "pre_promote")}

@@ -3,9 +3,10 @@
 Start-up refuses, with one clear line, anything that would make the member
 unsafe: no local member, an unreadable or loosely protected secret, a corrupt
 state file, a second supervisor on the same state directory, a watchdog that
-does not start. Shutdown on SIGTERM/SIGINT runs in a fixed order: hand over
-leadership (fencing), stop the loops, close the peer server and client, then
-disarm and close the watchdog.
+does not start, an API address that cannot be bound. Shutdown on
+SIGTERM/SIGINT runs in a fixed order: hand over leadership (fencing), stop the
+loops, close the API server, the peer server and client, then disarm and close
+the watchdog.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ import fcntl
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
 
 import structlog
 
+from failoverd.api import ApiServer
+from failoverd.apiclient import ApiClient, bind_address, client_ssl_context, load_token, server_ssl_context
 from failoverd.config import Config
 from failoverd.core.node import Node
-from failoverd.peers import PeerClient, PeerServer
+from failoverd.peers import PeerClient, PeerMetrics, PeerServer
 from failoverd.secrets import SecretError, load_secret
 from failoverd.statefile import StateFile, StateFileError
 from failoverd.supervisor import Supervisor, new_rng
@@ -76,6 +80,7 @@ async def run_daemon(config: Config) -> None:
     log = structlog.get_logger("failoverd").bind(node=local.name)
     try:
         secret = load_secret(config.cluster.secret_file)
+        token = None if config.api.token_file is None else load_token(config.api.token_file)
     except SecretError as error:
         raise StartupError(str(error)) from None
     # One directory per member, so that several members can share a state_dir
@@ -83,16 +88,24 @@ async def run_daemon(config: Config) -> None:
     state_dir = config.cluster.state_dir / local.name
     lock_fd = _lock_state_dir(state_dir)
     try:
-        await _run(config, local, secret, StateFile(state_dir / "state.json"), log)
+        await _run(config, local, secret, token, StateFile(state_dir / "state.json"), log)
     finally:
         os.close(lock_fd)
 
 
-async def _run(config: Config, local, secret: bytes, statefile: StateFile, log) -> None:
+def _api_tls(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    try:
+        return server_ssl_context(config.api), client_ssl_context(config.api)
+    except (OSError, ssl.SSLError) as error:
+        raise StartupError(f"API TLS ([api] tls_*): {error}") from None
+
+
+async def _run(config: Config, local, secret: bytes, token: str | None, statefile: StateFile, log) -> None:
     try:
         persisted = statefile.load()
     except StateFileError as error:
         raise StartupError(str(error)) from None
+    server_tls, client_tls = _api_tls(config)
     node = Node(config.spec, local.name, persisted, time.monotonic(), new_rng())
     postgres = watchdog = vip = None
     if local.postgres is not None and config.vip is not None:
@@ -116,7 +129,9 @@ async def _run(config: Config, local, secret: bytes, statefile: StateFile, log) 
         except WatchdogError as error:
             raise StartupError(f"fencing watchdog: {error}") from None
     others = {n.name: n.peer for n in config.nodes if n.name != local.name}
-    client = PeerClient(config.spec.name, secret, others, timeout_s=max(0.2, config.spec.timing.heartbeat_interval_s * 3))
+    peer_metrics = PeerMetrics()
+    client = PeerClient(config.spec.name, secret, others, timeout_s=max(0.2, config.spec.timing.heartbeat_interval_s * 3),
+                        metrics=peer_metrics)
     supervisor = Supervisor(
         node,
         state=statefile,
@@ -128,7 +143,12 @@ async def _run(config: Config, local, secret: bytes, statefile: StateFile, log) 
         probe_interval_s=config.spec.timing.heartbeat_interval_s,
         log=log,
     )
-    server = PeerServer(config.spec.name, secret, supervisor.on_message, host=local.peer.host, port=local.peer.port)
+    server = PeerServer(config.spec.name, secret, supervisor.on_message, host=local.peer.host, port=local.peer.port,
+                        metrics=peer_metrics)
+    listen = bind_address(config, local)
+    api = ApiServer(config, local, supervisor, host=listen.host, port=listen.port, token=token,
+                    peer_metrics=peer_metrics, ssl_context=server_tls,
+                    client=ApiClient(token=token, ssl_context=client_tls))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -139,6 +159,10 @@ async def _run(config: Config, local, secret: bytes, statefile: StateFile, log) 
             await server.start()
         except OSError as error:
             raise StartupError(f"peer address {local.peer}: {error.strerror or error}") from None
+        try:
+            await api.start()
+        except OSError as error:
+            raise StartupError(f"API address {listen} ([api] listen / nodes.api): {error.strerror or error}") from None
         log.info("running", term=node.term, role=node.role.value, members=sorted(others))
         waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(supervisor.failed.wait())]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -147,6 +171,8 @@ async def _run(config: Config, local, secret: bytes, statefile: StateFile, log) 
         log.info("shutting_down", term=node.term, role=node.role.value, failed=supervisor.failed.is_set())
     finally:
         await supervisor.stop()
+        await api.close()
+        await api.client.close()
         await server.close()
         await client.close()
         if watchdog is not None:

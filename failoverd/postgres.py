@@ -405,6 +405,37 @@ class PostgresAdapter:
             for name in names:
                 await _create_slot(conn, name)
 
+    async def checkpoint(self, timeout_s: float) -> None:
+        """CHECKPOINT now, bounded by `timeout_s` (the server keeps going if we
+        stop waiting). Before a planned switchover this leaves little for the
+        shutdown checkpoint, during which writes already wait."""
+        async with asyncio.timeout(timeout_s):
+            async with self._local(timeout_s) as conn:
+                await conn.execute("CHECKPOINT")
+
+    async def reinit(self, leader: NodeConfig) -> None:
+        """Rebuild this standby from `leader`: stop it, keep the data directory
+        aside (never deleted), clone afresh and start streaming. Refused on a
+        primary: only a standby (or a stopped server) is ever discarded."""
+        if leader.postgres is None or leader.name == self.node.name:
+            raise ValueError(f"{leader.name} cannot be cloned from")
+        async with self._lock:
+            role = await self._role()
+            if role is PgRole.PRIMARY:
+                raise PostgresError("refusing to rebuild a primary")
+            # A standby stuck in recovery (what reinit is for) may refuse
+            # connections; standby.signal says it cannot be taking writes.
+            if role is PgRole.UNRESPONSIVE and not (self.data_dir / "standby.signal").exists():
+                raise PostgresError("the server does not answer and is not in standby mode")
+            if role in (PgRole.STANDBY, PgRole.UNRESPONSIVE):
+                await self._stop_escalating()
+            if role is not PgRole.ABSENT:
+                aside = await asyncio.to_thread(setup.move_aside, self.data_dir)
+                self.log.warning("pg_data_dir_moved_aside", path=str(aside), reason="reinit")
+            await self._clone(leader)
+            await self._start(upstream=leader)
+            self.log.info("pg_reinit_done", leader=leader.name)
+
     def postmaster_pid(self) -> int | None:
         """The postmaster's pid from postmaster.pid, if that process is alive
         and serves this data directory."""

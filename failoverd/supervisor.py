@@ -16,6 +16,7 @@ returned actions in the documented order (docs/design.md §2):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import os
@@ -27,9 +28,9 @@ from typing import Any, Protocol
 import structlog
 
 from failoverd.core import actions as act
-from failoverd.core.messages import Message
+from failoverd.core.messages import Heartbeat, Message
 from failoverd.core.node import Node, Role
-from failoverd.core.state import PersistentState, PgObservation
+from failoverd.core.state import HistoryEntry, PersistentState, PgObservation, PgRole, Position, StateStamp
 
 PG_ACTION_TIMEOUT_S = 600.0  # a clone of a large database may take long; fences never wait on this
 FENCE_TIMEOUT_S = 5.0
@@ -44,6 +45,8 @@ class PostgresPort(Protocol):
     async def stop(self, mode: str) -> None: ...
     async def configure_sync(self, sync_count: int, standbys: tuple[str, ...]) -> None: ...
     async def ensure_slots(self, standbys: tuple[str, ...]) -> None: ...
+    async def checkpoint(self, timeout_s: float) -> None: ...
+    async def reinit(self, leader: Any) -> None: ...
 
 
 class PeersPort(Protocol):
@@ -65,6 +68,16 @@ class VipPort(Protocol):
 
 
 @dataclasses.dataclass
+class ReinitStatus:
+    """The last rebuild of this member's standby asked for through the API."""
+
+    leader: str
+    started_at: float  # wall clock, for display
+    finished_at: float | None = None
+    error: str | None = None  # None while running or when it succeeded
+
+
+@dataclasses.dataclass
 class SupervisorStatus:
     """What the REST API and the CLI report about this member (read-only snapshot)."""
 
@@ -77,6 +90,40 @@ class SupervisorStatus:
     primary_ready: bool
     vip_held: bool
     paused: bool
+    leader_live: bool = False  # leader heard within election_timeout_max (or we are it)
+    # The primary's WAL position as last known here: our own on a primary-ready
+    # leader, else the one the live leader's heartbeats carry.
+    primary_position: Position | None = None
+    pg_age_s: float | None = None  # how old the PostgreSQL observation is
+    switchover_to: str | None = None
+    switchover_at: float | None = None
+    state_stamp: StateStamp = StateStamp(0, 0)
+    history: tuple[HistoryEntry, ...] = ()
+    reinit: ReinitStatus | None = None
+
+
+@dataclasses.dataclass
+class SupervisorCounters:
+    """Counted from the core's Emit actions, for the metrics endpoint.
+
+    A *failover* here is a promotion of this member's PostgreSQL that replaced
+    another primary (any election but the bootstrap, switchovers included).
+    Its *duration* runs from the last heartbeat this member heard from the
+    previous leader to the first probe showing its own PostgreSQL writable:
+    the write outage as this member saw it (unknown, and left alone, when it
+    never heard a previous leader, e.g. after its own restart).
+    """
+
+    events: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    elected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # by reason
+    promotions: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # by reason
+    failovers: int = 0
+    last_failover_duration_s: float | None = None
+    last_failover_wall_time: float | None = None
+
+
+class ReinitRefused(Exception):
+    """This member cannot rebuild its standby now; the message says why."""
 
 
 class Supervisor:
@@ -112,6 +159,11 @@ class Supervisor:
         self._tasks: list[asyncio.Task] = []
         self.failed = asyncio.Event()  # set when a loop died; the daemon then exits non-zero
         self.failure: BaseException | None = None
+        self.counters = SupervisorCounters()
+        self._leader_heard_at: float | None = None  # last heartbeat from the leader we follow
+        self._heard_before_election: float | None = None
+        self._elected_reason: str | None = None
+        self._reinit: ReinitStatus | None = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -154,7 +206,10 @@ class Supervisor:
     async def on_message(self, msg: Message) -> None:
         """Peer input; ProtocolError propagates to the peer server (answered 400)."""
         async with self._lock:
-            actions = self.node.receive(msg, self.clock())
+            now = self.clock()
+            actions = self.node.receive(msg, now)
+            if isinstance(msg, Heartbeat) and self.node.leader == msg.sender and self.node.term == msg.term:
+                self._leader_heard_at = now
             await self._execute(actions)
         self._wake.set()
 
@@ -172,6 +227,16 @@ class Supervisor:
         node = self.node
         now = self.clock()
         lead = node.lead
+        leading = node.role is Role.LEADER
+        heard = self._leader_heard_at
+        leader_live = node.leader is not None and (
+            leading or (heard is not None and now - heard < node.timing.election_timeout_max_s)
+        )
+        primary_position = None
+        if leading and lead is not None and lead.primary_ready and node.pg is not None:
+            primary_position = node.pg.position
+        elif leader_live and node.leader_primary_ready:
+            primary_position = node.last_primary_position
         return SupervisorStatus(
             name=node.name,
             role=node.role.value,
@@ -182,7 +247,47 @@ class Supervisor:
             primary_ready=bool(lead is not None and lead.primary_ready),
             vip_held=node.vip_held,
             paused=node.state.paused,
+            leader_live=leader_live,
+            primary_position=primary_position,
+            pg_age_s=None if node.pg is None else max(0.0, now - node.pg.observed_at),
+            switchover_to=node.state.switchover_to,
+            switchover_at=node.state.switchover_at,
+            state_stamp=node.state.stamp,
+            history=node.state.history,
+            reinit=None if self._reinit is None else dataclasses.replace(self._reinit),
         )
+
+    async def checkpoint(self, timeout_s: float) -> None:
+        """CHECKPOINT the local PostgreSQL (before a switchover, so that the
+        shutdown checkpoint, which writes are paused for, has little left to do)."""
+        if self.postgres is None:
+            raise RuntimeError(f"{self.node.name} runs no PostgreSQL")
+        started = self.clock()
+        await self.postgres.checkpoint(timeout_s)
+        self.log.info("pg_checkpoint_done", node=self.node.name, term=self.node.term,
+                      seconds=round(self.clock() - started, 3))
+
+    async def reinit(self) -> str:
+        """Queue a rebuild of this member's standby from the primary (a fresh
+        clone; the old data directory is kept aside). Runs in the PostgreSQL
+        worker, so it never overlaps another PostgreSQL action; a fence drops it."""
+        async with self._lock:
+            node = self.node
+            pg = node.pg
+            if self.postgres is None:
+                raise ReinitRefused(f"{node.name} is a witness: it has no PostgreSQL")
+            if node.role is not Role.FOLLOWER:
+                raise ReinitRefused(f"{node.name} is {node.role.value}: only a follower's standby can be rebuilt")
+            if pg is not None and pg.role is PgRole.PRIMARY:
+                raise ReinitRefused(f"{node.name}'s PostgreSQL is a primary")
+            if node.leader is None or not node.leader_primary_ready or not self.status().leader_live:
+                raise ReinitRefused(f"{node.name} knows no live primary to clone from")
+            if self._reinit is not None and self._reinit.finished_at is None:
+                raise ReinitRefused(f"a rebuild of {node.name} from {self._reinit.leader} is already running")
+            self._reinit = ReinitStatus(leader=node.leader, started_at=time.time())
+            self._pg_queue.put_nowait(Reinit(node.leader))
+            self.log.info("reinit_queued", node=node.name, term=node.term, leader=node.leader)
+            return f"rebuilding {node.name} from {node.leader}"
 
     # ----------------------------------------------------------------- loops
 
@@ -256,6 +361,20 @@ class Supervisor:
             await pg.stop("fast")
         elif isinstance(action, act.ConfigureSync):
             await pg.configure_sync(action.sync_count, action.standbys)
+        elif isinstance(action, Reinit):
+            await self._run_reinit(action)
+
+    async def _run_reinit(self, action: Reinit) -> None:
+        record = self._reinit
+        try:
+            await self.postgres.reinit(self.members[action.leader])
+        except BaseException as exc:
+            if record is not None:
+                record.error = "cancelled (fenced)" if isinstance(exc, asyncio.CancelledError) else str(exc)[:300]
+            raise
+        finally:
+            if record is not None:
+                record.finished_at = time.time()
 
     # --------------------------------------------------------------- actions
 
@@ -267,6 +386,7 @@ class Supervisor:
                 self.peers.send(a.to, a.message)
             elif isinstance(a, act.Emit):
                 self.log.info(a.event, **a.as_dict())
+                self._count(a)
             elif isinstance(a, act.ArmWatchdog):
                 if self.watchdog is not None:
                     if a.deadline is None:
@@ -286,6 +406,25 @@ class Supervisor:
                     self._pg_queue.put_nowait(a)
             else:
                 raise TypeError(f"unknown action {a!r}")
+
+    def _count(self, event: act.Emit) -> None:
+        counters = self.counters
+        counters.events[event.event] += 1
+        fields = event.as_dict()
+        if event.event == "role_changed" and fields.get("role") == "leader":
+            self._elected_reason = str(fields.get("reason", "election"))
+            counters.elected[self._elected_reason] += 1
+            self._heard_before_election, self._leader_heard_at = self._leader_heard_at, None
+        elif event.event == "promoted":
+            reason = self._elected_reason or "election"
+            counters.promotions[reason] += 1
+            if reason == "bootstrap":
+                return
+            counters.failovers += 1
+            if self._heard_before_election is not None:
+                counters.last_failover_duration_s = max(0.0, self.clock() - self._heard_before_election)
+                counters.last_failover_wall_time = time.time()
+                self._heard_before_election = None
 
     async def _move_vip(self, action: act.Action) -> None:
         """VIP trouble (another host answers, a command fails) is logged, never
@@ -321,6 +460,13 @@ class Supervisor:
         self.log.info("fenced", node=self.node.name, term=self.node.term, reason=reason,
                       seconds=round(self.clock() - started, 3))
         self._probe_now.set()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reinit:
+    """Supervisor-made PostgreSQL work (not a core action): rebuild the standby from `leader`."""
+
+    leader: str
 
 
 def new_rng() -> random.Random:

@@ -25,6 +25,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Imported here, not on first use: importing aiohttp takes long enough to
+# stall the event loop that the writer and the sampler run on.
+import aiohttp
 import asyncpg
 from pg_helpers import free_ports, stop_servers_under
 
@@ -34,6 +37,7 @@ from failoverd.core.state import PgRole
 from failoverd.postgres import PostgresAdapter, socket_dir_for
 
 SECRET = b"integration-test-secret-0123456789"
+API_TOKEN = "integration-test-api-token-0123456789"
 LOOPBACK = "127.0.0.1"
 
 
@@ -91,16 +95,20 @@ class LocalCluster:
     def __post_init__(self) -> None:
         self.bundle = make_runtime_bundle(self.base)
         names = self.data_names + self.witness_names
-        ports = free_ports(2 * len(names))
+        ports = free_ports(3 * len(names))
         self.pg_ports = dict(zip(names, ports[: len(names)], strict=True))
-        self.peer_ports = dict(zip(names, ports[len(names):], strict=True))
+        self.peer_ports = dict(zip(names, ports[len(names): 2 * len(names)], strict=True))
+        self.api_ports = dict(zip(names, ports[2 * len(names):], strict=True))
         secret = self.base / "secret"
         secret.write_bytes(SECRET)
         os.chmod(secret, 0o600)
+        self.token_path = self.base / "api-token"
+        self.token_path.write_text(API_TOKEN + "\n")
+        os.chmod(self.token_path, 0o600)
         for d in [self.base / "state", *(self.base / n for n in self.data_names)]:
             d.mkdir(mode=0o755, exist_ok=True)
         if self.owner is not None:
-            for p in [secret, self.base / "state", *(self.base / n for n in self.data_names)]:
+            for p in [secret, self.token_path, self.base / "state", *(self.base / n for n in self.data_names)]:
                 os.chown(p, *self.owner)
         self.config_path = self.base / "cluster.toml"
         self.config_path.write_text(self._config_text())
@@ -116,6 +124,7 @@ class LocalCluster:
 [[nodes]]
 name = "{name}"
 peer = "{LOOPBACK}:{self.peer_ports[name]}"
+api = "{LOOPBACK}:{self.api_ports[name]}"
   [nodes.postgres]
   host = "{LOOPBACK}"
   port = {self.pg_ports[name]}
@@ -127,6 +136,7 @@ peer = "{LOOPBACK}:{self.peer_ports[name]}"
 name = "{name}"
 kind = "witness"
 peer = "{LOOPBACK}:{self.peer_ports[name]}"
+api = "{LOOPBACK}:{self.api_ports[name]}"
 """
         return f"""
 [cluster]
@@ -140,6 +150,9 @@ state_dir = "{self.base / 'state'}"
 [postgres]
 bin_dir = "{self.bin_dir}"
 os_user = "{self.os_user}"
+
+[api]
+token_file = "{self.token_path}"
 
 [logging]
 level = "info"
@@ -230,6 +243,33 @@ format = "json"
             if o.role is not PgRole.STANDBY or o.following != prim[0]:
                 return None
         return prim[0]
+
+    # ------------------------------------------------------------ REST API
+
+    def api_url(self, name: str, path: str) -> str:
+        return f"http://{LOOPBACK}:{self.api_ports[name]}{path}"
+
+    async def api(self, name: str, method: str, path: str, *, body: object = None, token: str | None = API_TOKEN,
+                  timeout_s: float = 60.0) -> tuple[int, object]:
+        """One call to a member's API: (status, decoded JSON or the text)."""
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.request(method, self.api_url(name, path), json=body, headers=headers) as resp:
+                text = await resp.text()
+                status = resp.status
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text
+
+    def ctl(self, *args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess:
+        """Run the installed failoverctl on this cluster's configuration (in a
+        thread, so the test's event loop keeps running its writer and sampler)."""
+        argv = [str(Path(sys.executable).parent / "failoverctl"), "--config", str(self.config_path), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+
+    async def actl(self, *args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess:
+        return await asyncio.to_thread(self.ctl, *args, timeout_s=timeout_s)
 
     def dsn_hosts(self) -> tuple[list[str], list[int]]:
         hosts = [str(socket_dir_for(self.config, n.postgres)) for n in self.config.nodes if n.postgres]

@@ -111,7 +111,7 @@ def test_three_nodes_example_shows_every_key() -> None:
             *("socket_dir", "reclone_on_rewind_failure", "probe_timeout_s", "command_timeout_s"),
         ],
         "vip": ["address", "interface"],
-        "api": ["listen", "token_file"],
+        "api": ["listen", "token_file", "health_auth", "tls_cert", "tls_key", "tls_ca", "tls_client_ca"],
         "hooks": ["on_role_change", "on_vip_change", "pre_promote", "timeout_s"],
         "logging": ["level", "format"],
         "nodes": ["name", "kind", "peer", "api", "priority", "nofailover"],
@@ -546,3 +546,43 @@ FRAGMENTS = st.sampled_from(
 @given(st.lists(FRAGMENTS | st.text(max_size=4), max_size=30))
 def test_toml_like_text_raises_only_config_error(parts: list[str]) -> None:
     _only_config_error("".join(parts))
+
+
+# --- [api]: authentication and TLS ---
+
+
+def test_api_defaults_and_full_table() -> None:
+    assert parse(base()).api == ApiConfig(HostPort("0.0.0.0", 8008))
+    assert not parse(base()).api.tls and parse(base()).api.health_auth is False
+    doc = base()
+    doc["api"] = {
+        "listen": "127.0.0.1:9000", "token_file": "/etc/failoverd/token", "health_auth": True,
+        "tls_cert": "/etc/failoverd/api.crt", "tls_key": "/etc/failoverd/api.key",
+        "tls_ca": "/etc/failoverd/ca.crt", "tls_client_ca": "/etc/failoverd/clients.crt",
+    }
+    api = parse(doc).api
+    assert api.tls and api.health_auth and api.listen == HostPort("127.0.0.1", 9000)
+    assert (api.token_file, api.tls_cert, api.tls_key, api.tls_ca, api.tls_client_ca) == tuple(
+        Path(p) for p in ("/etc/failoverd/token", "/etc/failoverd/api.crt", "/etc/failoverd/api.key",
+                          "/etc/failoverd/ca.crt", "/etc/failoverd/clients.crt"))
+
+
+API_PROBLEMS: list[tuple[str, Mutation, str]] = [
+    ("health auth without token", _set("api.health_auth", True), "api.health_auth: true needs api.token_file"),
+    ("health auth type", _set("api.health_auth", "yes"), 'api.health_auth: "yes" is not true or false'),
+    ("cert without key", _set("api.tls_cert", "/c.crt"), "api.tls_key: missing (api.tls_cert and api.tls_key go"),
+    ("key without cert", _set("api.tls_key", "/c.key"), "api.tls_cert: missing (api.tls_cert and api.tls_key go"),
+    ("ca without cert", _set("api.tls_ca", "/ca.crt"), "api.tls_ca: needs api.tls_cert and api.tls_key"),
+    ("client ca without cert", _set("api.tls_client_ca", "/ca.crt"), "api.tls_client_ca: needs api.tls_cert"),
+    ("relative cert", _set("api.tls_cert", "api.crt"), 'api.tls_cert: "api.crt" is not an absolute path'),
+    ("api typo", _set("api.tls_certificate", "/c"), 'api.tls_certificate: unknown key (did you mean "tls_cert'),
+]
+
+
+@pytest.mark.parametrize(("mutate", "expected"), [c[1:] for c in API_PROBLEMS], ids=[c[0] for c in API_PROBLEMS])
+def test_api_problem_names_its_key_path(mutate: Mutation, expected: str) -> None:
+    doc = base()
+    mutate(doc)
+    problems = problems_of(doc)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(expected), problems

@@ -1,0 +1,215 @@
+"""The API wired to the rest: in front of real Supervisors (fake PostgreSQL,
+from test_supervisor) whose status and counters it reports, over TLS with
+client certificates, and started and stopped by the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from test_api_server import AUTH, NAMES, TOKEN, Cluster, config_text, free_port, three
+
+from failoverd.api import ApiServer
+from failoverd.apiclient import ApiClient, Unreachable, client_ssl_context
+from failoverd.config import parse_config
+from failoverd.core.requests import Pause
+from failoverd.core.state import PgRole
+from failoverd.supervisor import ReinitRefused
+
+
+# ------------------------------------------- in front of real supervisors
+
+
+async def test_real_supervisors_report_status_and_count_a_failover() -> None:
+    from test_supervisor import Cluster as SupervisorCluster
+    from test_supervisor import _ready
+
+    async with SupervisorCluster() as c:
+        await c.wait_for(lambda: _ready(c))
+        old = c.primaries()[0]
+        st = c.sups[old].status()
+        assert st.role == "leader" and st.leader_live and st.primary_ready
+        assert st.primary_position == c.sups[old].node.pg.position and st.history[-1].reason == "bootstrap"
+        counters = c.sups[old].counters
+        assert counters.elected == {"bootstrap": 1} and counters.promotions == {"bootstrap": 1}
+        assert counters.failovers == 0 and counters.last_failover_duration_s is None
+        assert counters.events["promoted"] == 1
+        follower = next(n for n in c.sups if n != old)
+        await c.wait_for(lambda: c.sups[follower].status().primary_position is not None)
+        fst = c.sups[follower].status()
+        assert fst.leader == old and fst.leader_live and fst.role == "follower"
+
+        c.pgs[old].role = PgRole.STOPPED  # the postmaster died
+        await c.wait_for(lambda: len(c.primaries()) == 1 and c.primaries()[0] != old)
+        new = c.primaries()[0]
+        await c.wait_for(lambda: c.sups[new].counters.failovers == 1)
+        duration = c.sups[new].counters.last_failover_duration_s
+        # From the old leader's last heartbeat to the promotion seen: a handover
+        # without an election timeout, on fakes with millisecond delays.
+        assert duration is not None and 0 < duration < 1.0
+        assert c.sups[new].counters.promotions.get("bootstrap") is None
+
+        ports = {n: free_port() for n in NAMES}
+        config = parse_config(config_text(ports), source="unit.toml")
+        servers = [ApiServer(config, node, c.sups[node.name], host="127.0.0.1", port=ports[node.name], token=TOKEN)
+                   for node in config.nodes]
+        for server in servers:
+            await server.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                codes = {}
+                for n in NAMES:
+                    async with session.get(f"http://127.0.0.1:{ports[n]}/primary") as resp:
+                        codes[n] = resp.status
+                assert codes == {n: 200 if n == new else 503 for n in NAMES}
+                async with session.get(f"http://127.0.0.1:{ports[new]}/metrics") as resp:
+                    text = await resp.text()
+                assert f'failoverd_failovers_total{{member="{new}"}} 1' in text
+        finally:
+            for server in servers:
+                await server.close()
+
+
+async def test_real_supervisor_reinit_runs_in_the_postgres_worker() -> None:
+    from test_supervisor import Cluster as SupervisorCluster
+    from test_supervisor import FakePostgres, _ready
+
+    class RebuildablePostgres(FakePostgres):
+        async def reinit(self, leader) -> None:
+            self.journal.add(self.who, "reinit", leader)
+            await asyncio.sleep(0.05)
+            self.role, self.upstream = PgRole.STANDBY, leader
+
+    c = SupervisorCluster()
+    for name in list(c.pgs):
+        c.pgs[name] = c.sups[name].postgres = RebuildablePostgres(name, c.journal, c.pgs)
+    async with c:
+        await c.wait_for(lambda: _ready(c))
+        leader = c.primaries()[0]
+        with pytest.raises(ReinitRefused, match="only a follower"):
+            await c.sups[leader].reinit()
+        follower = next(n for n in c.sups if n != leader)
+        assert await c.sups[follower].reinit() == f"rebuilding {follower} from {leader}"
+        with pytest.raises(ReinitRefused, match="already running"):
+            await c.sups[follower].reinit()
+        await c.wait_for(lambda: (c.sups[follower].status().reinit or None) is not None
+                         and c.sups[follower].status().reinit.finished_at is not None)
+        assert c.sups[follower].status().reinit.error is None
+        assert [(w, d) for w, k, d in c.journal.entries if k == "reinit"] == [(follower, leader)]
+
+
+# --------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One self-signed certificate, used as CA, server and client certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=failoverd-test",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return cert, key
+
+
+async def test_tls_with_client_certificates(tls_files: tuple[Path, Path]) -> None:
+    async with Cluster(three(), tls=tls_files) as c:
+        node = c.config.nodes[1]
+        async with ApiClient(ssl_context=client_ssl_context(c.config.api)) as client:
+            answer = await client.call(node.api, "GET", "/health")
+            assert answer.status == 200 and answer.body["name"] == "b"
+            # Forwarding and the fan-out go over TLS too, with the member's own certificate.
+            answer = await client.call(node.api, "GET", "/cluster")
+            assert all(m["reachable"] for m in answer.body["members"])
+        without_cert = ssl.create_default_context(cafile=str(tls_files[0]))
+        async with ApiClient(token=TOKEN, ssl_context=without_cert) as client:
+            # Refused in the handshake (with TLS 1.3 the client only learns so
+            # after sending, so it cannot call the request undelivered).
+            with pytest.raises(Unreachable):
+                await client.call(node.api, "POST", "/pause")
+        assert c.fakes["a"].calls == []
+        async with ApiClient(token=TOKEN, ssl_context=client_ssl_context(c.config.api)) as client:
+            answer = await client.call(node.api, "POST", "/pause")
+        assert answer.status == 200 and answer.body["forwarded_by"] == "b"
+        assert [type(r) for r in c.fakes["a"].requests()] == [Pause]
+        # Plain HTTP to a TLS member: no answer, and nothing reaches the core.
+        async with ApiClient(token=TOKEN) as client:
+            with pytest.raises(Unreachable):
+                await client.call(node.api, "POST", "/pause")
+        assert len(c.fakes["a"].requests()) == 1
+
+
+# ---------------------------------------------------------- daemon wiring
+
+
+def _witness_config(tmp_path: Path, api_port: int, token_mode: int = 0o600):
+    secret, token = tmp_path / "secret", tmp_path / "token"
+    secret.write_text("unit-test-secret-0123456789")
+    token.write_text(TOKEN)
+    secret.chmod(0o600)
+    token.chmod(token_mode)
+    text = config_text({"a": free_port(), "b": free_port(), "c": api_port}, witness="c")
+    text = text.replace("/nonexistent/secret", str(secret)).replace("/nonexistent/token", str(token))
+    text = text.replace('peer = "127.0.0.1:7402"', f'peer = "127.0.0.1:{free_port()}"')
+    text = text.replace('[cluster]\n', f'[cluster]\nstate_dir = "{tmp_path / "state"}"\n')
+    return parse_config(text, source="unit.toml", node="c")
+
+
+async def test_daemon_serves_the_api_and_stops_it() -> None:
+    from failoverd.daemon import run_daemon
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        task = asyncio.create_task(run_daemon(_witness_config(Path(tmp), port)))
+        try:
+            async with aiohttp.ClientSession() as session:
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        async with session.get(f"http://127.0.0.1:{port}/health") as resp:
+                            body = await resp.json()
+                            break
+                    except aiohttp.ClientConnectionError:
+                        assert time.monotonic() < deadline and not task.done()
+                        await asyncio.sleep(0.05)
+                assert resp.status == 200 and body["name"] == "c" and body["kind"] == "witness"
+                async with session.post(f"http://127.0.0.1:{port}/pause", headers=AUTH) as resp:
+                    assert resp.status == 503  # no leader: a and b are not running
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0  # closed on shutdown
+
+
+async def test_daemon_start_up_errors_are_one_line(tmp_path: Path) -> None:
+    from failoverd.daemon import StartupError, run_daemon
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "one").mkdir()
+        with pytest.raises(StartupError) as caught:
+            await run_daemon(_witness_config(tmp_path / "one", port))
+        text = str(caught.value)
+        assert text.startswith(f"API address 127.0.0.1:{port} ([api] listen / nodes.api): ")
+        assert "address already in use" in text.lower() and "\n" not in text
+    (tmp_path / "two").mkdir()
+    with pytest.raises(StartupError, match="token file .* chmod 600"):
+        await run_daemon(_witness_config(tmp_path / "two", free_port(), token_mode=0o640))
