@@ -7,12 +7,20 @@ does not start, an API address that cannot be bound. Shutdown on
 SIGTERM/SIGINT runs in a fixed order: hand over leadership (fencing), stop the
 loops, close the API server, the peer server and client, then disarm and close
 the watchdog.
+
+SIGHUP reloads the configuration file: what `failoverd.reload` allows
+(timing, hooks, logging) is applied at once, the rest is logged as needing a
+restart, and a file with errors changes nothing. Under systemd the daemon
+reports READY once its loops, peer server and API run, STATUS on changes,
+WATCHDOG pings from the event loop while the ticker keeps ticking, RELOADING
+around a reload and STOPPING at shutdown (see failoverd.sdnotify).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -26,13 +34,26 @@ import structlog
 
 from failoverd.api import ApiServer
 from failoverd.apiclient import ApiClient, bind_address, client_ssl_context, load_token, server_ssl_context
-from failoverd.config import Config
+from failoverd import sdnotify
+from failoverd.config import Config, ConfigError, load_config
 from failoverd.core.node import Node
+from failoverd.hooks import HookRunner
 from failoverd.peers import PeerClient, PeerMetrics, PeerServer
+from failoverd.reload import plan_reload
 from failoverd.secrets import SecretError, load_secret
 from failoverd.statefile import StateFile, StateFileError
 from failoverd.supervisor import Supervisor, new_rng
 from failoverd.watchdog import WatchdogError, WatchdogHandle
+
+
+def _ticking(supervisor: Supervisor, interval_s: float | None) -> bool:
+    """Healthy for systemd's watchdog: no loop died and the ticker ran lately
+    (a ticker stuck on the lock stops the pings too)."""
+    if supervisor.failed.is_set():
+        return False
+    last = supervisor.last_tick_at
+    limit = max(2 * (interval_s or 0.0), 5.0)
+    return last is not None and time.monotonic() - last < limit
 
 
 class StartupError(Exception):
@@ -53,7 +74,9 @@ def configure_logging(config: Config) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Not cached, so that a reload's new level and format reach loggers
+        # that were bound before it.
+        cache_logger_on_first_use=False,
     )
 
 
@@ -74,6 +97,19 @@ def _lock_state_dir(state_dir: Path) -> int:
 
 
 async def run_daemon(config: Config) -> None:
+    # Before any child starts: the watchdog process and hooks must not
+    # inherit $NOTIFY_SOCKET and report in our name.
+    notifier = sdnotify.Notifier.from_environment(unset=True)
+    try:
+        await _run_daemon(config, notifier)
+    except StartupError as error:
+        notifier.status(f"cannot start: {error}")
+        raise
+    finally:
+        notifier.close()
+
+
+async def _run_daemon(config: Config, notifier: sdnotify.Notifier) -> None:
     local = config.local
     if local is None:
         raise StartupError("no local member: pass --node NAME or name a member like this host")
@@ -88,9 +124,47 @@ async def run_daemon(config: Config) -> None:
     state_dir = config.cluster.state_dir / local.name
     lock_fd = _lock_state_dir(state_dir)
     try:
-        await _run(config, local, secret, token, StateFile(state_dir / "state.json"), log)
+        await _run(config, local, secret, token, StateFile(state_dir / "state.json"), log, notifier)
     finally:
         os.close(lock_fd)
+
+
+async def _reload(config: Config, supervisor: Supervisor, hooks: HookRunner, notifier: sdnotify.Notifier,
+                  log) -> Config:
+    """Apply what may change live; return the configuration now in force."""
+    notifier.reloading()
+    try:
+        try:
+            new = load_config(config.source, node=config.local.name)
+        except ConfigError as error:
+            log.error("config_reload_failed", term=supervisor.node.term, problems=error.problems[:20])
+            return config
+        except OSError as error:
+            log.error("config_reload_failed", term=supervisor.node.term, problems=[str(error)])
+            return config
+        plan = plan_reload(config, new)
+        applied = []
+        if plan.timing is not None:
+            await supervisor.retime(plan.timing)
+            applied.append("timing")
+        if plan.hooks is not None:
+            hooks.update(plan.hooks)
+            applied.append("hooks")
+        if plan.logging is not None:
+            configure_logging(new)
+            applied.append("logging")
+        log.info("config_reloaded", term=supervisor.node.term, applied=applied,
+                 needs_restart=list(plan.needs_restart), refused=list(plan.refused))
+        # Keep the old values of what was not applied, so a later reload
+        # still compares against what is really running.
+        return dataclasses.replace(
+            config,
+            spec=dataclasses.replace(config.spec, timing=plan.timing or config.spec.timing),
+            hooks=plan.hooks or config.hooks,
+            logging=plan.logging or config.logging,
+        )
+    finally:
+        notifier.ready(sdnotify.status_line(supervisor.status()))
 
 
 def _api_tls(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -100,7 +174,8 @@ def _api_tls(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | No
         raise StartupError(f"API TLS ([api] tls_*): {error}") from None
 
 
-async def _run(config: Config, local, secret: bytes, token: str | None, statefile: StateFile, log) -> None:
+async def _run(config: Config, local, secret: bytes, token: str | None, statefile: StateFile, log,
+               notifier: sdnotify.Notifier) -> None:
     try:
         persisted = statefile.load()
     except StateFileError as error:
@@ -132,8 +207,11 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
     peer_metrics = PeerMetrics()
     client = PeerClient(config.spec.name, secret, others, timeout_s=max(0.2, config.spec.timing.heartbeat_interval_s * 3),
                         metrics=peer_metrics)
+    hooks = HookRunner(config.hooks, cluster=config.spec.name, node=local.name,
+                       vip=None if config.vip is None else str(config.vip.address), log=log)
     supervisor = Supervisor(
         node,
+        hooks=hooks,
         state=statefile,
         peers=client,
         postgres=postgres,
@@ -150,9 +228,12 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
                     peer_metrics=peer_metrics, ssl_context=server_tls,
                     client=ApiClient(token=token, ssl_context=client_tls))
     stop = asyncio.Event()
+    reload_asked = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
+    pinger: asyncio.Task | None = None
     try:
         await supervisor.start()
         try:
@@ -164,11 +245,28 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
         except OSError as error:
             raise StartupError(f"API address {listen} ([api] listen / nodes.api): {error.strerror or error}") from None
         log.info("running", term=node.term, role=node.role.value, members=sorted(others))
-        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(supervisor.failed.wait())]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
+        # READY once we serve peers and operators, not once a leader is known:
+        # a rolling start (one member at a time) would otherwise deadlock.
+        notifier.ready(sdnotify.status_line(supervisor.status()))
+        if notifier.enabled:
+            interval = notifier.watchdog_interval_s
+            pinger = asyncio.create_task(sdnotify.watchdog_pinger(
+                notifier, interval,
+                healthy=lambda: _ticking(supervisor, interval),
+                status=lambda: sdnotify.status_line(supervisor.status()),
+            ), name="sd_watchdog")
+        while True:
+            waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(supervisor.failed.wait()),
+                       asyncio.create_task(reload_asked.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+            if stop.is_set() or supervisor.failed.is_set():
+                break
+            reload_asked.clear()
+            config = await _reload(config, supervisor, hooks, notifier, log)
         log.info("shutting_down", term=node.term, role=node.role.value, failed=supervisor.failed.is_set())
+        notifier.stopping("handing over leadership" if node.role.value == "leader" else "stopping")
     finally:
         await supervisor.stop()
         await api.close()
@@ -182,7 +280,11 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
             await watchdog.close()
         if vip is not None:
             await vip.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        await hooks.close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if pinger is not None:  # last: systemd hears from us through a long shutdown
+            pinger.cancel()
+            await asyncio.wait({pinger})
     if supervisor.failed.is_set():
         raise StartupError(f"a supervisor loop failed: {supervisor.failure!r}"[:500])

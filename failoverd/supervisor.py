@@ -58,6 +58,16 @@ class WatchdogPort(Protocol):
     async def disarm(self) -> None: ...
 
 
+class HooksPort(Protocol):
+    def role_changed(self, *, term: int, role: str, previous: str, reason: str) -> None: ...
+    def vip_changed(self, *, term: int, action: str, reason: str) -> None: ...
+    async def pre_promote(self, term: int) -> str | None: ...
+
+
+class PromotionVetoed(Exception):
+    """The pre_promote hook said no; the message is its reason."""
+
+
 class StatePort(Protocol):
     def save(self, state: PersistentState) -> None: ...
 
@@ -140,8 +150,10 @@ class Supervisor:
         probe_interval_s: float,
         clock: Callable[[], float] = time.monotonic,
         log: Any = None,
+        hooks: HooksPort | None = None,
     ) -> None:
         self.node = node
+        self.hooks = hooks
         self.state = state
         self.peers = peers
         self.postgres = postgres
@@ -164,6 +176,7 @@ class Supervisor:
         self._heard_before_election: float | None = None
         self._elected_reason: str | None = None
         self._reinit: ReinitStatus | None = None
+        self.last_tick_at: float | None = None  # for the systemd watchdog's health check
 
     # ------------------------------------------------------------- lifecycle
 
@@ -192,7 +205,11 @@ class Supervisor:
     async def stop(self) -> None:
         """Orderly shutdown: hand leadership over (fencing), then stop the loops."""
         async with self._lock:
-            await self._execute(self.node.shutdown(self.clock()))
+            try:
+                await self._execute(self.node.shutdown(self.clock()))
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk; the watchdog fences at EOF
+                self.log.critical("shutdown_handover_failed", node=self.node.name, term=self.node.term,
+                                  error=repr(exc)[:300])
         if self.node.role is Role.FOLLOWER and self.watchdog is not None and not self.node.watchdog_armed:
             await self.watchdog.disarm()
         for task in self._tasks:
@@ -212,6 +229,16 @@ class Supervisor:
                 self._leader_heard_at = now
             await self._execute(actions)
         self._wake.set()
+
+    async def retime(self, timing: Any) -> None:
+        """Apply reloaded protocol timing (see failoverd.reload for when that is safe)."""
+        async with self._lock:
+            self.node.retime(timing)
+            self.probe_interval_s = timing.heartbeat_interval_s
+        self._wake.set()
+        self.log.info("timing_changed", node=self.node.name, term=self.node.term,
+                      heartbeat_interval_s=timing.heartbeat_interval_s, lease_s=timing.lease_s,
+                      election_timeout_min_s=timing.election_timeout_min_s)
 
     async def request(self, req: Any) -> act.Reply:
         async with self._lock:
@@ -296,6 +323,7 @@ class Supervisor:
             async with self._lock:
                 await self._execute(self.node.tick(self.clock(), wall_time=time.time()))
                 delay = max(0.0, min(self.node.next_wakeup() - self.clock(), self.probe_interval_s))
+                self.last_tick_at = self.clock()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
@@ -336,6 +364,12 @@ class Supervisor:
             elif task.exception() is not None:
                 self.log.error("pg_action_failed", node=self.node.name, term=self.node.term, action=name,
                                error=str(task.exception())[:500])
+                if isinstance(action, act.Promote):
+                    # Give up leadership now rather than after promote_timeout.
+                    async with self._lock:
+                        await self._execute(self.node.promotion_failed(action.term, str(task.exception())[:200],
+                                                                       self.clock()))
+                    self._wake.set()
             else:
                 self.log.info("pg_action_done", node=self.node.name, term=self.node.term, action=name,
                               seconds=round(self.clock() - started, 3))
@@ -352,6 +386,10 @@ class Supervisor:
     async def _run_pg_action(self, action: act.Action) -> None:
         pg = self.postgres
         if isinstance(action, act.Promote):
+            if self.hooks is not None:
+                veto = await self.hooks.pre_promote(action.term)
+                if veto is not None:
+                    raise PromotionVetoed(veto)
             await pg.promote()
         elif isinstance(action, act.Follow):
             await pg.follow(self.members[action.leader])
@@ -381,12 +419,13 @@ class Supervisor:
     async def _execute(self, actions: list[act.Action]) -> None:
         for a in actions:
             if isinstance(a, act.Persist):
-                self.state.save(a.state)  # fsynced before anything after it
+                self._save(a.state)
             elif isinstance(a, act.Send):
                 self.peers.send(a.to, a.message)
             elif isinstance(a, act.Emit):
                 self.log.info(a.event, **a.as_dict())
                 self._count(a)
+                self._call_hooks(a)
             elif isinstance(a, act.ArmWatchdog):
                 if self.watchdog is not None:
                     if a.deadline is None:
@@ -406,6 +445,35 @@ class Supervisor:
                     self._pg_queue.put_nowait(a)
             else:
                 raise TypeError(f"unknown action {a!r}")
+
+    def _save(self, state: PersistentState) -> None:
+        """Persist, fsynced, before anything after it runs. A state file that
+        cannot be written (disk full, I/O error) ends the daemon: our term and
+        vote would otherwise run ahead of the disk. Nothing after the failed
+        Persist is sent; a leader's PostgreSQL is fenced by the watchdog,
+        which sees its pipe close when the daemon exits."""
+        try:
+            self.state.save(state)
+        except Exception as exc:
+            if not self.failed.is_set():
+                self.failure = exc
+                self.log.critical("state_write_failed", node=self.node.name, term=self.node.term,
+                                  error=repr(exc)[:300])
+                self.failed.set()
+            raise
+
+    def _call_hooks(self, event: act.Emit) -> None:
+        hooks = self.hooks
+        if hooks is None or event.event not in ("role_changed", "vip_acquired", "vip_released"):
+            return
+        fields = event.as_dict()
+        term = int(fields.get("term", self.node.term))
+        reason = str(fields.get("reason", ""))
+        if event.event == "role_changed":
+            hooks.role_changed(term=term, role=str(fields.get("role")), previous=str(fields.get("previous")),
+                               reason=reason)
+        else:
+            hooks.vip_changed(term=term, action=event.event.removeprefix("vip_"), reason=reason or "promoted")
 
     def _count(self, event: act.Emit) -> None:
         counters = self.counters

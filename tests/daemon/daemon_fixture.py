@@ -5,6 +5,7 @@ members are absent, so nothing but the attacker ever talks to it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -33,6 +34,7 @@ class RunningWitness:
     peer_port: int
     api_port: int
     stderr_path: Path
+    config_path: Path
 
     @property
     def state_file(self) -> Path:
@@ -47,8 +49,17 @@ class RunningWitness:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.stderr().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
 
-def config_text(base: Path, peer_ports: dict[str, int], api_ports: dict[str, int]) -> str:
+
+def config_text(base: Path, peer_ports: dict[str, int], api_ports: dict[str, int], extra: str = "") -> str:
     nodes = []
     for name in ("db1", "db2"):
         nodes.append(f'''
@@ -77,10 +88,10 @@ token_file = "{base}/token"
 
 [logging]
 format = "json"
-''' + "".join(nodes)
+''' + extra + "".join(nodes)
 
 
-def start_witness(base: Path) -> RunningWitness:
+def start_witness(base: Path, *, extra_config: str = "", env: dict[str, str] | None = None) -> RunningWitness:
     secret = secrets.token_hex(32).encode()
     token = secrets.token_hex(32).encode()
     for name, value in (("secret", secret), ("token", token)):
@@ -90,14 +101,15 @@ def start_witness(base: Path) -> RunningWitness:
     peer_ports = {n: free_port() for n in ("db1", "db2", "w1")}
     api_ports = {n: free_port() for n in ("db1", "db2", "w1")}
     config = base / "failoverd.toml"
-    config.write_text(config_text(base, peer_ports, api_ports))
+    config.write_text(config_text(base, peer_ports, api_ports, extra_config))
     stderr_path = base / "stderr.log"
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "failoverd", "run", "--config", str(config), "--node", "w1"],
             stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
         )
-    w = RunningWitness(proc, base, secret, token, peer_ports["w1"], api_ports["w1"], stderr_path)
+    w = RunningWitness(proc, base, secret, token, peer_ports["w1"], api_ports["w1"], stderr_path, config)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if not w.alive():

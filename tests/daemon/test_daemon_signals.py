@@ -1,0 +1,103 @@
+"""A running `failoverd run`: SIGHUP reload and the sd_notify conversation with
+a socket the test owns, on a witness daemon (no PostgreSQL needed)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from daemon_fixture import RunningWitness, start_witness, stop_witness
+
+
+def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"{what} not reached within {timeout_s} s")
+
+
+def event_names(w: RunningWitness) -> list[str]:
+    return [e.get("event") for e in w.events()]
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    yield sock, path
+    sock.close()
+
+
+def receive_all(sock: socket.socket, until: str, timeout_s: float = 15.0) -> list[str]:
+    got: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            got.append(sock.recv(4096).decode())
+        except TimeoutError:
+            continue
+        if any(until in g for g in got):
+            return got
+    pytest.fail(f"{until!r} not received; got {got}")
+
+
+def test_sd_notify_ready_status_watchdog_and_stopping(tmp_path, notify_socket):
+    sock, path = notify_socket
+    w = start_witness(tmp_path, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+    try:
+        got = receive_all(sock, "READY=1")
+        ready = next(g for g in got if "READY=1" in g)
+        assert "STATUS=" in ready and "term" in ready
+        got = receive_all(sock, "WATCHDOG=1", timeout_s=5)  # every 0.5 s with a 1 s watchdog
+        w.proc.send_signal(signal.SIGTERM)
+        got = receive_all(sock, "STOPPING=1")
+        assert w.proc.wait(timeout=15) == 0
+    finally:
+        stop_witness(w)
+
+
+def test_sighup_applies_logging_and_hooks_and_reports_what_needs_a_restart(tmp_path):
+    w = start_witness(tmp_path)
+    try:
+        text = w.config_path.read_text()
+        text = text.replace('[logging]\nformat = "json"', '[logging]\nformat = "json"\nlevel = "debug"')
+        text = text.replace("[api]\n", '[hooks]\non_role_change = "/bin/true"\n\n[api]\n', 1)
+        text = text.replace('name = "fuzz"', 'name = "fuzz"', 1)
+        w.config_path.write_text(text)
+        os.kill(w.proc.pid, signal.SIGHUP)
+        event = wait_for(lambda: next((e for e in w.events() if e.get("event") == "config_reloaded"), None),
+                         what="config_reloaded")
+        assert sorted(event["applied"]) == ["hooks", "logging"] and event["needs_restart"] == []
+        assert w.alive()
+    finally:
+        stop_witness(w)
+
+
+def test_sighup_with_a_broken_file_changes_nothing_and_keeps_running(tmp_path):
+    w = start_witness(tmp_path)
+    try:
+        good = w.config_path.read_text()
+        w.config_path.write_text(good.replace("[cluster]", "[cluster]\nbogus_key = 1", 1))
+        os.kill(w.proc.pid, signal.SIGHUP)
+        event = wait_for(lambda: next((e for e in w.events() if e.get("event") == "config_reload_failed"), None),
+                         what="config_reload_failed")
+        assert any("bogus_key" in p for p in event["problems"])
+        time.sleep(0.3)
+        assert w.alive()
+        # A later, valid change that needs a restart is reported, not applied.
+        w.config_path.write_text(good.replace("[api]\n", "[api]\nhealth_auth = true\n", 1))
+        os.kill(w.proc.pid, signal.SIGHUP)
+        event = wait_for(lambda: next((e for e in w.events() if e.get("event") == "config_reloaded"), None),
+                         what="config_reloaded")
+        assert event["applied"] == [] and "api" in event["needs_restart"]
+    finally:
+        stop_witness(w)

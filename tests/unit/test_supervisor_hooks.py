@@ -1,0 +1,87 @@
+"""The supervisor's side of hooks, reload and a failing state file, on the fake
+three-member cluster of test_supervisor (real cores, fake adapters)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from failoverd.core.spec import Timing
+from failoverd.core.state import PgRole, Role
+from test_supervisor import Cluster, _ready
+
+
+class RecordingHooks:
+    def __init__(self, veto: str | None = None) -> None:
+        self.veto = veto
+        self.calls: list[tuple] = []
+
+    def role_changed(self, *, term, role, previous, reason):
+        self.calls.append(("role", term, role, previous))
+
+    def vip_changed(self, *, term, action, reason):
+        self.calls.append(("vip", term, action))
+
+    async def pre_promote(self, term):
+        self.calls.append(("pre_promote", term))
+        return self.veto
+
+
+async def test_role_change_hook_reports_the_new_leader():
+    c = Cluster()
+    hooks = {name: RecordingHooks() for name in c.sups}
+    for name, sup in c.sups.items():
+        sup.hooks = hooks[name]
+    async with c:
+        await c.wait_for(lambda: _ready(c))
+        (leader,) = [n for n, s in c.sups.items() if s.node.role is Role.LEADER]
+        calls = hooks[leader].calls
+        assert ("role", c.sups[leader].node.term, "leader", "candidate") in calls
+        # pre_promote ran before the promotion of the leader's PostgreSQL
+        assert ("pre_promote", c.sups[leader].node.term) in calls
+
+
+async def test_a_pre_promote_veto_hands_leadership_on_and_nobody_is_promoted_behind_it():
+    c = Cluster()
+    for sup in c.sups.values():
+        sup.hooks = RecordingHooks(veto="pre_promote hook exited 1")
+    async with c:
+        await c.wait_for(lambda: any(s.counters.events["promotion_failed"] for s in c.sups.values()), timeout_s=10)
+        await asyncio.sleep(0.5)
+        assert c.primaries() == []  # every member's fencing hook says no
+        vetoed = [n for n, s in c.sups.items() if s.counters.events["promotion_failed"]]
+        assert vetoed
+        assert all(("promote" not in [e[1] for e in c.journal.entries if e[0] == n]) for n in vetoed)
+
+
+async def test_only_the_vetoing_member_is_skipped():
+    c = Cluster()
+    hooks = {name: RecordingHooks() for name in c.sups}
+    first = sorted(c.sups)[0]
+    for name, sup in c.sups.items():
+        sup.hooks = hooks[name]
+    hooks[first].veto = "not here"
+    async with c:
+        await c.wait_for(lambda: len(c.primaries()) == 1, timeout_s=15)
+        assert c.primaries() != [first]
+
+
+async def test_retime_changes_the_cores_timing_and_the_probe_interval():
+    c = Cluster()
+    sup = next(iter(c.sups.values()))
+    timing = Timing(heartbeat_interval_s=0.05, election_timeout_min_s=1.0, election_timeout_max_s=1.4, lease_s=0.8)
+    await sup.retime(timing)
+    assert sup.node.timing is timing and sup.node.spec.timing is timing and sup.probe_interval_s == 0.05
+
+
+async def test_a_state_file_that_cannot_be_written_stops_the_supervisor():
+    c = Cluster()
+    victim = next(iter(c.sups.values()))
+
+    def full_disk(state):
+        raise OSError(28, "No space left on device")
+
+    victim.state.save = full_disk
+    async with c:
+        await c.wait_for(lambda: victim.failed.is_set(), timeout_s=10)
+        assert isinstance(victim.failure, OSError)
+        assert all(pg.role is not PgRole.PRIMARY for n, pg in c.pgs.items() if c.sups[n] is victim)
