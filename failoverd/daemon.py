@@ -221,7 +221,8 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
         probe_interval_s=config.spec.timing.heartbeat_interval_s,
         log=log,
     )
-    server = PeerServer(config.spec.name, secret, supervisor.on_message, host=local.peer.host, port=local.peer.port,
+    server = PeerServer(config.spec.name, secret, supervisor.on_message, member=local.name,
+                        host=local.peer.host, port=local.peer.port,
                         metrics=peer_metrics)
     listen = bind_address(config, local)
     api = ApiServer(config, local, supervisor, host=listen.host, port=listen.port, token=token,

@@ -4,7 +4,7 @@ Wire format (safety properties 4 and 6):
 
     POST /peer/v1/message
     X-Failoverd-Timestamp: <unix seconds, e.g. 1718000000.123456>
-    X-Failoverd-Signature: v1=<hex HMAC-SHA256(secret, timestamp + "\\n" + body)>
+    X-Failoverd-Signature: v2=<hex HMAC-SHA256(secret, timestamp + "\\n" + recipient + "\\n" + body)>
     body: encode_message_bytes(msg), at most MAX_MESSAGE_BYTES
 
 Answers: 204 accepted; 400 malformed (bad timestamp header, a body
@@ -14,6 +14,9 @@ signature, a timestamp outside the window, a replay); 413 too large; 500 the
 receiver failed (logged, never crashes the server). Every error body is JSON
 `{"error": "..."}`. The receiver's callback runs only for authenticated,
 decoded messages of our cluster, so nothing unauthenticated changes state.
+
+The recipient's member name is part of what is signed, so a message captured
+on its way to one member is refused by every other member.
 
 Replay: the timestamp window bounds how long a captured message stays valid,
 and the server remembers the signatures it accepted within the window, so a
@@ -71,10 +74,11 @@ class PeerMetrics:
     dropped: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # queue full / too old
 
 
-def sign(secret: bytes, timestamp: str, body: bytes) -> str:
-    """The signature header value for `body` sent at `timestamp` (the header's exact text)."""
-    mac = hmac.new(secret, timestamp.encode("ascii") + b"\n" + body, hashlib.sha256)
-    return "v1=" + mac.hexdigest()
+def sign(secret: bytes, timestamp: str, recipient: str, body: bytes) -> str:
+    """The signature header value for `body` sent to member `recipient` at
+    `timestamp` (the header's exact text)."""
+    material = timestamp.encode("ascii") + b"\n" + recipient.encode("utf-8") + b"\n" + body
+    return "v2=" + hmac.new(secret, material, hashlib.sha256).hexdigest()
 
 
 def _check_secret(secret: bytes) -> None:
@@ -102,6 +106,7 @@ class PeerServer:
         secret: bytes,
         on_message: OnMessage,
         *,
+        member: str,
         host: str,
         port: int,
         metrics: PeerMetrics | None = None,
@@ -111,6 +116,7 @@ class PeerServer:
     ) -> None:
         _check_secret(secret)
         self.cluster_name = cluster_name
+        self.member = member  # our name: messages signed for another member are refused
         self._secret = secret
         self._on_message = on_message
         self.host, self._port = host, port
@@ -181,7 +187,8 @@ class PeerServer:
         stamp = request.headers.get(TIMESTAMP_HEADER, "")
         if not _TIMESTAMP_RE.fullmatch(stamp):
             raise _Rejected(400, "malformed", f"{TIMESTAMP_HEADER} is not unix seconds")
-        if not hmac.compare_digest(signature.encode("utf-8", "replace"), sign(self._secret, stamp, body).encode()):
+        expected = sign(self._secret, stamp, self.member, body).encode()
+        if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected):
             raise _Rejected(401, "unauthenticated", "bad signature")
         if abs(float(stamp) - self._wall_clock()) > self._skew_s:
             raise _Rejected(401, "stale", f"stale or future timestamp (more than {self._skew_s:g} s off)")
@@ -325,7 +332,7 @@ class PeerClient:
         stamp = f"{time.time():.6f}"  # signed when sent, not when queued, so queueing cannot make it stale
         headers = {
             TIMESTAMP_HEADER: stamp,
-            SIGNATURE_HEADER: sign(self._secret, stamp, item.body),
+            SIGNATURE_HEADER: sign(self._secret, stamp, to, item.body),
             "Content-Type": "application/json",
         }
         async with self._session.post(self._urls[to], data=item.body, headers=headers) as response:

@@ -38,7 +38,7 @@ def post(w: RunningWitness, body: bytes, headers: dict[str, str], path: str = PA
 
 def signed(w: RunningWitness, body: bytes) -> dict[str, str]:
     ts = f"{time.time():.6f}"
-    return {TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: sign(w.secret, ts, body), "Content-Type": "application/json"}
+    return {TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: sign(w.secret, ts, "w1", body), "Content-Type": "application/json"}
 
 
 header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=120)

@@ -64,7 +64,7 @@ class Receiver:
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[PeerServer, Receiver]]:
     receiver = Receiver()
-    srv = PeerServer(CLUSTER, SECRET, receiver, host="127.0.0.1", port=0, metrics=PeerMetrics())
+    srv = PeerServer(CLUSTER, SECRET, receiver, member="x", host="127.0.0.1", port=0, metrics=PeerMetrics())
     await srv.start()
     yield srv, receiver
     await srv.close()
@@ -82,7 +82,7 @@ def url(srv: PeerServer) -> str:
 
 def signed(body: bytes, secret: bytes = SECRET, stamp: str | None = None) -> dict[str, str]:
     stamp = f"{time.time():.6f}" if stamp is None else stamp
-    return {"X-Failoverd-Timestamp": stamp, "X-Failoverd-Signature": sign(secret, stamp, body)}
+    return {"X-Failoverd-Timestamp": stamp, "X-Failoverd-Signature": sign(secret, stamp, "x", body)}
 
 
 async def post(http: aiohttp.ClientSession, srv: PeerServer, body: Any, headers: dict[str, str]) -> tuple[int, dict]:
@@ -105,7 +105,7 @@ async def test_client_delivers_messages_intact(server: tuple[PeerServer, Receive
 
 async def test_sync_callback_is_supported(http: aiohttp.ClientSession) -> None:
     got: list[Message] = []
-    srv = PeerServer(CLUSTER, SECRET, got.append, host="127.0.0.1", port=0)
+    srv = PeerServer(CLUSTER, SECRET, got.append, member="x", host="127.0.0.1", port=0)
     await srv.start()
     try:
         body = encode_message_bytes(MESSAGES[0])
@@ -218,7 +218,7 @@ async def test_receiver_crash_is_500_and_server_keeps_serving(http, server) -> N
 
 async def test_secret_must_be_long_enough() -> None:
     with pytest.raises(ValueError):
-        PeerServer(CLUSTER, b"short", print, host="127.0.0.1", port=0)
+        PeerServer(CLUSTER, b"short", print, member="x", host="127.0.0.1", port=0)
     with pytest.raises(ValueError):
         PeerClient(CLUSTER, b"short", {})
 
@@ -240,11 +240,11 @@ async def test_random_requests_never_reach_the_receiver(http, server, body: byte
         headers["X-Failoverd-Timestamp"] = f"{time.time():.6f}" if stamp == "now" else stamp
     if signature is not None:
         headers["X-Failoverd-Signature"] = (
-            sign(SECRET, headers.get("X-Failoverd-Timestamp", ""), body) if signature == "valid" else signature
+            sign(SECRET, headers.get("X-Failoverd-Timestamp", ""), "x", body) if signature == "valid" else signature
         )
         if signature == "valid" and body == BODY and stamp == "now":
             body = BODY.replace(b'"cluster":"pgc"', b'"cluster":"pgd"')  # the one valid combination
-            headers["X-Failoverd-Signature"] = sign(SECRET, headers["X-Failoverd-Timestamp"], body)
+            headers["X-Failoverd-Signature"] = sign(SECRET, headers["X-Failoverd-Timestamp"], "x", body)
     status, _ = await post(http, srv, body, headers)
     assert 400 <= status < 500
     assert receiver.messages == []
@@ -283,20 +283,20 @@ async def blackhole() -> AsyncIterator[int]:
 
 async def test_dead_and_slow_peers_do_not_block_a_live_one(server, blackhole: int) -> None:
     srv, receiver = server
-    peers = {"live": HostPort("127.0.0.1", srv.port), "dead": HostPort("127.0.0.1", closed_port()),
+    peers = {"x": HostPort("127.0.0.1", srv.port), "dead": HostPort("127.0.0.1", closed_port()),
              "slow": HostPort("127.0.0.1", blackhole)}
     client = PeerClient(CLUSTER, SECRET, peers, timeout_s=0.5, queue_max=8)
     try:
         started = time.monotonic()
         for seq in range(50):
-            for peer in ("dead", "slow", "live"):
+            for peer in ("dead", "slow", "x"):
                 client.send(peer, Heartbeat(CLUSTER, "a", 3, seq=seq))
         assert time.monotonic() - started < 0.1  # send() never waits for the network
         got = await receiver.wait_for(8, timeout_s=2.0)
         assert len(got) == 8 and time.monotonic() - started < 0.4  # before the slow peer's first timeout
         await asyncio.sleep(started + 0.7 - time.monotonic())
         metrics = client.metrics
-        assert metrics.dropped["dead"] == metrics.dropped["slow"] == metrics.dropped["live"] == 42
+        assert metrics.dropped["dead"] == metrics.dropped["slow"] == metrics.dropped["x"] == 42
         assert metrics.send_failed["dead"] == 8
         assert metrics.send_failed["slow"] >= 4
     finally:
@@ -350,7 +350,7 @@ async def test_tls(tls_files: tuple[Path, Path]) -> None:
     server_ctx.load_cert_chain(cert, key)
     client_ctx = ssl.create_default_context(cafile=str(cert))
     receiver = Receiver()
-    srv = PeerServer(CLUSTER, SECRET, receiver, host="127.0.0.1", port=0, ssl_context=server_ctx)
+    srv = PeerServer(CLUSTER, SECRET, receiver, member="x", host="127.0.0.1", port=0, ssl_context=server_ctx)
     await srv.start()
     client = PeerClient(CLUSTER, SECRET, {"x": HostPort("127.0.0.1", srv.port)}, ssl_context=client_ctx)
     try:
@@ -376,3 +376,15 @@ async def test_bodies_that_break_the_json_parser_are_400(http, server) -> None:
         status, error = await post(http, srv, body, signed(body))
         assert status == 400, (len(body), error)
     assert srv.metrics.rejected["malformed"] == len(bodies) and server[1].messages == []
+
+
+async def test_a_message_signed_for_another_member_is_refused(server, http) -> None:
+    """A capture of a message to one member cannot be replayed to another."""
+    srv, receiver = server
+    body = encode_message_bytes(MESSAGES[0])
+    stamp = f"{time.time():.6f}"
+    headers = {"X-Failoverd-Timestamp": stamp, "X-Failoverd-Signature": sign(SECRET, stamp, "y", body)}
+    status, answer = await post(http, srv, body, headers)
+    assert status == 401 and "signature" in answer["error"]
+    assert receiver.messages == []
+    assert (await post(http, srv, body, signed(body)))[0] == 204  # the same message, signed for us
