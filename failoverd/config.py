@@ -107,6 +107,16 @@ class ClusterSettings:
     name: str
     secret_file: Path  # shared HMAC key; read and permission-checked by the daemon, not here
     state_dir: Path  # term, vote and cluster state live here
+    # Mutual TLS between supervisors (on top of the HMAC, which stays on):
+    # every member serves tls_cert/tls_key, demands a client certificate
+    # signed by tls_ca and verifies the members it calls against tls_ca.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -502,8 +512,12 @@ class _Reader:
         name = t.get("name", _STRING)  # ClusterSpec judges what a valid name is
         secret_file = t.get("secret_file", _PATH)
         state_dir = t.get("state_dir", _PATH, Path("/var/lib/failoverd"))
+        tls = {key: t.get(key, _PATH, None) for key in ("tls_cert", "tls_key", "tls_ca")}
+        if not t.failed and len({value is None for value in tls.values()}) > 1:
+            missing = sorted(key for key, value in tls.items() if value is None)
+            t.problem(missing[0], "missing (cluster.tls_cert, tls_key and tls_ca go together: peer TLS is mutual)")
         t.finish()
-        return None if t.failed else ClusterSettings(name, secret_file, state_dir)
+        return None if t.failed else ClusterSettings(name, secret_file, state_dir, **tls)
 
     def _timing(self, t: _Table) -> Timing | None:
         fields = dataclasses.fields(Timing)

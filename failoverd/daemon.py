@@ -167,6 +167,26 @@ async def _reload(config: Config, supervisor: Supervisor, hooks: HookRunner, not
         notifier.ready(sdnotify.status_line(supervisor.status()))
 
 
+def _peer_tls(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """Mutual TLS for the supervisors' RPC, or (None, None). The HMAC
+    signature stays on either way; TLS adds confidentiality and hides the
+    cluster's traffic from the network."""
+    cluster = config.cluster
+    if not cluster.tls:
+        return None, None
+    try:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=cluster.tls_ca)
+        server.minimum_version = ssl.TLSVersion.TLSv1_2
+        server.load_cert_chain(cluster.tls_cert, cluster.tls_key)
+        server.verify_mode = ssl.CERT_REQUIRED
+        client = ssl.create_default_context(cafile=cluster.tls_ca)
+        client.minimum_version = ssl.TLSVersion.TLSv1_2
+        client.load_cert_chain(cluster.tls_cert, cluster.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise StartupError(f"peer TLS ([cluster] tls_*): {error}") from None
+    return server, client
+
+
 def _api_tls(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
     try:
         return server_ssl_context(config.api), client_ssl_context(config.api)
@@ -181,6 +201,7 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
     except StateFileError as error:
         raise StartupError(str(error)) from None
     server_tls, client_tls = _api_tls(config)
+    peer_server_tls, peer_client_tls = _peer_tls(config)
     node = Node(config.spec, local.name, persisted, time.monotonic(), new_rng())
     postgres = watchdog = vip = None
     if local.postgres is not None and config.vip is not None:
@@ -206,7 +227,7 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
     others = {n.name: n.peer for n in config.nodes if n.name != local.name}
     peer_metrics = PeerMetrics()
     client = PeerClient(config.spec.name, secret, others, timeout_s=max(0.2, config.spec.timing.heartbeat_interval_s * 3),
-                        metrics=peer_metrics)
+                        metrics=peer_metrics, ssl_context=peer_client_tls)
     hooks = HookRunner(config.hooks, cluster=config.spec.name, node=local.name,
                        vip=None if config.vip is None else str(config.vip.address), log=log)
     supervisor = Supervisor(
@@ -223,7 +244,7 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
     )
     server = PeerServer(config.spec.name, secret, supervisor.on_message, member=local.name,
                         host=local.peer.host, port=local.peer.port,
-                        metrics=peer_metrics)
+                        metrics=peer_metrics, ssl_context=peer_server_tls)
     listen = bind_address(config, local)
     api = ApiServer(config, local, supervisor, host=listen.host, port=listen.port, token=token,
                     peer_metrics=peer_metrics, ssl_context=server_tls,

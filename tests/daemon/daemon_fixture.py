@@ -59,7 +59,8 @@ class RunningWitness:
         return out
 
 
-def config_text(base: Path, peer_ports: dict[str, int], api_ports: dict[str, int], extra: str = "") -> str:
+def config_text(base: Path, peer_ports: dict[str, int], api_ports: dict[str, int], extra: str = "",
+                cluster_extra: str = "") -> str:
     nodes = []
     for name in ("db1", "db2"):
         nodes.append(f'''
@@ -81,6 +82,7 @@ api = "127.0.0.1:{api_ports["w1"]}"
 name = "fuzz"
 secret_file = "{base}/secret"
 state_dir = "{base}/state"
+{cluster_extra}
 
 [api]
 listen = "127.0.0.1:{api_ports["w1"]}"
@@ -91,7 +93,8 @@ format = "json"
 ''' + extra + "".join(nodes)
 
 
-def start_witness(base: Path, *, extra_config: str = "", env: dict[str, str] | None = None) -> RunningWitness:
+def start_witness(base: Path, *, extra_config: str = "", cluster_extra: str = "",
+                  env: dict[str, str] | None = None) -> RunningWitness:
     secret = secrets.token_hex(32).encode()
     token = secrets.token_hex(32).encode()
     for name, value in (("secret", secret), ("token", token)):
@@ -101,7 +104,7 @@ def start_witness(base: Path, *, extra_config: str = "", env: dict[str, str] | N
     peer_ports = {n: free_port() for n in ("db1", "db2", "w1")}
     api_ports = {n: free_port() for n in ("db1", "db2", "w1")}
     config = base / "failoverd.toml"
-    config.write_text(config_text(base, peer_ports, api_ports, extra_config))
+    config.write_text(config_text(base, peer_ports, api_ports, extra_config, cluster_extra))
     stderr_path = base / "stderr.log"
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(

@@ -586,3 +586,22 @@ def test_api_problem_names_its_key_path(mutate: Mutation, expected: str) -> None
     problems = problems_of(doc)
     assert len(problems) == 1, problems
     assert problems[0].startswith(expected), problems
+
+
+# --- peer TLS ---
+
+
+@pytest.mark.parametrize("keys", [("tls_cert",), ("tls_cert", "tls_key"), ("tls_ca",)])
+def test_peer_tls_keys_go_together(keys):
+    doc = base()
+    doc["cluster"].update({k: f"/etc/failoverd/{k}.pem" for k in keys})
+    with pytest.raises(ConfigError) as caught:
+        parse(doc)
+    assert any("go together" in p for p in caught.value.problems)
+
+
+def test_peer_tls_keys_load():
+    doc = base()
+    doc["cluster"].update({k: f"/etc/failoverd/{k}.pem" for k in ("tls_cert", "tls_key", "tls_ca")})
+    config = parse(doc)
+    assert config.cluster.tls and str(config.cluster.tls_ca) == "/etc/failoverd/tls_ca.pem"
