@@ -13,6 +13,9 @@ from failoverd.config import Config, ConfigError, load_config
 from failoverd.core.spec import ClusterSpec, ReplicationMode, Timing
 
 
+EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus= stops restarts on it
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="failoverd")
 def failoverd_main() -> None:
@@ -48,14 +51,15 @@ def run(ctx: click.Context, config_file: Path, node: str | None) -> None:
     """Run the supervisor: health checks, elections, promotion and fencing.
 
     Stops in order on SIGTERM or SIGINT: a leader hands over (fencing its
-    PostgreSQL) before the process exits. Exits 1 with a one-line reason
-    when the member cannot start safely.
+    PostgreSQL) before the process exits. Exits 78 (EX_CONFIG) when the
+    configuration file is invalid, 1 with a one-line reason when the member
+    cannot start safely. SIGHUP reloads the file (see docs/operations.md).
     """
     import asyncio
 
     from failoverd.daemon import StartupError, configure_logging, run_daemon
 
-    config = load_config_or_exit(config_file, node)
+    config = load_config_or_exit(config_file, node, exit_code=EX_CONFIG)
     configure_logging(config)
     try:
         asyncio.run(run_daemon(config))

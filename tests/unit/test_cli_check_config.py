@@ -130,3 +130,15 @@ def test_python_dash_m() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "cluster      main" in result.stdout
+
+
+def test_run_exits_78_on_an_invalid_config(tmp_path) -> None:
+    """EX_CONFIG, so that systemd's RestartPreventExitStatus=78 stops retrying a broken file."""
+    from click.testing import CliRunner
+
+    from failoverd.cli import failoverd_main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cluster]\nname = 'x'\n")
+    result = CliRunner().invoke(failoverd_main, ["run", "--config", str(bad)])
+    assert result.exit_code == 78
