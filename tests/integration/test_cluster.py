@@ -157,7 +157,9 @@ def _ts(event: dict) -> float:
 
 
 def _host_down(cluster: LocalCluster, name: str) -> None:
-    """The whole host dies: its supervisor and its postmaster, by PID."""
+    """The whole host dies: its supervisor and its postmaster, by PID.
+    Blocking (it waits for the process): run it in a thread, so the writer
+    and the two-primaries sampler on the event loop keep their pace."""
     pid = cluster.postmaster_pid(name)
     cluster.signal_supervisor(name, signal.SIGKILL)
     cluster.supervisors[name].proc.wait(10)
@@ -183,7 +185,7 @@ async def test_one_standby_down_writes_continue_without_failover(make_cluster):
     cluster = make_cluster()
     primary, writer, sampler = await _started(cluster)
     standby = next(n for n in cluster.data_names if n != primary)
-    _host_down(cluster, standby)
+    await asyncio.to_thread(_host_down, cluster, standby)
     final = await _finish(cluster, writer, sampler)
     assert final == primary
 
@@ -193,7 +195,7 @@ async def test_both_standbys_down_primary_fences_itself_and_nothing_is_lost(make
     primary, writer, sampler = await _started(cluster)
     standbys = [n for n in cluster.data_names if n != primary]
     for name in standbys:
-        _host_down(cluster, name)
+        await asyncio.to_thread(_host_down, cluster, name)
     # docs/design.md §7: without a majority the leader cannot hold its lease,
     # so it fences itself rather than stay a primary nobody can vouch for.
     # (Right after the fence it restarts as a standby: "no longer primary" is the check.)
