@@ -69,3 +69,17 @@ def live_postmaster_pid(data_dir: Path) -> int | None:
     if pid is None or not process_alive(pid) or not runs_in(pid, data_dir):
         return None
     return pid
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether `pid` is stopped by a signal (SIGSTOP, SIGTSTP) or a tracer:
+    state T or t in /proc/<pid>/stat. False when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # The command name (field 2) may hold spaces and parentheses: the state
+    # is the first field after its last closing parenthesis.
+    fields = stat[stat.rfind(b")") + 1:].split()
+    return bool(fields) and fields[0] in (b"T", b"t")

@@ -1,0 +1,30 @@
+"""/proc helpers used by the probe and the watchdog, on real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from failoverd import procs
+
+
+def test_is_stopped_follows_sigstop_and_sigcont():
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not procs.is_stopped(child.pid)
+        os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not procs.is_stopped(child.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while procs.is_stopped(child.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        child.kill()
+        child.wait()
+    assert not procs.is_stopped(child.pid)  # gone
