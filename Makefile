@@ -39,16 +39,18 @@ postgres-server:
 	sed -i 's/^#*\s*create_main_cluster.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf && \
 	apt-get install -y -qq postgresql >/dev/null
 
-# The VIP and its tests use ip (iproute2), arping, ping and sysctl.
+# The VIP and its tests use ip (iproute2), arping, ping and sysctl; the
+# end-to-end lab (tests/e2e) also nft (nftables) and tc (iproute2).
 net-tools:
 	@missing=""; \
-	for c in ip:iproute2 arping:iputils-arping ping:iputils-ping sysctl:procps; do \
+	for c in ip:iproute2 arping:iputils-arping ping:iputils-ping sysctl:procps nft:nftables tc:iproute2; do \
 		command -v $${c%%:*} >/dev/null || [ -x /usr/sbin/$${c%%:*} ] || [ -x /sbin/$${c%%:*} ] || missing="$$missing $${c##*:}"; \
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
-		echo "missing$$missing: VIP tests will be skipped"; exit 0; fi; \
-	echo "installing$$missing"; \
+		echo "missing$$missing: VIP and e2e tests will be skipped"; exit 0; fi; \
+	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	echo "installing $$missing"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null
 
 # pytest exits 5 when it collected no tests; that must fail the build, and it
@@ -56,9 +58,22 @@ net-tools:
 test: $(STAMP) postgres-server net-tools
 	$(PY) -m pytest
 
-# Failover time on real PostgreSQL (root, or run as the postgres user).
+.PHONY: bench demo
+
+# The fault matrix of the namespace lab (tests/e2e), 5 rounds, the stability
+# profile and the idle cost of a supervisor; as root (needs ip netns). Without
+# namespaces it falls back to the loopback benchmark. About 12 minutes.
+bench: $(STAMP) postgres-server net-tools
+	$(PY) bench/failover.py --mode auto --runs 5 --json bench/results/e2e.json
+
+# Failover time on loopback only (no namespaces, no VIP): postmaster SIGKILL.
 bench-failover: $(STAMP) postgres-server
-	$(PY) bench/failover.py --runs 5 --json bench/results/failover.json
+	$(PY) bench/failover.py --mode loopback --runs 5 --json bench/results/failover.json
+
+# A three-node cluster with a VIP in network namespaces, one failover with its
+# timeline, then everything removed (loopback and a multi-host DSN without root).
+demo: $(STAMP) postgres-server net-tools
+	$(PY) bench/demo.py
 
 simulate: $(STAMP)
 	$(VENV)/bin/failoverd simulate --seeds 1000

@@ -46,6 +46,14 @@ from failoverd.supervisor import Supervisor, new_rng
 from failoverd.watchdog import WatchdogError, WatchdogHandle
 
 
+def _peer_timeout_s(config: Config) -> float:
+    """How long one peer message may take. A timeout closes the connection,
+    so it must sit well above a slow network's round trip; an answer later
+    than the lease is useless anyway."""
+    timing = config.spec.timing
+    return max(0.3, timing.lease_s, 3 * timing.heartbeat_interval_s)
+
+
 def _ticking(supervisor: Supervisor, interval_s: float | None) -> bool:
     """Healthy for systemd's watchdog: no loop died and the ticker ran lately
     (a ticker stuck on the lock stops the pings too)."""
@@ -217,7 +225,7 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
     if local.postgres is not None:
         from failoverd.postgres import PostgresAdapter
 
-        postgres = PostgresAdapter(config, local, secret)
+        postgres = PostgresAdapter(config, local, secret, keep_probe_connection=True)
         watchdog = WatchdogHandle(local.postgres.data_dir, local.postgres.bin_dir,
                                   vip_release_command=None if vip is None else vip.release_command())
         try:
@@ -226,7 +234,7 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
             raise StartupError(f"fencing watchdog: {error}") from None
     others = {n.name: n.peer for n in config.nodes if n.name != local.name}
     peer_metrics = PeerMetrics()
-    client = PeerClient(config.spec.name, secret, others, timeout_s=max(0.2, config.spec.timing.heartbeat_interval_s * 3),
+    client = PeerClient(config.spec.name, secret, others, timeout_s=_peer_timeout_s(config),
                         metrics=peer_metrics, ssl_context=peer_client_tls)
     hooks = HookRunner(config.hooks, cluster=config.spec.name, node=local.name,
                        vip=None if config.vip is None else str(config.vip.address), log=log)
@@ -302,6 +310,8 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
             await watchdog.close()
         if vip is not None:
             await vip.close()
+        if postgres is not None:
+            postgres.close()
         await hooks.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -10,6 +10,14 @@ that must stay secret (passwords) never go on a command line: pass them in
 Every child runs in a session of its own, so a timeout or a cancellation can
 kill it together with everything it started (`os.killpg`), and a terminal's
 Ctrl-C does not reach it.
+
+Capabilities. A daemon running as the PostgreSQL user gets CAP_NET_ADMIN and
+CAP_NET_RAW from systemd as *ambient* capabilities (AmbientCapabilities=),
+which every child would inherit. Children get none of them unless the caller
+names them in `keep_caps`: the VIP's `ip addr` and `arping` keep exactly those
+two, while PostgreSQL's programs (and whatever its superusers run from the
+server) get nothing. Dropping is done by `setpriv --inh-caps --ambient-caps`
+in front of the program, and only when we hold something to drop.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import dataclasses
 import os
 import pwd
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 SETPRIV = "/usr/bin/setpriv"
@@ -28,6 +36,18 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 OUTPUT_LIMIT_BYTES = 1 << 20  # per stream; a runaway child must not fill our memory
 STDERR_TAIL_CHARS = 2000
 _REAP_TIMEOUT_S = 5.0
+
+# Linux capability numbers (linux/capability.h), by setpriv's names.
+CAPABILITY_BITS = {
+    name: bit for bit, name in enumerate((
+        "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
+        "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
+        "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
+        "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod",
+        "lease", "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog",
+        "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore",
+    ))
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,34 +93,64 @@ class OsUser:
         return cls(name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell or "/bin/sh")
 
 
-def command_for(argv: Sequence[str], user: str | None) -> tuple[list[str], dict[str, str]]:
+def command_for(
+    argv: Sequence[str], user: str | None, keep_caps: Collection[str] = ()
+) -> tuple[list[str], dict[str, str]]:
     """The argv to execute and the base environment for running `argv` as `user`.
 
-    Capabilities never pass to the child: a uid change from root clears them,
-    and when we keep our uid but hold ambient capabilities (the VIP's
-    CAP_NET_ADMIN, granted by the systemd unit) they are dropped explicitly,
-    so that PostgreSQL, and whatever its superusers run, has none of them."""
+    Capabilities never pass to a child run as another user: a uid change from
+    root clears them. When we keep our uid, the child inherits our ambient
+    capabilities, so all of them are dropped except those named in
+    `keep_caps` (lower-case names without "cap_", e.g. "net_admin"), which
+    stay ambient if we hold them ambient; naming one we do not hold grants
+    nothing."""
     if not argv:
         raise ValueError("empty command")
+    keep_mask = capability_mask(keep_caps)
     who = None if user is None else OsUser.lookup(user)
     if who is None or who.uid == os.geteuid():
-        prefix = [SETPRIV, "--ambient-caps=-all", "--inh-caps=-all", "--"] if _holds_ambient_caps() else []
-        return prefix + list(argv), _base_env(who)
+        return _cap_prefix(keep_mask) + list(argv), _base_env(who)
+    if keep_mask:
+        raise ValueError(f"keep_caps only applies to programs run as ourselves, not as {user!r}")
     if os.geteuid() != 0:
         raise PermissionError(f"running as uid {os.geteuid()}, cannot run programs as {user!r}")
     prefix = [SETPRIV, f"--reuid={who.uid}", f"--regid={who.gid}", "--init-groups", "--"]
     return prefix + list(argv), _base_env(who)
 
 
-def _holds_ambient_caps() -> bool:
+def capability_mask(names: Collection[str]) -> int:
+    mask = 0
+    for name in names:
+        bit = CAPABILITY_BITS.get(name)
+        if bit is None:
+            raise ValueError(f"unknown capability {name!r} (write e.g. 'net_admin')")
+        mask |= 1 << bit
+    return mask
+
+
+def own_capabilities() -> dict[str, int]:
+    """Our capability sets from /proc/self/status: {"CapInh": mask, "CapAmb": mask, ...}."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
-        return False
-    for line in status.splitlines():
-        if line.startswith("CapAmb:"):
-            return int(line.split()[1], 16) != 0
-    return False
+        return {}
+    return {key: int(value, 16) for key, _, value in
+            (line.partition(":\t") for line in status.splitlines() if line.startswith("Cap"))}
+
+
+def _cap_prefix(keep_mask: int) -> list[str]:
+    """setpriv arguments that leave the child exactly `keep_mask` (within what
+    we hold ambient) as ambient and inheritable capabilities, or nothing when
+    the child would get exactly that anyway."""
+    caps = own_capabilities()
+    ambient = caps.get("CapAmb", 0)
+    keep = keep_mask & ambient
+    # Extra inheritable bits matter too: a program with file-inheritable
+    # capabilities would gain them.
+    if (ambient | caps.get("CapInh", 0)) & ~keep == 0:
+        return []
+    names = "".join(f",+{name}" for name, bit in CAPABILITY_BITS.items() if keep >> bit & 1)
+    return [SETPRIV, f"--inh-caps=-all{names}", f"--ambient-caps=-all{names}", "--"]
 
 
 def _base_env(who: OsUser | None) -> dict[str, str]:
@@ -123,14 +173,23 @@ async def run(
     cwd: str | os.PathLike[str] | None = None,
     stdin: bytes | None = None,
     check: bool = True,
+    keep_caps: Collection[str] = (),
+    interrupt_after_s: float | None = None,
 ) -> Completed:
     """Run `argv` (as `user`, or as ourselves when None) and wait at most
     `timeout_s`. Raises CommandFailed on a non-zero exit when `check`, and
     always on a timeout; the child's whole process group is killed then, and
-    also when the caller is cancelled."""
+    also when the caller is cancelled.
+
+    `keep_caps`: see `command_for`. `interrupt_after_s`: send the child (the
+    program itself: `setpriv` and `ip netns exec` exec it in place) SIGINT
+    after that long and keep waiting for it to report and exit, for programs
+    such as `arping` that only take whole seconds but summarise on SIGINT."""
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, not {timeout_s!r}")
-    full_argv, full_env = command_for(argv, user)
+    if interrupt_after_s is not None and not 0 < interrupt_after_s < timeout_s:
+        raise ValueError(f"interrupt_after_s must be within 0..timeout_s, not {interrupt_after_s!r}")
+    full_argv, full_env = command_for(argv, user, keep_caps)
     full_env.update(env or {})
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -144,6 +203,9 @@ async def run(
         )
     except OSError as error:
         raise CommandFailed(argv, None, str(error)) from error
+    interrupter = None
+    if interrupt_after_s is not None:
+        interrupter = asyncio.get_running_loop().call_later(interrupt_after_s, _interrupt, proc)
     try:
         async with asyncio.timeout(timeout_s):
             out, err = await _communicate(proc, stdin)
@@ -153,6 +215,9 @@ async def run(
     except BaseException:  # cancelled: the child must not outlive the request
         await _kill_group(proc)
         raise
+    finally:
+        if interrupter is not None:
+            interrupter.cancel()
     stdout = out.decode("utf-8", "replace")
     stderr = err.decode("utf-8", "replace")
     returncode = proc.returncode if proc.returncode is not None else -1
@@ -182,6 +247,12 @@ async def _read_limited(stream: asyncio.StreamReader | None) -> bytes:
         if len(data) > OUTPUT_LIMIT_BYTES:
             del data[: len(data) - OUTPUT_LIMIT_BYTES]
     return bytes(data)
+
+
+def _interrupt(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
 
 
 async def _kill_group(proc: asyncio.subprocess.Process) -> None:

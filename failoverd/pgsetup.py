@@ -229,7 +229,10 @@ def node_conf_text(
     primary_slot_name: str,
 ) -> str:
     settings = {
-        "listen_addresses": conf_string(host),
+        # Every address, not just the member's own: clients reach the
+        # primary through the VIP, which comes and goes with leadership.
+        # pg_hba.conf decides who may connect.
+        "listen_addresses": conf_string("*"),
         "port": str(port),
         "unix_socket_directories": conf_string(str(socket_dir)),
         "unix_socket_permissions": "0700",  # the socket is trusted (local trust): only its owner may use it

@@ -6,22 +6,36 @@ only after PostgreSQL has been seen out of recovery while the lease is valid,
 and `release()` before or with fencing/demotion; the watchdog runs
 `release_command()` itself when it fences.
 
-Before adding the address, `acquire()` runs duplicate address detection
+`acquire()` returns at once and takes the address in a background task. The
+supervisor awaits its actions inside its event loop's critical section, and
+the new primary's heartbeats (which tell the standbys to stream from it, and
+so let its first commit be acknowledged) must not wait for duplicate address
+detection; the VIP comes up in parallel with that instead of before it.
+`release()` cancels an acquisition still in progress and then removes the
+address if it is there, so the order "release before fencing" still holds.
+Failures of a background acquisition are logged (`vip_acquire_failed`) and
+returned by `wait_acquired()`.
+
+Before adding the address, the acquisition runs duplicate address detection
 (`arping -D`): if another host answers ARP for it (an old primary that was
 not fenced, a misconfiguration), it refuses with VipError rather than create
-a split brain on the client network. The announcement (`arping -U`, spaced
-unsolicited ARP requests that overwrite neighbours' stale ARP entries) runs in
-the background, so `acquire()` returns as soon as the address is on the
-interface; `release()` cancels an announcement still in flight.
+a split brain on the client network. Detection is short because it sits on
+the failover path: `dad_probes` probes `dad_interval_s` apart, all answers
+awaited until `dad_window_s` after the first (arping only counts whole
+seconds, so each probe is interrupted at the end of the window, which makes
+it print its summary). On a LAN an owner answers within milliseconds. The
+announcement (`arping -U`, spaced unsolicited ARP requests that overwrite
+neighbours' stale ARP entries) follows the addition, also in the background.
 
 Programs: `ip` (iproute2) and `arping` (iputils-arping), found on PATH or in
 the sbin directories; `apt-get install iproute2 iputils-arping`. Privileges:
-`ip addr add/del` needs CAP_NET_ADMIN and `arping` needs CAP_NET_RAW
-(Debian installs arping with that file capability); nothing else. Note that
-`oscmd.run` drops ambient capabilities from its children, so a non-root
-daemon holding only ambient CAP_NET_ADMIN/CAP_NET_RAW cannot run `ip addr`
-through it; as root it works. With `netns` set, every command is prefixed
-with `ip netns exec NAME` (test labs), which also needs CAP_SYS_ADMIN.
+`ip addr add/del` needs CAP_NET_ADMIN and `arping` needs CAP_NET_RAW; nothing
+else. A daemon running as the PostgreSQL user gets both as ambient
+capabilities (systemd: AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW); these
+commands run with exactly those two kept (`oscmd.run(keep_caps=...)`), while
+every PostgreSQL program gets none. As root they simply run as root. With
+`netns` set, every command is prefixed with `ip netns exec NAME` (test labs),
+which also needs CAP_SYS_ADMIN.
 """
 
 from __future__ import annotations
@@ -32,6 +46,8 @@ import itertools
 import os
 import re
 import shutil
+import signal
+import time
 from typing import Any
 
 import structlog
@@ -40,8 +56,10 @@ from failoverd import oscmd
 from failoverd.config import VipConfig
 
 INSTALL_HINT = "apt-get install iproute2 iputils-arping"
+# What the VIP's commands need, and all they keep of our capabilities.
+VIP_CAPABILITIES = ("net_admin", "net_raw")
 IP_TIMEOUT_S = 5.0
-# `arping -D -w 1` gives up after one second; the margin covers a slow start.
+# A probe is interrupted at the end of its window; this bounds a hung one.
 DAD_TIMEOUT_S = 5.0
 # One `arping -U -c 1` sends at once, then idles for its 1 s interval.
 ANNOUNCE_TIMEOUT_S = 5.0
@@ -74,11 +92,22 @@ class VirtualIp:
         log: Any = None,
         arp_count: int = 3,
         arp_interval_s: float = 0.2,
+        dad_probes: int = 2,
+        dad_interval_s: float = 0.05,
+        dad_window_s: float = 0.2,
     ) -> None:
         if arp_count < 0:
             raise ValueError(f"arp_count must be >= 0, not {arp_count!r}")
         if not arp_interval_s >= 0:
             raise ValueError(f"arp_interval_s must be >= 0, not {arp_interval_s!r}")
+        if dad_probes < 1 or not dad_interval_s >= 0:
+            raise ValueError(f"need dad_probes >= 1 and dad_interval_s >= 0, not {dad_probes!r}, {dad_interval_s!r}")
+        # Every probe, the last one too, must get some time to hear an answer.
+        if not (dad_probes - 1) * dad_interval_s < dad_window_s < 1.0:
+            raise ValueError(f"dad_window_s must exceed the last probe's start and be under 1 s, not {dad_window_s!r}")
+        self.dad_probes = dad_probes
+        self.dad_interval_s = dad_interval_s
+        self.dad_window_s = dad_window_s
         self.config = config
         self.netns = netns
         self.log = log or structlog.get_logger("failoverd")
@@ -89,7 +118,9 @@ class VirtualIp:
         self._ip = _find("ip")
         self._arping = _find("arping")
         self._lock = asyncio.Lock()
+        self._acquiring: asyncio.Task[None] | None = None
         self._announcing: asyncio.Task[None] | None = None
+        self.acquire_error: str | None = None  # why the last acquisition failed, if it did
 
     # ------------------------------------------------------------ addresses
 
@@ -110,9 +141,10 @@ class VirtualIp:
         --vip-release-command (it runs it without this process)."""
         return self._argv(self._ip, "addr", "del", self.config.address.with_prefixlen, "dev", self.interface)
 
-    async def _run(self, argv: list[str], timeout_s: float) -> oscmd.Completed:
+    async def _run(self, argv: list[str], timeout_s: float, interrupt_after_s: float | None = None) -> oscmd.Completed:
         try:
-            return await oscmd.run(argv, user=None, timeout_s=timeout_s, check=False)
+            return await oscmd.run(argv, user=None, timeout_s=timeout_s, check=False, keep_caps=VIP_CAPABILITIES,
+                                   interrupt_after_s=interrupt_after_s)
         except oscmd.CommandFailed as error:  # could not start, or timed out
             raise VipError(f"{self._describe()}: {error}") from error
 
@@ -144,11 +176,31 @@ class VirtualIp:
 
     async def answered_elsewhere(self) -> bool:
         """Duplicate address detection: whether some other host answers ARP
-        for the address on the interface's link (about 1 s when nobody does)."""
-        done = await self._run(
-            self._argv(self._arping, "-D", "-c", "2", "-w", "1", "-I", self.interface, self.address), DAD_TIMEOUT_S
-        )
+        for the address on the interface's link (`dad_window_s` when nobody does)."""
+        # -w 1: arping's own deadline, should the interrupt be missed.
+        argv = self._argv(self._arping, "-D", "-c", "1", "-w", "1", "-I", self.interface, self.address)
+
+        async def probe(delay_s: float) -> bool:
+            await asyncio.sleep(delay_s)
+            done = await self._run(argv, DAD_TIMEOUT_S, interrupt_after_s=self.dad_window_s - delay_s)
+            return self._dad_answered(done)
+
+        probes = [asyncio.create_task(probe(i * self.dad_interval_s)) for i in range(self.dad_probes)]
+        try:
+            for finished in asyncio.as_completed(probes):
+                if await finished:
+                    return True
+            return False
+        finally:
+            for task in probes:
+                task.cancel()  # a no-op for those done; kills a running arping otherwise (oscmd)
+            await asyncio.gather(*probes, return_exceptions=True)
+
+    def _dad_answered(self, done: oscmd.Completed) -> bool:
         if done.returncode == 0:
+            return False
+        # Interrupted before arping set up its handler: it heard nothing.
+        if done.returncode == -signal.SIGINT:
             return False
         # Exit status 1 also means a usage error: only trust it with a reply.
         received = _RECEIVED.search(done.stdout)
@@ -160,25 +212,59 @@ class VirtualIp:
     # -------------------------------------------------------------- actions
 
     async def acquire(self) -> None:
-        """Add the address unless held, refusing when another host answers
-        for it, then announce it in the background. Idempotent."""
-        async with self._lock:
-            already = await self.held()
-            if not already:
-                if await self.answered_elsewhere():
-                    raise VipError(f"{self._describe()}: refusing to acquire, another host answers for {self.address}")
-                argv = self._argv(self._ip, "addr", "add", self.config.address.with_prefixlen, "dev", self.interface)
-                done = await self._run(argv, IP_TIMEOUT_S)
-                # "File exists": added meanwhile by someone else; that is held too.
-                if done.returncode != 0 and not await self.held():
-                    raise VipError(f"{self._describe()}: ip addr add failed: {(done.stderr or done.stdout).strip()[-300:]}")
-            await self._stop_announcing()
-            if self.arp_count:
-                self._announcing = asyncio.create_task(self._announce(), name=f"vip-announce-{self.address}")
-            self.log.info("vip_acquired", address=self.address, interface=self.interface, already_held=already)
+        """Start taking the address (see the module's docstring) and return at
+        once. Idempotent: an acquisition in progress goes on; a held address
+        is announced again."""
+        # No await, so no lock: taking it would wait for a running detection.
+        if self._acquiring is None or self._acquiring.done():
+            self.acquire_error = None
+            self._acquiring = asyncio.create_task(self._acquire_reported(), name=f"vip-acquire-{self.address}")
+
+    async def wait_acquired(self) -> None:
+        """Wait for the acquisition started by the last acquire(); VipError if
+        it failed (it was logged already)."""
+        task = self._acquiring
+        if task is not None:
+            await asyncio.wait([task])  # neither cancels it nor raises its cancellation
+        if self.acquire_error is not None:
+            raise VipError(self.acquire_error)
+
+    async def _acquire_reported(self) -> None:
+        started = time.monotonic()
+        try:
+            async with self._lock:
+                already = await self._add()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - reported here: nobody awaits this task
+            self.acquire_error = str(error)
+            self.log.error("vip_acquire_failed", address=self.address, interface=self.interface,
+                           error=self.acquire_error[:300])
+            return
+        self.log.info("vip_address_added", address=self.address, interface=self.interface, already_held=already,
+                      seconds=round(time.monotonic() - started, 3))
+
+    async def _add(self) -> bool:
+        """Add the address unless held, refusing when another host answers for
+        it, then start announcing it. Returns whether it was held already."""
+        already = await self.held()
+        if not already:
+            if await self.answered_elsewhere():
+                raise VipError(f"{self._describe()}: refusing to acquire, another host answers for {self.address}")
+            argv = self._argv(self._ip, "addr", "add", self.config.address.with_prefixlen, "dev", self.interface)
+            done = await self._run(argv, IP_TIMEOUT_S)
+            # "File exists": added meanwhile by someone else; that is held too.
+            if done.returncode != 0 and not await self.held():
+                raise VipError(f"{self._describe()}: ip addr add failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        await self._stop_announcing()
+        if self.arp_count:
+            self._announcing = asyncio.create_task(self._announce(), name=f"vip-announce-{self.address}")
+        return already
 
     async def release(self) -> None:
-        """Remove the address if held (any prefix length). Idempotent."""
+        """Stop an acquisition in progress, then remove the address if held
+        (any prefix length). Idempotent."""
+        await self._stop_acquiring()
         async with self._lock:
             await self._stop_announcing()
             prefixes = await self._prefixes()
@@ -187,18 +273,30 @@ class VirtualIp:
                 done = await self._run(argv, IP_TIMEOUT_S)
                 if done.returncode != 0 and prefix in await self._prefixes():
                     raise VipError(f"{self._describe()}: ip addr del failed: {(done.stderr or done.stdout).strip()[-300:]}")
-            self.log.info("vip_released", address=self.address, interface=self.interface, was_held=bool(prefixes))
+            self.log.info("vip_address_removed", address=self.address, interface=self.interface, was_held=bool(prefixes))
 
     async def wait_announced(self) -> None:
-        """Wait for the announcement started by the last acquire(), if any."""
+        """Wait for the acquisition and the announcement it started, if any."""
+        task = self._acquiring
+        if task is not None:
+            await asyncio.wait([task])
         task = self._announcing
         if task is not None:
             await asyncio.wait([task])  # neither cancels it nor raises its cancellation
 
     async def close(self) -> None:
-        """Stop a pending announcement (daemon shutdown); the address stays."""
+        """Stop a pending acquisition or announcement (daemon shutdown); an
+        address already added stays."""
+        await self._stop_acquiring()
         async with self._lock:
             await self._stop_announcing()
+
+    async def _stop_acquiring(self) -> None:
+        task, self._acquiring = self._acquiring, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # --------------------------------------------------------- announcement
 

@@ -58,12 +58,20 @@ def unsupported_reason(programs: Sequence[str] = ("ip", "arping", "ping")) -> st
 
 
 class Lab:
-    def __init__(self, hosts: int = 2, *, subnet: int = 7, prefix_len: int = 24) -> None:
-        if not 1 <= hosts <= 250:
-            raise ValueError("1..250 hosts")
+    """`hosts`: a count (hosts h1..hN) or the host names; host number n (from
+    1, in this order) gets the address .n of the subnet and bridge port pN."""
+
+    def __init__(self, hosts: int | Sequence[str] = 2, *, subnet: int = 7, prefix_len: int = 24) -> None:
+        names = [f"h{n}" for n in range(1, hosts + 1)] if isinstance(hosts, int) else list(hosts)
+        if not 1 <= len(names) <= 250 or len(set(names)) != len(names):
+            raise ValueError("1..250 hosts with distinct names")
+        if not all(re.fullmatch(r"[a-z][a-z0-9]{0,7}", n) for n in names):
+            raise ValueError(f"host names are 1-8 lower-case letters and digits: {names!r}")
+        if not 0 <= subnet <= 255:
+            raise ValueError(f"subnet {subnet!r} is not within 0..255 (198.18.<subnet>.0)")
         self.tag = f"fo-{secrets.token_hex(3)}"
         self.bridge_ns = f"{self.tag}-br"
-        self.hosts = [f"h{n}" for n in range(1, hosts + 1)]
+        self.hosts = names
         self.network = ipaddress.IPv4Network(f"198.18.{subnet}.0/{prefix_len}")
         assert self.network.subnet_of(BENCHMARK_NET)
         self.interface = "eth0"  # in every host namespace
@@ -73,6 +81,10 @@ class Lab:
     def ns(self, host: str) -> str:
         return f"{self.tag}-{host}"
 
+    def port(self, host: str) -> str:
+        """The bridge's end of `host`'s link (in the bridge namespace)."""
+        return f"p{self.hosts.index(host) + 1}"
+
     def address(self, host: str) -> ipaddress.IPv4Interface:
         n = self.hosts.index(host) + 1
         return ipaddress.IPv4Interface(f"{self.network.network_address + n}/{self.network.prefixlen}")
@@ -81,6 +93,14 @@ class Lab:
         return ipaddress.IPv4Interface(f"{self.network.network_address + last_octet}/{self.network.prefixlen}")
 
     # ------------------------------------------------------------- building
+
+    def exec_prefix(self, host: str) -> list[str]:
+        """The argv prefix that runs a program inside `host`'s namespace."""
+        return [self._ip, "netns", "exec", self.ns(host)]
+
+    def ip(self, *argv: str) -> str:
+        """Run `ip ARGV` (from the root namespace: use `-n NAMESPACE`)."""
+        return self._sh(*argv)
 
     def _sh(self, *argv: str) -> str:
         try:
@@ -157,7 +177,7 @@ class Lab:
 
 
 @contextlib.contextmanager
-def lab(hosts: int = 2, **kwargs: int) -> Iterator[Lab]:
+def lab(hosts: int | Sequence[str] = 2, **kwargs: int) -> Iterator[Lab]:
     built = Lab(hosts, **kwargs).build()
     try:
         yield built

@@ -1,0 +1,125 @@
+"""End to end: three `failoverd run` supervisors with PostgreSQL in their own
+network namespaces, a real VIP, and a client namespace whose writers know only
+the VIP. One cluster serves the whole module; every fault is healed and the
+cluster checked whole again before the next.
+
+After every run: no acknowledged write missing on the final primary, no two
+servers out of recovery at a sampled instant (every 50 ms), the VIP never on
+two hosts (every change reported by the kernel), and the expected outcome:
+a new primary for faults of the primary, the same primary and term for the
+others. The stability profile (netem delay and loss on every link) must cause
+no leadership change, no fence and no failover.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from checker import VipMonitor
+from lab import DATA, E2ELab, lab_dir
+from pg_helpers import find_bin_dir
+from scenarios import FAULTS, REPORT, Profile, RunResult, run_fault, run_stability, start_run
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
+
+STABILITY_S = float(os.environ.get("FAILOVERD_E2E_STABILITY_S", "75"))
+FAILOVER_BOUND_S = 10.0  # liveness bound for the tests; the benchmark measures the real figure
+# Known slow (see the issue #4 report): when the leader goes deaf, the
+# standbys' WAL receivers see their connection closed, each supervisor queues a
+# Follow of the old leader, which then hangs connecting to it; the new
+# leader's Promote waits behind that Follow until promote_timeout_s (5 s)
+# makes it step down, and a second election follows: 8-12 s measured. The
+# bound here is liveness only; safety is checked as for every fault.
+SLOW_FAILOVER_BOUND_S = {"leader-deaf": 25.0}
+_ids = itertools.count(1_000_000, 1_000_000)  # each run's writers take ids from their own range
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster() -> AsyncIterator[tuple[E2ELab, VipMonitor]]:
+    bin_dir = find_bin_dir()
+    assert bin_dir is not None  # skipped otherwise (conftest)
+    with lab_dir() as base:
+        lab = E2ELab(base, bin_dir)
+        monitor = VipMonitor(lab)
+        try:
+            lab.build()
+            lab.start_all()
+            primary = await lab.wait_for("bootstrap: a primary with the VIP and two streaming standbys",
+                                         lab.healthy, 180)
+            await lab.create_writer_role(primary)
+            monitor.start()
+            yield lab, monitor
+        finally:
+            monitor.stop()
+            lab.close()
+
+
+def _record(r: RunResult) -> None:
+    REPORT.append(
+        f"{r.fault:20} {r.old_primary}->{r.new_primary} term {r.term_before}->{r.term_after} "
+        f"unavailable {r.unavailable_s} s (first write elsewhere {r.first_write_s}) acked {r.acked} lost {r.lost} "
+        f"dual pg {r.dual_primary_samples} dual vip {r.dual_vip} samples {r.samples} (max gap {r.sample_max_gap_s} s)")
+    if r.note:
+        REPORT.append(f"    {r.note}; disruptions {r.disruptions}, pre-votes {r.pre_votes}")
+    REPORT.append("    " + ", ".join(f"+{t:.2f} {node} {what}" for t, node, what in r.timeline[:25]))
+
+
+def _check_safety(r: RunResult, lab: E2ELab) -> None:
+    _record(r)
+    assert r.lost == 0 and r.dual_primary_samples == 0 and r.dual_vip == 0, (r.problems, lab.log_tails())
+    assert r.problems == [], r.problems
+    # The sampler must really have looked every 100 ms or faster.
+    assert r.samples > 50 and r.sample_max_gap_s <= 0.1 + 0.05, (r.samples, r.sample_max_gap_s)
+
+
+def _status(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return {k: v.split()[0] for k, _, v in (line.partition(":") for line in text.splitlines()) if v.strip()}
+
+
+async def test_bootstrap_vip_and_capabilities(cluster: tuple[E2ELab, VipMonitor]) -> None:
+    lab, monitor = cluster
+    primary = await lab.healthy()
+    assert primary is not None and lab.vip_holders() == [primary]
+    net_caps = f"{(1 << 12) | (1 << 13):016x}"
+    for name in DATA:
+        sup = _status(lab.supervisors[name].proc.pid)
+        if lab.modes[name] == "caps":  # as systemd runs it: User=postgres, two ambient capabilities
+            assert sup["Uid"] == str(lab.owner[0]) and sup["CapAmb"] == net_caps and sup["CapEff"] == net_caps, sup
+        else:
+            assert sup["Uid"] == "0", sup
+        # Whoever started it, PostgreSQL holds no capability at all.
+        pm = _status(lab.postmaster_pid(name))
+        assert pm["Uid"] == str(lab.owner[0]), pm
+        assert {pm[k] for k in ("CapInh", "CapPrm", "CapEff", "CapAmb")} == {f"{0:016x}"}, (name, pm)
+    # The client reaches the primary through the VIP, and only through it.
+    run, got = await start_run(lab, monitor, next(_ids))
+    await run.stop()
+    assert got == primary and {a.member for a in run.client.acks()} == {primary}
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+async def test_fault(cluster: tuple[E2ELab, VipMonitor], name: str) -> None:
+    lab, monitor = cluster
+    fault = FAULTS[name]
+    r = await run_fault(lab, monitor, fault, next(_ids))
+    _check_safety(r, lab)
+    if fault.failover:
+        assert r.new_primary != r.old_primary and r.term_after > r.term_before, r
+        assert r.first_write_s is not None and r.first_write_s < SLOW_FAILOVER_BOUND_S.get(name, FAILOVER_BOUND_S), r
+    else:
+        assert r.new_primary == r.old_primary and r.term_after == r.term_before, (r, lab.log_tails())
+        assert r.unavailable_s < FAILOVER_BOUND_S, r
+
+
+async def test_stability_profile_causes_no_failover(cluster: tuple[E2ELab, VipMonitor]) -> None:
+    lab, monitor = cluster
+    r = await run_stability(lab, monitor, next(_ids), STABILITY_S, Profile(100, 50, 2))
+    _check_safety(r, lab)
+    assert not r.failover and r.disruptions == 0, (r, lab.log_tails(8000))
+    assert r.acked > 0
