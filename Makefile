@@ -40,10 +40,13 @@ postgres-server:
 	apt-get install -y -qq postgresql >/dev/null
 
 # The VIP and its tests use ip (iproute2), arping, ping and sysctl; the
-# end-to-end lab (tests/e2e) also nft (nftables) and tc (iproute2).
+# end-to-end lab (tests/e2e) also nft (nftables) and tc (iproute2); the
+# deploy and daemon tests setpriv (util-linux), openssl and systemd-analyze
+# (the systemd package; it is not started, only its analyzer is used).
 net-tools:
 	@missing=""; \
-	for c in ip:iproute2 arping:iputils-arping ping:iputils-ping sysctl:procps nft:nftables tc:iproute2; do \
+	for c in ip:iproute2 arping:iputils-arping ping:iputils-ping sysctl:procps nft:nftables tc:iproute2 \
+	         setpriv:util-linux openssl:openssl systemd-analyze:systemd; do \
 		command -v $${c%%:*} >/dev/null || [ -x /usr/sbin/$${c%%:*} ] || [ -x /sbin/$${c%%:*} ] || missing="$$missing $${c##*:}"; \
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
