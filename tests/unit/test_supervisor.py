@@ -261,4 +261,6 @@ async def test_orderly_stop_of_a_follower_leaves_its_standby_running():
         await c.sups[follower].stop()
         assert c.pgs[follower].role is PgRole.STANDBY
         mine = [what for who, what, _ in c.journal.entries if who == follower]
-        assert "stop_immediate" not in mine and mine[-1] == "disarm"
+        # No fence, and the watchdog disarmed (work that was already running
+        # in the PostgreSQL worker may be journaled after the disarm).
+        assert "stop_immediate" not in mine and "stop_fast" not in mine and "disarm" in mine
