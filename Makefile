@@ -66,12 +66,18 @@ test: $(STAMP) postgres-server net-tools
 # The fault matrix of the namespace lab (tests/e2e), 5 rounds, the stability
 # profile and the idle cost of a supervisor; as root (needs ip netns). Without
 # namespaces it falls back to the loopback benchmark. About 12 minutes.
-bench: $(STAMP) postgres-server net-tools
+bench: $(STAMP) postgres-server net-tools bench-switchover
 	$(PY) bench/failover.py --mode auto --runs 5 --json bench/results/e2e.json
 
 # Failover time on loopback only (no namespaces, no VIP): postmaster SIGKILL.
 bench-failover: $(STAMP) postgres-server
 	$(PY) bench/failover.py --mode loopback --runs 5 --json bench/results/failover.json
+
+# Planned switchover on loopback (issue #5): the write pause a light writer sees
+# during `failoverctl switchover`, and where the time goes. About 2 minutes.
+.PHONY: bench-switchover
+bench-switchover: $(STAMP) postgres-server
+	$(PY) bench/switchover.py --runs 6 --json bench/results/switchover.json
 
 # A three-node cluster with a VIP in network namespaces, one failover with its
 # timeline, then everything removed (loopback and a multi-host DSN without root).

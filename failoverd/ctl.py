@@ -12,8 +12,9 @@ to the leader. Exit codes (docs/api.md lists them too):
     4  no member could be reached
     5  authentication failed (401/403)
 
-More commands (the failover drill, for one) are click commands using
-`CtlContext` through `pass_ctl`, added with `failoverctl_main.add_command`.
+More commands are click commands using `CtlContext` through `pass_ctl`,
+added with `failoverctl_main.add_command`. The failover drill's logic lives
+in `failoverd.drill`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from urllib.parse import quote
 
 import click
 
-from failoverd import __version__
+from failoverd import __version__, drill
 from failoverd.apiclient import Answer, ApiClient, Unreachable, api_address, client_ssl_context, load_token
 from failoverd.apiviews import iso
 from failoverd.config import Config, ConfigError, load_config
@@ -352,6 +353,39 @@ def reinit_command(ctl: CtlContext, node: str, force: bool, wait: bool, wait_tim
             if not wait:
                 return EXIT_OK
             return await _wait_reinit(ctl, client, node, wait_timeout)
+
+    run(main)
+
+
+@failoverctl_main.command("drill")
+@click.option("--to", "target", metavar="NODE", help="The new primary. Default: the best standby.")
+@click.option("--writes-per-s", type=click.FloatRange(1, 500), default=50.0, show_default=True,
+              help="Probe writes per second (one at a time).")
+@click.option("--dsn", metavar="URI", envvar="FAILOVERD_DRILL_DSN",
+              help="libpq URI of the write endpoint ($FAILOVERD_DRILL_DSN). Default: the VIP, else every member.")
+@click.option("--user", help="Database user. Default: $PGUSER, else [postgres] superuser.")
+@click.option("--dbname", help="Database. Default: [postgres] database.")
+@click.option("--force", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--wait-timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+              help="Seconds to wait for a probe write on the new primary.")
+@_json_option
+@pass_ctl
+def drill_command(ctl: CtlContext, target: str | None, writes_per_s: float, dsn: str | None, user: str | None,
+                  dbname: str | None, force: bool, wait_timeout: float, as_json: bool) -> None:
+    """Failover drill: probe writes go to a scratch table (failoverd_drill)
+    through the write endpoint while a planned switchover runs; prints the
+    timeline, the write pause and the acknowledged writes lost, and records
+    the result in the history. Exits 1 if the switchover failed or a write was lost."""
+
+    async def main() -> int:
+        try:
+            endpoint = drill.write_endpoint(ctl.config, dsn, user, dbname)
+        except ValueError as error:
+            raise CtlError(str(error), EXIT_USAGE) from None
+        result = await drill.run_drill(ctl, target=target, writes_per_s=writes_per_s, endpoint=endpoint,
+                                       timeout_s=wait_timeout, confirm=lambda q: _confirm(force, q))
+        click.echo(json.dumps(result.as_dict(), indent=2) if as_json else drill.render(result))
+        return EXIT_OK if result.ok and result.recorded else EXIT_REFUSED
 
     run(main)
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -73,11 +74,24 @@ from failoverd import pgsetup as setup
 from failoverd.config import Config, NodeConfig, PostgresNodeConfig
 from failoverd.core.state import PgObservation, PgRole, Position
 
-IMMEDIATE_STOP_S = 3  # pg_ctl's wait for an immediate stop before we SIGKILL
+IMMEDIATE_STOP_S = 3  # our wait for an immediate stop before we SIGKILL
 KILL_WAIT_S = 2.0
 RETARGET_WAIT_S = 10.0
 SYNC_APPLY_WAIT_S = 5.0
 _READY_POLL_S = 0.2
+# How often we look whether a stop, a promotion or a reload has taken effect.
+# pg_ctl stop -w and pg_promote(wait => true) look every 100 ms; on the path
+# of a switchover each such step is writes waiting, so we look ourselves.
+_FAST_POLL_S = 0.01
+# What `pg_ctl stop -m <mode>` sends to the postmaster.
+_STOP_SIGNALS = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+START_GRACE_S = 5.0  # a postmaster not running this long after pg_ctl start failed to start
+PROBE_RECONNECT_S = 1.0  # see PostgresAdapter.__init__
+# A server on the LAN answers a connection in milliseconds; one that does not
+# answer in this long is gone or cut off, and a Follow of it must not hold up
+# the PostgreSQL worker (a Promote may be queued behind it).
+UPSTREAM_CONNECT_TIMEOUT_S = 2.0
+
 _PROBE_SQL = """
 WITH r AS MATERIALIZED (SELECT pg_is_in_recovery() AS rec)
 SELECT r.rec,
@@ -96,8 +110,29 @@ _REWIND_FUNCTIONS = (
 )
 
 
+_UPSTREAM_SQL = """
+WITH r AS MATERIALIZED (SELECT pg_is_in_recovery() AS rec)
+SELECT r.rec,
+       CASE WHEN r.rec THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END AS walfile,
+       CASE WHEN r.rec THEN greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text
+            ELSE pg_current_wal_lsn()::text END AS lsn
+FROM r
+"""
+
+
 class PostgresError(Exception):
     """A PostgreSQL action cannot be carried out (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Upstream:
+    """The server to stream from, as `PostgresAdapter._upstream` found it."""
+
+    in_recovery: bool
+    timeline: int | None  # a primary's current timeline; None for a standby
+    lsn: int  # a primary's current position; a standby's received (or replayed) end
+    history: list[tuple[int, int]]  # a primary's timeline history
+    slot: str  # our slot on it; '' when it could not be made
 
 
 def socket_dir_for(config: Config, pg: PostgresNodeConfig) -> Path:
@@ -113,6 +148,7 @@ class PostgresAdapter:
         secret: bytes,
         *,
         probe_timeout_s: float | None = None,  # None: [postgres] probe_timeout_s
+        keep_probe_connection: bool = False,  # the daemon's choice; call close() then
         log: Any = None,
     ) -> None:
         if node.postgres is None:
@@ -140,6 +176,16 @@ class PostgresAdapter:
         self._scan: tuple[tuple, Position | None] | None = None
         self._scan_task: asyncio.Task[Position | None] | None = None
         self._identify_failed_logged = False
+        # One connection kept for the probes (ten a second by default): a new
+        # connection per probe costs a backend fork and most of an idle
+        # supervisor's CPU. Any error or timeout drops it. It is renewed every
+        # PROBE_RECONNECT_S, because only a new connection shows that the
+        # postmaster still accepts clients (a kept one is served by its own
+        # backend even when the postmaster hangs); a stopped postmaster
+        # (SIGSTOP) is seen at once from /proc.
+        self._probe_conn: asyncpg.Connection | None = None
+        self._probe_conn_at = 0.0
+        self._keep_probe_conn = keep_probe_connection
 
     @property
     def passfile(self) -> Path:
@@ -158,7 +204,11 @@ class PostgresAdapter:
             async with asyncio.timeout(self.probe_timeout_s):
                 return await self._probe(observed_at)
         except Exception as error:  # noqa: BLE001 - any failure is an observation, not an error
+            self._drop_probe_conn()
             self.log.debug("pg_probe_failed", error=f"{type(error).__name__}: {error}"[:300])
+        except BaseException:  # cancelled mid-query: the connection's state is unknown
+            self._drop_probe_conn()
+            raise
         try:
             if not self._has_data():
                 return PgObservation(PgRole.ABSENT, observed_at)
@@ -171,10 +221,14 @@ class PostgresAdapter:
     async def _probe(self, observed_at: float) -> PgObservation:
         if not self._has_data():
             return PgObservation(PgRole.ABSENT, observed_at)
-        if self.postmaster_pid() is None:
+        pid = self.postmaster_pid()
+        if pid is None:
+            self._drop_probe_conn()
             return PgObservation(PgRole.STOPPED, observed_at, await self._stopped_position())
-        async with self._local() as conn:
-            row = await conn.fetchrow(_PROBE_SQL)
+        if procs.is_stopped(pid):
+            self._drop_probe_conn()
+            return PgObservation(PgRole.UNRESPONSIVE, observed_at)
+        row = await self._probe_query()
         if not row["rec"]:
             position = Position(setup.timeline_of_walfile(row["walfile"]), setup.parse_lsn(row["current_lsn"]))
             return PgObservation(PgRole.PRIMARY, observed_at, position)
@@ -224,7 +278,9 @@ class PostgresAdapter:
 
     async def _stopped_position(self) -> Position | None:
         if self._lock.locked():
-            return None  # we are rewriting the directory; nothing on disk means anything yet
+            # An action may be rewriting the directory: only a scan of exactly
+            # the WAL and pg_control still there (e.g. before a restart) holds.
+            return self._cached_scan()
         fingerprint = self._fingerprint()
         if self._scan is not None and self._scan[0] == fingerprint:
             return self._scan[1]
@@ -297,6 +353,8 @@ class PostgresAdapter:
         """Make the local server a writable primary; initialise one if there is
         no data directory (the bootstrap case, docs/design.md §9)."""
         async with self._lock:
+            if self._has_data() and self.postmaster_pid() is not None and await self._promote_running():
+                return
             role = await self._role()
             if role is PgRole.ABSENT:
                 await self._bootstrap()
@@ -306,18 +364,41 @@ class PostgresAdapter:
                 role = await self._role()
             if role is PgRole.UNRESPONSIVE:
                 role = await self._wait_ready()
-            if role in (PgRole.STANDBY, PgRole.PRIMARY) and self._sync_wanted is not None:
+            if role is PgRole.PRIMARY and self._sync_wanted is not None:
                 await self._alter_system("synchronous_standby_names", self._sync_wanted)
             if role is PgRole.STANDBY:
                 wait_s = max(1, math.ceil(self.command_timeout_s))
                 async with self._local(wait_s + 5) as conn:
-                    done = await conn.fetchval("SELECT pg_promote(true, $1)", wait_s)
-                if not done:
-                    raise PostgresError(f"promotion did not finish within {wait_s} s")
+                    if self._sync_wanted is not None:
+                        await self._alter_system("synchronous_standby_names", self._sync_wanted, conn)
+                    await conn.fetchval("SELECT pg_promote(false)")
+                    if not await self._left_recovery(conn, wait_s):
+                        raise PostgresError(f"promotion did not finish within {wait_s} s")
                 self.log.info("pg_promoted")
             elif role is not PgRole.PRIMARY:
                 raise PostgresError(f"cannot promote: the server is {role.value}")
-            await self._after_promotion()
+            await self._after_promotion(checkpoint=False)
+
+    async def _promote_running(self) -> bool:
+        """promote() for a server that answers, on one connection: a new one
+        costs a backend fork, and writes wait for this. False when it does not
+        answer (promote() then waits for it)."""
+        wait_s = max(1, math.ceil(self.command_timeout_s))
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                conn = await stack.enter_async_context(self._local(wait_s + 5))
+                in_recovery = await conn.fetchval("SELECT pg_is_in_recovery()")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                return False
+            if self._sync_wanted is not None:
+                await self._alter_system("synchronous_standby_names", self._sync_wanted, conn)
+            if in_recovery:
+                await conn.fetchval("SELECT pg_promote(false)")
+                if not await self._left_recovery(conn, wait_s):
+                    raise PostgresError(f"promotion did not finish within {wait_s} s")
+                self.log.info("pg_promoted")
+            await self._after_promotion(checkpoint=False, conn=conn)
+        return True
 
     async def start_standby(self, upstream: NodeConfig | None) -> None:
         """Run as a standby of `upstream` (None: no upstream, replaying local WAL
@@ -337,16 +418,37 @@ class PostgresAdapter:
         if leader.postgres is None or leader.name == self.node.name:
             raise ValueError(f"{leader.name} cannot be followed")
         async with self._lock:
-            role = await self._role()
+            # Our position before the leader's: WAL that streams in from it
+            # while we ask must not make us look ahead of it (diverged). A
+            # running server tells its role on the same connection.
+            row = None
+            if self._has_data() and self.postmaster_pid() is not None:
+                with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                    row = await self._local_row(max(self.probe_timeout_s, 5.0))  # as _role() waits
+            role = await self._role() if row is None else PgRole.STANDBY if row["rec"] else PgRole.PRIMARY
             if role is PgRole.ABSENT:
                 await self._clone(leader)
                 await self._start(upstream=leader)
                 return
-            timeline, lsn, history = await self._leader_history(leader)
+            if role is not PgRole.STANDBY:
+                row = None
+            position = None if row is None else _receiver_position(row)
+            up = await self._upstream(leader)
+            if up.in_recovery:
+                await self._cascade(leader, role, up, row)
+                return
+            if row is not None and position is None:
+                # No WAL receiver covers it: the server tells (a subprocess,
+                # kept off the cascade above, which must be quick), and then
+                # the leader's position is read again, after ours.
+                position = await self._standby_position(row)
+                up = await self._upstream(leader)
+                if up.in_recovery:
+                    raise PostgresError(f"{leader.name} is not a primary any more")
+            timeline, lsn, history = up.timeline, up.lsn, up.history
             if role is PgRole.STANDBY:
-                position = await self._running_position()
                 if position is not None and setup.compatible(position.timeline, position.lsn, timeline, lsn, history):
-                    await self._retarget(leader)
+                    await self._retarget(leader, slot=up.slot)
                     return
                 self.log.info("pg_diverged", position=str(position), leader=leader.name)
             if role is not PgRole.STOPPED:
@@ -354,27 +456,100 @@ class PostgresAdapter:
             position = await self._wal_end_now()
             if position is None or not setup.compatible(position.timeline, position.lsn, timeline, lsn, history):
                 await self._rewind_or_reclone(leader, position)
-            await self._start(upstream=leader)
+            await self._start(upstream=leader, slot=up.slot)
+
+    async def _cascade(self, upstream: NodeConfig, role: PgRole, up: _Upstream, row: asyncpg.Record | None) -> None:
+        """Stream from `upstream` while it is still a standby: the target of a
+        planned switchover, which the core follows before its promotion (it
+        has checked that our WAL is a prefix of the target's; docs/design.md,
+        "Planned switchover"). PostgreSQL follows the upstream's promotion onto
+        the new timeline by itself. Never rewinds, restarts or clones: a
+        server whose WAL goes further than the upstream's is left alone."""
+        if role is PgRole.STOPPED:
+            position = await self._wal_end_now()
+            lsn = None if position is None else position.lsn
+        elif role is PgRole.STANDBY and row is not None:
+            # Only LSNs are compared here (the core compared timelines), so the
+            # receiver's and replay's ends do, without a subprocess.
+            ends = [setup.parse_lsn(row[k]) for k in ("flushed_lsn", "replay_lsn") if row[k] is not None]
+            lsn = max(ends, default=None)
+        else:
+            raise PostgresError(f"cannot stream from {upstream.name}, a standby: this server is {role.value}")
+        if lsn is None or lsn > up.lsn:
+            mine = "unknown" if lsn is None else setup.format_lsn(lsn)
+            raise PostgresError(f"cannot stream from {upstream.name}, a standby at {setup.format_lsn(up.lsn)}: "
+                                f"this server's WAL ends at {mine}")
+        position = setup.format_lsn(lsn)
+        self.log.info("pg_cascading", upstream=upstream.name, position=str(position))
+        if role is PgRole.STANDBY:
+            await self._retarget(upstream, slot=up.slot)
+        else:
+            await self._start(upstream=upstream, slot=up.slot)
 
     async def stop(self, mode: Literal["fast", "immediate"]) -> None:
         """Stop the server; already stopped is fine. An immediate stop that
-        pg_ctl cannot finish (a frozen postmaster) ends with SIGKILL."""
+        does not finish in time (a frozen postmaster) ends with SIGKILL.
+
+        The postmaster (checked to serve this data directory) gets the signal
+        `pg_ctl stop -m <mode>` would send, and we watch it go every 10 ms
+        rather than in pg_ctl's 100 ms steps: a planned switchover's write
+        pause starts here."""
         if mode not in ("fast", "immediate"):
             raise ValueError(f"unknown stop mode {mode!r}")
-        if self.postmaster_pid() is None:
+        pid = self.postmaster_pid()
+        if pid is None:
             return
         wait_s = IMMEDIATE_STOP_S if mode == "immediate" else max(1, math.ceil(self.command_timeout_s))
-        argv = [str(await self._bin("pg_ctl")), "stop", "-D", str(self.data_dir), "-m", mode, "-w", "-t", str(wait_s)]
         try:
-            await oscmd.run(argv, user=self.pg.os_user, timeout_s=wait_s + 5)
-        except oscmd.CommandFailed as error:
-            if self.postmaster_pid() is None:
-                return
+            os.kill(pid, _STOP_SIGNALS[mode])
+        except ProcessLookupError:
+            return
+        except PermissionError:  # not root and not the server's user: pg_ctl runs as that user
+            argv = [str(await self._bin("pg_ctl")), "stop", "-D", str(self.data_dir), "-m", mode, "-W"]
+            await oscmd.run(argv, user=self.pg.os_user, timeout_s=10, check=False)
+        if not await self._postmaster_gone(wait_s):
             if mode == "fast":
-                raise PostgresError(f"fast shutdown did not finish: {error}") from error
-            self.log.warning("pg_stop_escalated", error=str(error)[:300])
+                raise PostgresError(f"fast shutdown did not finish within {wait_s} s")
+            self.log.warning("pg_stop_escalated", error=f"immediate shutdown did not finish within {wait_s} s")
             await self._kill_postmaster()
         self.log.info("pg_stopped", mode=mode)
+
+    async def _started(self, timeout_s: float) -> bool:
+        """True once the server accepts connections (postmaster.pid says
+        "ready" or "standby", as pg_ctl -w waits for); False when `timeout_s`
+        passed first; PostgresError when no postmaster runs any more."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        appeared = False
+        while True:
+            status = _pm_status(self.data_dir)
+            if status in ("ready", "standby"):
+                return True
+            alive = self.postmaster_pid() is not None
+            appeared = appeared or alive
+            # postmaster.pid is written within moments of the start; without a
+            # live postmaster after that, the start failed (its log says why).
+            if not alive and (appeared or time.monotonic() >= started + START_GRACE_S):
+                raise PostgresError(f"PostgreSQL stopped while starting (see {self.logfile})")
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_FAST_POLL_S)
+
+    async def _postmaster_gone(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self.postmaster_pid() is not None:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_FAST_POLL_S)
+        return True
+
+    async def _left_recovery(self, conn: asyncpg.Connection, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while await conn.fetchval("SELECT pg_is_in_recovery()"):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_FAST_POLL_S)
+        return True
 
     async def configure_sync(self, sync_count: int, standbys: tuple[str, ...]) -> None:
         """synchronous_standby_names = 'ANY k (...)' ('' for k = 0). On a standby
@@ -466,13 +641,21 @@ class PostgresAdapter:
         await self._start(upstream=None, standby=False)
         await self._after_promotion()
 
-    async def _after_promotion(self) -> None:
-        async with self._local(self.command_timeout_s) as conn:
-            # Our own setup must not wait for standbys that may not exist yet.
-            await conn.execute("SET synchronous_commit = local")
-            await self._ensure_replication_role(conn)
-            # pg_rewind on the other members reads the timeline from pg_control,
-            # which a promotion only updates at its next checkpoint.
+    async def _after_promotion(self, checkpoint: bool = True, conn: asyncpg.Connection | None = None) -> None:
+        if conn is None:
+            async with self._local(self.command_timeout_s) as own:
+                await self._after_promotion(checkpoint, own)
+            return
+        # Our own setup must not wait for standbys that may not exist yet.
+        await conn.execute("SET synchronous_commit = local")
+        await self._ensure_replication_role(conn)
+        # pg_rewind on the other members reads the timeline from pg_control,
+        # which a promotion only updates at its next checkpoint. After a
+        # promotion PostgreSQL starts one itself (spread out); an immediate
+        # one here would flush everything while the first commits wait on
+        # the disk, so it is left to a member about to rewind from us to
+        # ask for one (_leader_checkpointed). A new cluster has nothing to flush.
+        if checkpoint:
             await conn.execute("CHECKPOINT")
 
     async def _ensure_replication_role(self, conn: asyncpg.Connection) -> None:
@@ -534,39 +717,49 @@ class PostgresAdapter:
         self.log.info("pg_rewind_done", leader=leader.name, seconds=round(time.monotonic() - started, 2),
                       output=(done.stdout + done.stderr).strip()[-300:])
 
-    async def _start(self, *, upstream: NodeConfig | None, standby: bool = True) -> None:
-        """Write this member's settings and start; a standby of `upstream`."""
+    async def _start(self, *, upstream: NodeConfig | None, standby: bool = True, slot: str | None = None) -> None:
+        """Write this member's settings and start; a standby of `upstream`
+        (through `slot` on it when given, else our slot, made if missing)."""
         await self._prepare_run_dir()
-        conninfo, slot = "", ""
+        conninfo = ""
         if upstream is not None:
-            conninfo, slot = self._primary_conninfo(upstream), await self._slot_on(upstream)
+            conninfo, slot = self._primary_conninfo(upstream), await self._slot_on(upstream) if slot is None else slot
+        else:
+            slot = ""
         await self._write_member_files(conninfo, slot, standby=standby)
         wait_s = max(1, math.ceil(self.command_timeout_s))
-        argv = [str(await self._bin("pg_ctl")), "start", "-D", str(self.data_dir), "-l", str(self.logfile),
-                "-w", "-t", str(wait_s)]
+        # pg_ctl -W, then we watch postmaster.pid ourselves every 10 ms (pg_ctl -w
+        # looks every 100 ms): the old primary of a switchover restarts here.
+        argv = [str(await self._bin("pg_ctl")), "start", "-D", str(self.data_dir), "-l", str(self.logfile), "-W"]
         try:
             await oscmd.run(argv, user=self.pg.os_user, timeout_s=wait_s + 5)
         except oscmd.CommandFailed as error:
+            raise PostgresError(f"could not start PostgreSQL (see {self.logfile}): {error}") from error
+        if not await self._started(wait_s):
             # A standby that must stream WAL before it is consistent keeps
-            # starting after pg_ctl gives up; that is progress, not failure.
+            # starting after we stop waiting; that is progress, not failure.
             if not (standby and self.postmaster_pid() is not None):
-                raise PostgresError(f"could not start PostgreSQL (see {self.logfile}): {error}") from error
-            self.log.warning("pg_start_slow", error=str(error)[:300])
+                raise PostgresError(f"PostgreSQL did not start within {wait_s} s (see {self.logfile})")
+            self.log.warning("pg_start_slow", error=f"not accepting connections after {wait_s} s")
         self.log.info("pg_started", standby=standby, upstream=None if upstream is None else upstream.name)
         if standby:
             await self._drop_stale_slots()
 
-    async def _retarget(self, upstream: NodeConfig | None) -> None:
+    async def _retarget(self, upstream: NodeConfig | None, slot: str | None = None) -> None:
         conninfo = "" if upstream is None else self._primary_conninfo(upstream)
+        # One local connection throughout: on a switchover the standbys'
+        # re-pointing is what the new primary's first commits wait for.
         async with self._local(self.command_timeout_s) as conn:
             current = await conn.fetchval("SELECT current_setting('primary_conninfo')")
             current_slot = await conn.fetchval("SELECT current_setting('primary_slot_name')")
-        if current == conninfo and current_slot in ("", self._slot if upstream else ""):
-            return
-        slot = "" if upstream is None else await self._slot_on(upstream)
-        await self._prepare_run_dir()
-        await self._write_member_files(conninfo, slot, standby=True)
-        async with self._local(self.command_timeout_s) as conn:
+            if current == conninfo and current_slot in ("", self._slot if upstream else ""):
+                return
+            if upstream is None:
+                slot = ""
+            elif slot is None:
+                slot = await self._slot_on(upstream)
+            await self._prepare_run_dir()
+            await self._write_member_files(conninfo, slot, standby=True)
             overriding = await conn.fetch(
                 "SELECT DISTINCT name FROM pg_file_settings WHERE sourcefile LIKE '%/postgresql.auto.conf'"
                 " AND name = ANY($1::text[])",
@@ -575,28 +768,39 @@ class PostgresAdapter:
             for record in overriding:
                 await conn.execute(f"ALTER SYSTEM RESET {record['name']}")
             await conn.execute("SELECT pg_reload_conf()")
-        # The reload is asynchronous; PostgreSQL (13+) restarts the WAL
-        # receiver once the startup process has seen the new value.
-        await self._await_setting("primary_conninfo", conninfo, RETARGET_WAIT_S)
+            # The reload is asynchronous; PostgreSQL (13+) restarts the WAL
+            # receiver once the startup process has seen the new value.
+            await self._await_setting("primary_conninfo", conninfo, RETARGET_WAIT_S, conn)
         self.log.info("pg_retargeted", upstream=None if upstream is None else upstream.name)
 
-    async def _alter_system(self, name: str, value: str) -> None:
-        async with self._local(self.command_timeout_s) as conn:
-            if await conn.fetchval("SELECT current_setting($1)", name) == value:
-                return
-            await conn.execute(f"ALTER SYSTEM SET {name} = {setup.conf_string(value)}")
-            await conn.execute("SELECT pg_reload_conf()")
-        await self._await_setting(name, value, SYNC_APPLY_WAIT_S)
+    async def _alter_system(self, name: str, value: str, conn: asyncpg.Connection | None = None) -> None:
+        if conn is None:
+            async with self._local(self.command_timeout_s) as own:
+                await self._alter_system(name, value, own)
+            return
+        if await conn.fetchval("SELECT current_setting($1)", name) == value:
+            return
+        await conn.execute(f"ALTER SYSTEM SET {name} = {setup.conf_string(value)}")
+        await conn.execute("SELECT pg_reload_conf()")
+        await self._await_setting(name, value, SYNC_APPLY_WAIT_S, conn)
 
-    async def _await_setting(self, name: str, value: str, timeout_s: float) -> None:
+    async def _await_setting(self, name: str, value: str, timeout_s: float,
+                             conn: asyncpg.Connection | None = None) -> None:
+        """Until the server runs with `name` = `value` after a reload. A
+        session applies a reload before its next command, so `conn` (the one
+        that reloaded) sees it as soon as the server has read the files."""
         deadline = time.monotonic() + timeout_s
         while True:
-            async with self._local(self.command_timeout_s) as conn:
-                if await conn.fetchval("SELECT current_setting($1)", name) == value:
-                    return
+            if conn is not None:
+                current = await conn.fetchval("SELECT current_setting($1)", name)
+            else:
+                async with self._local(self.command_timeout_s) as fresh:
+                    current = await fresh.fetchval("SELECT current_setting($1)", name)
+            if current == value:
+                return
             if time.monotonic() >= deadline:
                 raise PostgresError(f"{name} was not applied within {timeout_s:g} s")
-            await asyncio.sleep(_READY_POLL_S / 2)
+            await asyncio.sleep(_FAST_POLL_S)
 
     async def _stop_escalating(self) -> None:
         try:
@@ -645,7 +849,7 @@ class PostgresAdapter:
         assert pg is not None  # checked by callers; a witness has no server
         return await asyncpg.connect(
             host=pg.host, port=pg.port, user=self.pg.replication_user, password=self._password,
-            database=self.pg.database, timeout=min(self.command_timeout_s, 10.0),
+            database=self.pg.database, timeout=min(self.command_timeout_s, UPSTREAM_CONNECT_TIMEOUT_S),
             server_settings={"application_name": f"failoverd {self.node.name}"},
         )
 
@@ -658,21 +862,20 @@ class PostgresAdapter:
             finally:
                 conn.terminate()
 
-    async def _leader_history(self, leader: NodeConfig) -> tuple[int, int, list[tuple[int, int]]]:
+    async def _upstream(self, leader: NodeConfig) -> _Upstream:
+        """What we need from the server we are to stream from, over one
+        connection: whether it is a standby, its WAL position and timeline
+        history (a primary), and our slot on it (made if missing)."""
         async with self._leader(leader) as conn:
-            row = await conn.fetchrow(
-                "SELECT pg_walfile_name(pg_current_wal_lsn()) AS walfile,"
-                " pg_current_wal_lsn()::text AS lsn"
-                " WHERE NOT pg_is_in_recovery()"
-            )
-            if row is None:
-                raise PostgresError(f"{leader.name} is not a primary (yet)")
+            row = await conn.fetchrow(_UPSTREAM_SQL)
+            if row["rec"]:
+                return _Upstream(True, None, setup.parse_lsn(row["lsn"] or "0/0"), [], await self._slot_in(conn, leader))
             timeline = setup.timeline_of_walfile(row["walfile"])
             history: list[tuple[int, int]] = []
             if timeline > 1:
                 raw = await conn.fetchval("SELECT pg_read_binary_file($1)", f"pg_wal/{timeline:08X}.history")
                 history = setup.parse_history(raw.decode())
-        return timeline, setup.parse_lsn(row["lsn"]), history
+            return _Upstream(False, timeline, setup.parse_lsn(row["lsn"]), history, await self._slot_in(conn, leader))
 
     async def _leader_checkpointed(self, leader: NodeConfig) -> None:
         async with self._leader(leader) as conn:
@@ -688,8 +891,15 @@ class PostgresAdapter:
         then stream without one rather than not at all)."""
         try:
             async with self._leader(upstream) as conn:
-                await _create_slot(conn, self._slot)
+                return await self._slot_in(conn, upstream)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+            self.log.warning("pg_slot_unavailable", upstream=upstream.name, error=str(error)[:200])
+            return ""
+
+    async def _slot_in(self, conn: asyncpg.Connection, upstream: NodeConfig) -> str:
+        try:
+            await _create_slot(conn, self._slot)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             self.log.warning("pg_slot_unavailable", upstream=upstream.name, error=str(error)[:200])
             return ""
         return self._slot
@@ -706,6 +916,37 @@ class PostgresAdapter:
         return {"PGPASSFILE": str(self.passfile), "PGCONNECT_TIMEOUT": "10"}
 
     # ------------------------------------------------------------- local side
+
+    async def _probe_query(self) -> asyncpg.Record:
+        if not self._keep_probe_conn:
+            async with self._local() as conn:
+                return await conn.fetchrow(_PROBE_SQL)
+        if time.monotonic() - self._probe_conn_at >= PROBE_RECONNECT_S:
+            self._drop_probe_conn()
+        reused = self._probe_conn is not None and not self._probe_conn.is_closed()
+        if reused:
+            try:
+                return await self._probe_conn.fetchrow(_PROBE_SQL)
+            except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                    asyncpg.AdminShutdownError):
+                # The server restarted under the kept connection (a
+                # switchover's old primary, a follow): not a sign of trouble.
+                self._drop_probe_conn()
+        self._probe_conn = await asyncpg.connect(
+            host=str(self.socket_dir), port=self.pg.port, user=self.pg.superuser, database=self.pg.database,
+            server_settings={"application_name": "failoverd"}, statement_cache_size=0,
+        )
+        self._probe_conn_at = time.monotonic()
+        return await self._probe_conn.fetchrow(_PROBE_SQL)
+
+    def _drop_probe_conn(self) -> None:
+        conn, self._probe_conn = self._probe_conn, None
+        if conn is not None:
+            conn.terminate()
+
+    def close(self) -> None:
+        """Drop the probe connection (the daemon calls this at shutdown)."""
+        self._drop_probe_conn()
 
     @contextlib.asynccontextmanager
     async def _local(self, timeout_s: float | None = None) -> AsyncIterator[asyncpg.Connection]:
@@ -739,9 +980,11 @@ class PostgresAdapter:
         return role
 
     async def _running_position(self) -> Position | None:
-        async with self._local(self.command_timeout_s) as conn:
-            row = await conn.fetchrow(_PROBE_SQL)
-        return await self._standby_position(row)
+        return await self._standby_position(await self._local_row())
+
+    async def _local_row(self, timeout_s: float | None = None) -> asyncpg.Record:
+        async with self._local(timeout_s or self.command_timeout_s) as conn:
+            return await conn.fetchrow(_PROBE_SQL)
 
     async def _wal_end_now(self) -> Position | None:
         try:
@@ -788,6 +1031,25 @@ class PostgresAdapter:
         await asyncio.to_thread(
             setup.write_member_files, self.data_dir, text, standby=standby, stopped=stopped, owner=self._owner()
         )
+
+
+def _receiver_position(row: asyncpg.Record) -> Position | None:
+    """A standby's position from the WAL receiver alone, when it covers replay
+    (see PostgresAdapter._standby_position); None when the server must be asked."""
+    if not (row["received_tli"] and row["flushed_lsn"]) or row["replay_lsn"] is None:
+        return None
+    receive = Position(row["received_tli"], setup.parse_lsn(row["flushed_lsn"]))
+    return receive if setup.parse_lsn(row["replay_lsn"]) <= receive.lsn else None
+
+
+def _pm_status(data_dir: Path) -> str | None:
+    """The postmaster's status line in postmaster.pid (the 8th): starting,
+    stopping, ready or standby; None while there is no such line."""
+    try:
+        lines = (data_dir / "postmaster.pid").read_text(errors="replace").split("\n")
+    except OSError:
+        return None
+    return lines[7].strip() if len(lines) > 7 else None
 
 
 async def _create_slot(conn: asyncpg.Connection, name: str) -> None:

@@ -34,6 +34,7 @@ from failoverd.core.state import HistoryEntry, PersistentState, PgObservation, P
 
 PG_ACTION_TIMEOUT_S = 600.0  # a clone of a large database may take long; fences never wait on this
 FENCE_TIMEOUT_S = 5.0
+PROMOTING_PROBE_S = 0.02  # probe interval while a promotion runs
 SHUTDOWN_GRACE_S = 2.0
 
 
@@ -168,6 +169,7 @@ class Supervisor:
         self._probe_now = asyncio.Event()
         self._pg_queue: asyncio.Queue[act.Action] = asyncio.Queue()
         self._pg_busy: asyncio.Task | None = None
+        self._promoting = False  # the PostgreSQL worker runs a Promote
         self._tasks: list[asyncio.Task] = []
         self.failed = asyncio.Event()  # set when a loop died; the daemon then exits non-zero
         self.failure: BaseException | None = None
@@ -331,14 +333,20 @@ class Supervisor:
 
     async def _prober(self) -> None:
         while True:
+            # Cleared before the probe, not after: a ProbeNow asked for while
+            # a probe runs wants one that starts later (e.g. "since the election").
+            self._probe_now.clear()
             observed_at = self.clock()
             obs = await self.postgres.probe(observed_at)
             async with self._lock:
                 await self._execute(self.node.observe(obs, self.clock()))
             self._wake.set()
-            self._probe_now.clear()
+            # While a promotion runs, look often: the core hands out the VIP and
+            # points the standbys at us only once a probe shows us writable, and
+            # the adapter's promote() still has work to do after that point.
+            interval = PROMOTING_PROBE_S if self._promoting else self.probe_interval_s
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.probe_interval_s):
+                async with asyncio.timeout(interval):
                     await self._probe_now.wait()
 
     async def _pg_worker(self) -> None:
@@ -350,6 +358,9 @@ class Supervisor:
             # (awaiting the task directly can lose it if both finish at once).
             task = asyncio.create_task(self._run_pg_action_bounded(action))
             self._pg_busy = task
+            self._promoting = isinstance(action, act.Promote)
+            if self._promoting:
+                self._probe_now.set()
             started = self.clock()
             try:
                 await asyncio.wait({task})
@@ -358,6 +369,7 @@ class Supervisor:
                 raise
             finally:
                 self._pg_busy = None
+                self._promoting = False
             name = type(action).__name__
             if task.cancelled():
                 self.log.info("pg_action_cancelled", node=self.node.name, term=self.node.term, action=name)
@@ -442,6 +454,8 @@ class Supervisor:
                 pass  # returned to the caller of request()
             elif isinstance(a, (act.Promote, act.Follow, act.StartStandby, act.Demote, act.ConfigureSync)):
                 if self.postgres is not None:
+                    if isinstance(a, act.Promote):
+                        self._drop_queued((act.Follow, act.StartStandby), "promote")
                     self._pg_queue.put_nowait(a)
             else:
                 raise TypeError(f"unknown action {a!r}")
@@ -506,6 +520,20 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - reported, see docstring
             self.log.error("vip_acquire_failed" if acquire else "vip_release_failed",
                            node=self.node.name, term=self.node.term, error=str(exc)[:300])
+
+    def _drop_queued(self, kinds: tuple[type, ...], reason: str) -> None:
+        """Remove queued (not running) PostgreSQL work of these kinds: a new
+        leader's Promote must not wait behind a Follow of the old leader."""
+        kept = []
+        while not self._pg_queue.empty():
+            queued = self._pg_queue.get_nowait()
+            if isinstance(queued, kinds):
+                self.log.info("pg_action_dropped", node=self.node.name, term=self.node.term,
+                              action=type(queued).__name__, reason=reason)
+            else:
+                kept.append(queued)
+        for queued in kept:
+            self._pg_queue.put_nowait(queued)
 
     async def _fence(self, reason: str) -> None:
         """Stop PostgreSQL immediately; queued PostgreSQL work is dropped first so

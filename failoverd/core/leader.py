@@ -40,6 +40,8 @@ class Transfer:
     started_at: float
     reason: str
     demote_at: float | None = None  # set when our PostgreSQL was asked to stop (switchover)
+    stopped_seen: bool = False  # a probe since demote_at showed our PostgreSQL stopped
+    final: Position | None = None  # its end of WAL then: everything it ever wrote
 
 
 @dataclasses.dataclass(slots=True)
@@ -90,8 +92,17 @@ class LeaderMixin:
         self.lead.accepted[self.name] = self.state.stamp.version
         self._persist()
         self._emit("role_changed", role="leader", previous="candidate", reason=reason, votes=sorted(v for v, g in self.grants.items() if g))
+        if self.me.is_data:
+            # Now rather than with the Promote: on a standby it only takes
+            # effect at promotion, and the adapter would otherwise set it
+            # while our write pause runs (it checks again before promoting).
+            self._configure_sync()
         self.out.append(act.ProbeNow())
         self._send_heartbeats(now)
+
+    def _configure_sync(self: Node) -> None:
+        standbys = tuple(n for n in self.data_voters if n != self.name)
+        self.out.append(act.ConfigureSync(self.state.sync_count, standbys))
 
     def _step_down(self: Node, now: float, reason: str, transfer_to: str | None = None) -> None:
         """Leave leadership: fence first (VIP, then PostgreSQL), then tell the successor."""
@@ -111,6 +122,11 @@ class LeaderMixin:
         self._emit("role_changed", role="follower", previous="leader", reason=reason, transfer_to=transfer_to)
         if transfer_to is not None:
             self._send(transfer_to, TimeoutNow(**self._env()))
+            if lead is not None and lead.transfer is not None and lead.transfer.stopped_seen:
+                # Our server stopped cleanly for this switchover: leave it
+                # stopped a moment, so that it restarts once, streaming from the
+                # successor (node._follow_successor_early), not twice.
+                self.start_standby_after = now + self.timing.election_timeout_min_s
 
     # ------------------------------------------------------------------ ticks
 
@@ -158,6 +174,10 @@ class LeaderMixin:
             # Counting ourselves in the lease quorum is a promise too.
             self.promise_until = max(self.promise_until, now + self.timing.election_timeout_min_s)
         pos = self._my_position() if lead.primary_ready else None
+        if lead.transfer is not None and lead.transfer.stopped_seen:
+            # primary_ready false with a position: our PostgreSQL has stopped
+            # for a switchover and this is where its WAL ends (node._on_heartbeat).
+            pos = lead.transfer.final
         for peer in self.others:
             self._send(
                 peer,
@@ -272,8 +292,8 @@ class LeaderMixin:
             if ahead is not None and self.spec.member(ahead).can_lead:
                 self._step_down(now, f"{ahead} has more WAL", transfer_to=ahead)
             return
-        standbys = tuple(n for n in self.data_voters if n != self.name)
-        self.out.append(act.ConfigureSync(self.state.sync_count, standbys))
+        if self.pg is not None and self.pg.role is PgRole.PRIMARY:
+            self._configure_sync()  # a running primary takes it at once: not long before
         if "lease" not in self.disabled:
             self.watchdog_armed = True
             self.out.append(act.ArmWatchdog(lead.lease_until))
@@ -296,10 +316,16 @@ class LeaderMixin:
     def _leader_observe(self: Node, now: float) -> None:
         lead = self.lead
         pg = self.pg
-        if lead.promote_requested_at is not None and not lead.primary_ready and pg.role is PgRole.PRIMARY:
+        # Not during a switchover: it made primary_ready false on purpose, and
+        # a probe that began before the Demote may still show a primary.
+        if (lead.promote_requested_at is not None and not lead.primary_ready and pg.role is PgRole.PRIMARY
+                and lead.transfer is None):
             lead.primary_ready = True
             self._emit("promoted", position=str(pg.position))
             self._leader_acquire_vip(now)
+            # Followers start following us when a heartbeat says we are
+            # writable; in quorum mode our first commits wait for that.
+            self._send_heartbeats(now)
         self._check_pg_health(now)
         if self.lead is not None:
             self._advance_transfer(now)
@@ -497,6 +523,14 @@ class LeaderMixin:
         pg = self.pg
         if pg is None or pg.role is not PgRole.STOPPED or pg.observed_at < transfer.demote_at:
             return
+        if not transfer.stopped_seen:
+            transfer.stopped_seen = True
+            transfer.final = pg.position
+            if pg.position is not None:
+                self.handover = (self.term, pg.position)
+            # Heartbeat now rather than at the next interval: the target
+            # probes on it and reports at once how far it has caught up.
+            self._send_heartbeats(now)
         view = lead.followers.get(transfer.target)
         final = pg.position
         if view is None or not view.position_fresh or view.position is None:

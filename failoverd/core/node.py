@@ -109,6 +109,16 @@ class Node(LeaderMixin):
         # asked to waive the WAL check.
         self.operator_failover: Failover | None = None
         self.lead: LeaderState | None = None
+        # The last heartbeat we acknowledged, (term, leader, seq), and the
+        # (position, position_fresh) that ack reported: a later probe may be
+        # worth reporting before the next heartbeat (_report_position).
+        self.last_heartbeat: tuple[int, str, int] | None = None
+        self.reported: tuple[Position | None, bool] | None = None
+        # (term, position): the leader of that term stopped its PostgreSQL for
+        # a switchover and its WAL ends at position (_follow_successor_early).
+        self.handover: tuple[int, Position] | None = None
+        self.cascade_requested: tuple[str, int] | None = None  # (candidate, term) we Follow early
+        self.start_standby_after = 0.0  # no StartStandby before this (after handing over a switchover)
         self.wall_time: float | None = None
         self.out: list[act.Action] = []
 
@@ -166,6 +176,8 @@ class Node(LeaderMixin):
             self.pg_unresponsive_since = None
         if self.role is Role.LEADER:
             self._leader_observe(now)
+        elif self.role is Role.FOLLOWER:
+            self._report_position()
         self._keep_local_postgres_in_line(now)
         return self._flush()
 
@@ -232,32 +244,72 @@ class Node(LeaderMixin):
         self.leader_primary_ready = m.primary_ready
         if m.primary_position is not None:
             self.last_primary_position = m.primary_position
+            if not m.primary_ready:
+                self.handover = (m.term, m.primary_position)
         if m.state.stamp > self.state.stamp:
             self.state = m.state
             self._persist()
         if m.state.stamp == self.state.stamp and m.commit_version > self.commit_version:
             self.commit_version = min(m.commit_version, self.state.stamp.version)
+        self._acknowledge(m.sender, m.seq)
+        if self._running_switchover_target():
+            # Probe at once, and report the result at once (_report_position):
+            # the leader hands over as soon as it sees we have all its WAL.
+            self.out.append(act.ProbeNow())
+
+    def _acknowledge(self, leader: str, seq: int) -> None:
         pg = self.pg
-        # A position counts for the leader's WAL check only if it was probed
-        # after we heard this leader, and is known (or the directory is empty).
-        fresh = (
+        position = None if pg is None else pg.position
+        fresh = self._position_fresh()
+        self.last_heartbeat = (self.term, leader, seq)
+        self.reported = (position, fresh)
+        self._send(
+            leader,
+            HeartbeatAck(
+                **self._env(),
+                seq=seq,
+                success=True,
+                accepted=self.state.stamp,
+                position=position,
+                position_fresh=fresh,
+                pg_healthy=pg is not None and pg.running,
+                following_leader=pg is not None and pg.role is PgRole.STANDBY and pg.following == leader,
+            ),
+        )
+
+    def _position_fresh(self) -> bool:
+        """A position counts for the leader's WAL check only if it was probed
+        after we heard this leader, and is known (or the directory is empty)."""
+        pg = self.pg
+        return (
             pg is not None
             and pg.observed_at >= self.leader_since
             and (pg.position is not None or pg.role is PgRole.ABSENT)
         )
-        self._send(
-            m.sender,
-            HeartbeatAck(
-                **self._env(),
-                seq=m.seq,
-                success=True,
-                accepted=self.state.stamp,
-                position=None if pg is None else pg.position,
-                position_fresh=fresh,
-                pg_healthy=pg is not None and pg.running,
-                following_leader=pg is not None and pg.role is PgRole.STANDBY and pg.following == m.sender,
-            ),
-        )
+
+    def _running_switchover_target(self) -> bool:
+        """We are the target of a switchover the leader is carrying out now
+        (its PostgreSQL is stopping or stopped; a scheduled one is not running yet)."""
+        s = self.state
+        return (self.role is Role.FOLLOWER and self.me.is_data and self.leader is not None
+                and s.switchover_to == self.name and s.switchover_at is None and not self.leader_primary_ready)
+
+    def _report_position(self) -> None:
+        """Acknowledge the last heartbeat again, right after a probe, when the
+        leader is waiting for what it shows: our first position probed since we
+        heard this leader (a new leader needs D - k of them before it promotes),
+        or, as the target of a running switchover, how far we have caught up.
+        Otherwise the news would wait for the next heartbeat. The repeated ack
+        names the same heartbeat (seq) and the state we already acknowledged,
+        so it extends no lease and commits nothing the first ack did not."""
+        last = self.last_heartbeat
+        if last is None or last[0] != self.term or last[1] != self.leader or not self.me.is_data:
+            return
+        pg = self.pg
+        now_reported = (None if pg is None else pg.position, self._position_fresh())
+        newly_fresh = now_reported[1] and not (self.reported is not None and self.reported[1])
+        if newly_fresh or (self._running_switchover_target() and now_reported != self.reported):
+            self._acknowledge(last[1], last[2])
 
     def _on_timeout_now(self, m: TimeoutNow, now: float) -> None:
         if m.term != self.term or m.sender != self.leader or self.role is not Role.FOLLOWER:
@@ -280,7 +332,7 @@ class Node(LeaderMixin):
             self.watchdog_armed = False
             self.out.append(act.ArmWatchdog(None))
         if self.role is not Role.FOLLOWER or self.leader is None or not self.leader_primary_ready:
-            if pg.role is PgRole.STOPPED and not self.watchdog_armed:
+            if pg.role is PgRole.STOPPED and not self.watchdog_armed and now >= self.start_standby_after:
                 self._request_once(now, "start_standby", act.StartStandby())
             return
         if pg.role is PgRole.STANDBY and pg.following == self.leader:
@@ -380,6 +432,7 @@ class Node(LeaderMixin):
         )
 
     def _on_vote_request(self, m: VoteRequest, now: float) -> None:
+        leader_before = self.leader
         reason = self._vote_refusal(m.sender, m.position, m.stamp, now, m.transfer_from, m.waive_wal_check)
         if m.term < self.term:
             reason = "stale term"
@@ -396,6 +449,7 @@ class Node(LeaderMixin):
                 self.election_deadline = now + self._random_timeout()
                 self._emit("vote_granted", candidate=m.sender, transfer_from=m.transfer_from,
                            waive_wal_check=m.waive_wal_check)
+                self._follow_successor_early(m, leader_before, now)
         if reason is not None:
             self._emit("vote_refused", candidate=m.sender, candidate_term=m.term, reason=reason)
         self._send(
@@ -406,6 +460,39 @@ class Node(LeaderMixin):
                 reason=reason or "",
             ),
         )
+
+    def _follow_successor_early(self, m: VoteRequest, leader_before: str | None, now: float) -> None:
+        """Stream from the target of a planned switchover while it campaigns,
+        before it is promoted (cascading replication; PostgreSQL follows its
+        promotion onto the new timeline by itself). Its first commits wait for
+        k standbys; re-pointing them only after the promotion would add a
+        whole Follow to the write pause.
+
+        Only when nothing can be lost or rewound: the candidate is the target
+        of the switchover in our state, was handed leadership by the leader we
+        followed, and that leader told us its PostgreSQL had stopped with its
+        WAL ending at F (so ours can grow no further), with our WAL on F's
+        timeline, no further than F, and the candidate's at F or beyond: ours
+        is a prefix of the candidate's. This changes only where WAL comes
+        from: a follower still Follows whichever leader turns out primary."""
+        handover = self.handover
+        pg = self.pg
+        if not self.me.is_data or pg is None or pg.position is None or m.position is None or handover is None:
+            return
+        final = handover[1]
+        if (m.transfer_from is None or m.transfer_from not in (leader_before, self.name)
+                or handover[0] != m.term - 1 or self.state.switchover_to != m.sender
+                or self.state.switchover_at is not None or pg.role not in (PgRole.STANDBY, PgRole.STOPPED)):
+            return
+        if not (pg.position.timeline == final.timeline == m.position.timeline and pg.position <= final <= m.position):
+            return
+        # Not through _request_once: it remembers one request, and this one
+        # must not make a StartStandby asked for just before look new again.
+        if self.cascade_requested == (m.sender, self.term):
+            return
+        self.cascade_requested = (m.sender, self.term)
+        self.out.append(act.Follow(m.sender, self.term))
+        self._emit("follow", leader=m.sender, pg_role=pg.role.value, before_promotion=True)
 
     def _on_vote_response(self, m: PreVoteResponse | VoteResponse, now: float) -> None:
         if m.term > self.term and not m.granted:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pg_helpers import adapters, connect, make_config, prepare_node_dirs, query, wait_for
+from pg_helpers import SECRET, adapters, connect, make_config, prepare_node_dirs, query, wait_for
 from structlog.testing import capture_logs
 
 from failoverd import oscmd
@@ -331,3 +331,34 @@ async def test_oscmd_runs_as_the_postgres_user(os_user: str) -> None:
     assert done.stdout.strip() == os_user
 
 
+
+
+async def test_kept_probe_connection_still_sees_a_frozen_or_restarted_server(
+    base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None
+) -> None:
+    """The daemon's probe keeps one connection (renewed every second): a
+    SIGSTOPped postmaster is still unresponsive at once, a restart under the
+    kept connection is a standby again on the next probe, not an error."""
+    config = make_config(base_dir, bin_dir=bin_dir, os_user=os_user, names=("db1", "db2", "db3"))
+    prepare_node_dirs(config, owner)
+    node = config.nodes[0]
+    pg = PostgresAdapter(config, node, SECRET, keep_probe_connection=True)
+    try:
+        await pg.bootstrap_primary()
+        first = await probe(pg)
+        assert first.role is PgRole.PRIMARY
+        kept = pg._probe_conn
+        assert kept is not None and (await probe(pg)).role is PgRole.PRIMARY and pg._probe_conn is kept
+        pid = pg.postmaster_pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert (await probe(pg)).role is PgRole.UNRESPONSIVE
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await pg.stop("fast")
+        assert (await probe(pg)).role is PgRole.STOPPED
+        await pg.start_standby(None)
+        assert (await probe(pg)).role is PgRole.STANDBY
+    finally:
+        pg.close()
+        await pg.stop("immediate")

@@ -260,8 +260,8 @@ def test_cluster_state_rejects_bad_switchover_at(bad):
 def test_promotion_failed_makes_the_leader_step_down_and_hand_over():
     w = elected()
     w.observe_data(2.05)
-    out = w.tick("a", 2.1)
-    assert of_type(out["a"], act.Promote) == [act.Promote(1)]
+    w.tick("a", 2.1)
+    assert of_type(w.log["a"], act.Promote) == [act.Promote(1)]
     out = w.deliver("a", w["a"].promotion_failed(1, "pre_promote hook exited 1", 2.12), 2.12, hold=(TimeoutNow,))
     assert w["a"].role is Role.FOLLOWER and "promotion_failed" in events(out["a"])
     assert of_type(out["a"], act.Fence)  # it asked PostgreSQL to promote: fence before handing over

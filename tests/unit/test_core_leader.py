@@ -44,11 +44,13 @@ def elected_silent() -> Wire:
 
 
 def promoted(lsn=1000, **spec_kw) -> Wire:
-    """a is leader of term 1, promoted at 2.1, seen PRIMARY at 2.15 (VIP held, lease until 2.9)."""
+    """a is leader of term 1, promoted at 2.05 (as soon as the followers' probes
+    report fresh positions), seen PRIMARY at 2.15 (VIP held, lease until 2.9)."""
     w = elected(**spec_kw)
+    mark = len(w.log["a"])
     w.observe_data(2.05, lsn=lsn)
-    out = w.tick("a", 2.1)
-    assert of_type(out["a"], act.Promote) == [act.Promote(1)]
+    w.tick("a", 2.1)
+    assert of_type(w.log["a"][mark:], act.Promote) == [act.Promote(1)]
     out = w.observe("a", obs(PgRole.PRIMARY, at=2.15, lsn=lsn if isinstance(lsn, int) else lsn["a"]), 2.15)
     assert of_type(out["a"], act.AcquireVip) == [act.AcquireVip(1)]
     return w
@@ -160,8 +162,11 @@ def test_two_data_plus_witness_promotes_on_own_position_alone():
 
 def test_configure_sync_and_arm_watchdog_precede_promote():
     w = elected()
+    # Synchronous replication is configured on election (on a standby it takes
+    # effect at promotion), well before the Promote.
+    assert of_type(w.log["a"], act.ConfigureSync) == [act.ConfigureSync(1, ("b", "c"))]
     w.observe_data(2.05)
-    out = w.tick("a", 2.1)["a"]
+    out = w.log["a"]
     i_sync, i_arm, i_promote = (first_index(out, c) for c in (act.ConfigureSync, act.ArmWatchdog, act.Promote))
     assert i_sync < i_promote and i_arm < i_promote
     assert out[i_sync] == act.ConfigureSync(1, ("b", "c"))
@@ -170,8 +175,9 @@ def test_configure_sync_and_arm_watchdog_precede_promote():
 
 def test_vip_acquired_only_after_postgres_observed_primary():
     w = elected()
+    mark = len(w.log["a"])
     w.observe_data(2.05)
-    out = w.tick("a", 2.1)["a"]
+    out = w.log["a"][mark:]
     assert of_type(out, act.Promote) and of_type(out, act.AcquireVip) == []
     assert of_type(w.observe("a", obs(PgRole.STANDBY, at=2.12), 2.12)["a"], act.AcquireVip) == []
     out = w.observe("a", obs(PgRole.PRIMARY, at=2.15), 2.15)["a"]
@@ -181,17 +187,24 @@ def test_vip_acquired_only_after_postgres_observed_primary():
 
 
 def test_followers_follow_once_leader_is_primary():
-    w = promoted()
-    out = w.tick("a", 2.2)
+    w = elected()
+    w.observe_data(2.05)
+    w.tick_all(2.1)
+    for n in ("b", "c"):
+        assert of_type(w.log[n], act.Follow) == []
+    # The observation that shows a promoted is followed by a heartbeat at
+    # once, not at the next interval: b and c follow in the same step.
+    out = w.observe("a", obs(PgRole.PRIMARY, at=2.12), 2.12)
     for n in ("b", "c"):
         assert of_type(out[n], act.Follow) == [act.Follow("a", 1)]
+    assert messages(out["a"], Heartbeat)[-1].primary_ready
 
 
 def test_lease_extension_rearms_the_watchdog():
     w = promoted()
-    out = w.tick("a", 2.2)["a"]
+    out = w.tick("a", 2.3)["a"]  # the first heartbeat due after the one sent on promotion (2.15)
     arms = of_type(out, act.ArmWatchdog)
-    assert arms and arms[-1].deadline == pytest.approx(2.2 + T.lease_s)
+    assert arms and arms[-1].deadline == pytest.approx(2.3 + T.lease_s)
 
 
 def test_promotion_not_seen_in_time_steps_down_and_fences():
@@ -403,9 +416,9 @@ def test_switchover_releases_vip_demotes_then_hands_over_when_target_caught_up()
     assert a.role is Role.LEADER and sends_timeout_now(out["a"]) == []
     out = w.tick("a", 2.45, hold=(TimeoutNow,))
     assert a.role is Role.LEADER and w.held == []
-    # b reaches the final position: TimeoutNow to b.
-    w.observe("b", obs(at=2.5, lsn=1200, following="a"), 2.5)
-    out = w.tick("a", 2.6, hold=(TimeoutNow,))
+    # b reaches the final position and reports it right after its probe,
+    # without waiting for a heartbeat: TimeoutNow to b.
+    out = w.deliver("b", w["b"].observe(obs(at=2.5, lsn=1200, following="a"), 2.5), 2.5, hold=(TimeoutNow,))
     assert a.role is Role.FOLLOWER
     assert [(s.to, s.message.term) for s in w.held] == [("b", 1)]
     assert of_type(out["a"], act.AcquireVip) == []

@@ -21,7 +21,8 @@ from click.testing import CliRunner
 from test_api_server import TOKEN, Cluster, config_text, leader_status, status, three
 from test_api_wiring import tls_files  # noqa: F401 (a fixture)
 
-from failoverd.core.requests import CancelSwitchover, Failover, Pause, Resume, Switchover
+from failoverd import drill
+from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Resume, Switchover
 from failoverd.core.state import HistoryEntry, Position
 from failoverd.ctl import failoverctl_main
 
@@ -285,3 +286,92 @@ def test_tls(tls_files: tuple[Path, Path], tmp_path: Path) -> None:
         assert result.exit_code == 3 and "TLS" in result.output
         result = s.ctl("--ca", str(tls_files[1]), "list")  # not a certificate
         assert result.exit_code == 3 and "TLS" in result.output
+
+
+# ------------------------------------------------------------------ drill
+
+
+def test_drill_asks_unless_forced_and_needs_a_known_port_for_the_vip(served: Served) -> None:
+    result = served.ctl("drill", "--to", "b", "--dsn", "postgresql://127.0.0.1:9/postgres")
+    assert result.exit_code == 2 and "pass --force" in result.output
+    # The members' ports differ, so the VIP's port is not known: --dsn is needed.
+    result = served.ctl("drill", "--force")
+    assert result.exit_code == 2 and "pass --dsn" in result.output
+    assert served.fake("a").calls == []
+
+
+def test_drill_refused_without_a_writable_primary(tmp_path: Path) -> None:
+    with Served(Cluster(three(primary_ready=False)), tmp_path) as s:
+        result = s.ctl("drill", "--force", "--dsn", "postgresql://127.0.0.1:9/postgres")
+        assert result.exit_code == 1 and "no writable primary" in result.output
+        assert s.fake("a").calls == []
+
+
+def test_drill_that_cannot_write_switches_nothing_and_is_recorded_as_failed(
+        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(drill, "WARM_UP_TIMEOUT_S", 0.5)
+    result = served.ctl("drill", "--force", "--json", "--dsn", "postgresql://127.0.0.1:9/postgres")
+    assert result.exit_code == 1, result.output
+    out = json.loads(result.output)
+    assert out["ok"] is False and out["old_primary"] == "a" and out["new_primary"] is None
+    assert out["error"].startswith("the write endpoint: ") or "do not succeed" in out["error"]
+    (req,) = served.fake("a").requests()
+    assert isinstance(req, RecordEvent) and req.reason == out["note"] and req.reason.startswith("drill from a: FAILED: ")
+    assert out["recorded"] is True
+
+
+def test_write_endpoint_from_the_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from failoverd.config import parse_config
+
+    ports = {"a": 8001, "b": 8002, "c": 8003}
+    text = config_text(ports)
+    config = parse_config(text, source="unit.toml")
+    with pytest.raises(ValueError, match="pass --dsn"):
+        drill.write_endpoint(config, None, None, None)
+    same_port = parse_config(text.replace("port = 5501", 'host = "127.0.0.2"\nport = 5500')
+                             .replace("port = 5502", 'host = "127.0.0.3"\nport = 5500'), source="unit.toml")
+    monkeypatch.setenv("PGUSER", "prober")
+    vip = drill.write_endpoint(same_port, None, None, "app")
+    assert vip.kwargs == {"host": "198.18.0.100", "port": 5500, "user": "prober", "database": "app"}
+    assert vip.description == "the VIP 198.18.0.100:5500"
+    no_vip = parse_config(text.replace('[vip]\naddress = "198.18.0.100/24"\ninterface = "eth0"\n', ""),
+                          source="unit.toml")
+    monkeypatch.delenv("PGUSER")
+    every = drill.write_endpoint(no_vip, None, None, None)
+    assert every.kwargs == {"host": ["127.0.0.1"] * 3, "port": [5500, 5501, 5502], "user": "postgres",
+                            "database": "postgres"}
+    given = drill.write_endpoint(no_vip, "postgresql://h:1/d", "u", None)
+    assert given.kwargs == {"dsn": "postgresql://h:1/d", "user": "u"}
+
+
+def test_probe_writer_pause_and_missing_writes() -> None:
+    writer = drill.ProbeWriter(_never_connect, run=7)
+    writer.acks = [drill.Ack(1, 10.0, 0.0, "a"), drill.Ack(2, 10.1, 0.0, "a"), drill.Ack(3, 10.9, 0.0, "b"),
+                   drill.Ack(4, 11.0, 0.0, "b")]
+    assert writer.pause_after("a", since=10.05) == drill.Pause(writer.acks[1], writer.acks[2])
+    assert writer.pause_after("a", since=10.05).seconds == pytest.approx(0.8)
+    assert writer.pause_after("b", since=10.05) is None  # nothing after a write of b on another server
+    assert [a.id for a in writer.acked_by("b")] == [3, 4]
+
+    class Rows:  # the one query missing_acks makes
+        async def fetch(self, query: str, run: int) -> list[dict[str, int]]:
+            assert "failoverd_drill" in query and run == 7
+            return [{"id": 1}, {"id": 3}, {"id": 4}]
+
+    assert asyncio.run(drill.missing_acks(Rows(), 7, writer.acks)) == [2]
+
+
+def test_drill_note_and_text() -> None:
+    ok = drill.DrillResult(ok=True, old_primary="a", new_primary="b", endpoint="the VIP", write_pause_s=0.412,
+                           acked=300, lost=0, phases=[drill.Phase("switchover requested", 0.0, "failoverctl's clock"),
+                                                      drill.Phase("b caught up", None, "not exposed by the API")])
+    assert ok.note_text() == "drill a->b: ok, write pause 0.41 s, 0 of 300 acknowledged probe writes lost"
+    text = drill.render(ok)
+    assert "   +0.000 s  switchover requested" in text and "         -    b caught up" in text
+    assert "write pause: 0.412 s" in text and "300 acknowledged, 0 lost" in text
+    failed = drill.DrillResult(ok=False, old_primary="a", new_primary=None, endpoint="x", error="e" * 500)
+    assert len(failed.note_text()) == 200 and failed.note_text().startswith("drill from a: FAILED: eee")
+
+
+async def _never_connect():
+    raise OSError("not used")
