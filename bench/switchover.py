@@ -77,7 +77,7 @@ PHASES = [
     ("vip_acquired", "new", "vip_acquired", None),
     ("standby_streaming", "other", ("pg_retargeted", "pg_started"), None),
 ]
-PHASE_ORDER = [p[0] for p in PHASES] + ["last_old_write", "first_write"]
+PHASE_ORDER = ["request_received"] + [p[0] for p in PHASES] + ["last_old_write", "first_write"]
 
 
 def parse_ts(text: str) -> float:

@@ -43,6 +43,15 @@ def check(w: RunningWitness, before: bytes, status: int, body: bytes) -> None:
     assert w.state_bytes() == before
 
 
+def is_json_object(body: bytes) -> bool:
+    """A body that parses as a JSON object may be a valid request (b"{}" asks
+    for a switchover): the malformed-body test must not generate one."""
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:
+        return False
+
+
 visible = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=80)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -64,7 +73,7 @@ def test_admin_without_the_token_is_401_or_403(witness, endpoint, auth, body):
 
 @FUZZ
 @given(endpoint=st.sampled_from(ADMIN), body=st.one_of(
-    st.binary(max_size=512).filter(lambda b: b.strip() != b""),
+    st.binary(max_size=512).filter(lambda b: b.strip() != b"" and not is_json_object(b)),
     json_values.filter(lambda v: not isinstance(v, dict)).map(lambda v: json.dumps(v).encode()),
     st.dictionaries(st.text(max_size=12), json_values, max_size=4)
       .map(lambda d: json.dumps({**d, "zz_not_a_field": 1}).encode()),

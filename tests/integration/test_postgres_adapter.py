@@ -18,7 +18,7 @@ import pytest
 from pg_helpers import SECRET, adapters, connect, make_config, prepare_node_dirs, query, wait_for
 from structlog.testing import capture_logs
 
-from failoverd import oscmd
+from failoverd import oscmd, procs
 from failoverd import pgsetup as setup
 from failoverd.core.state import PgObservation, PgRole, Position
 from failoverd.postgres import PostgresAdapter
@@ -352,6 +352,11 @@ async def test_kept_probe_connection_still_sees_a_frozen_or_restarted_server(
         pid = pg.postmaster_pid()
         os.kill(pid, signal.SIGSTOP)
         try:
+            # Signal delivery is asynchronous: wait until the kernel shows it stopped.
+            deadline = time.monotonic() + 5
+            while not procs.is_stopped(pid):
+                assert time.monotonic() < deadline, "SIGSTOP not delivered"
+                await asyncio.sleep(0.01)
             assert (await probe(pg)).role is PgRole.UNRESPONSIVE
         finally:
             os.kill(pid, signal.SIGCONT)
