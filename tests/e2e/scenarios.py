@@ -180,7 +180,12 @@ class _Run:
         if overlaps:
             result.problems.append(f"the VIP on two hosts at once: {overlaps[:5]}")
         events = self.lab.all_events(self.start_wall)
-        result.disruptions = sum(1 for e in events if e.get("event") in DISRUPTIONS)
+        disrupting = [e for e in events if _disrupts(e)]
+        result.disruptions = len(disrupting)
+        if disrupting:  # named in the result, so a failed stability run says what happened
+            result.note += " disruptions: " + ", ".join(
+                f"{e.get('node')} {e.get('event')} term {e.get('term')} {e.get('reason', '')}".strip()
+                for e in disrupting[:10])
         result.pre_votes = sum(1 for e in events if e.get("event") == "pre_vote_started")
         result.term_after = self.lab.leadership()[1]
         result.client_errors = self.client.errors
@@ -235,6 +240,18 @@ class Profile:
 
     def __str__(self) -> str:
         return f"{self.delay_ms:g} ms +- {self.jitter_ms:g} ms, {self.loss_percent:g}% loss on every link"
+
+
+async def _disrupts(event: dict) -> bool:
+    """A leadership change, a fence, a lost lease or an election. A member
+    that was a pre-candidate going back to follower is none of these: a
+    pre-vote changes nothing on anyone (a member still rejoining after the
+    previous fault on the same cluster does it)."""
+    if event.get("event") not in DISRUPTIONS:
+        return False
+    if event.get("event") == "role_changed":
+        return "leader" in (event.get("role"), event.get("previous"))
+    return True
 
 
 async def run_stability(lab: E2ELab, monitor: VipMonitor, first_id: int, duration_s: float,
