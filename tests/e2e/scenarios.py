@@ -242,7 +242,7 @@ class Profile:
         return f"{self.delay_ms:g} ms +- {self.jitter_ms:g} ms, {self.loss_percent:g}% loss on every link"
 
 
-async def _disrupts(event: dict) -> bool:
+def _disrupts(event: dict) -> bool:
     """A leadership change, a fence, a lost lease or an election. A member
     that was a pre-candidate going back to follower is none of these: a
     pre-vote changes nothing on anyone (a member still rejoining after the
