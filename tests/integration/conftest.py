@@ -72,3 +72,20 @@ def base_dir() -> Iterator[Path]:
     finally:
         stop_servers_under(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def make_cluster(base_dir, bin_dir, os_user, owner):
+    """Three-member (or as asked) `failoverd run` clusters, cleaned up after the test."""
+    from cluster_harness import LocalCluster
+
+    made: list[LocalCluster] = []
+
+    def make(**kw) -> LocalCluster:
+        c = LocalCluster(base_dir, bin_dir, os_user, owner, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.cleanup()

@@ -17,20 +17,6 @@ from test_cluster import _finish, _started
 from failoverd.core.state import PgRole
 
 
-@pytest.fixture
-def make_cluster(base_dir, bin_dir, os_user, owner):
-    made: list[LocalCluster] = []
-
-    def make(**kw) -> LocalCluster:
-        c = LocalCluster(base_dir, bin_dir, os_user, owner, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.cleanup()
-
-
 async def _api_primary(cluster: LocalCluster, expect: str | None = None) -> str | None:
     """The member whose /primary answers 200, once exactly one does."""
     codes = {n: (await cluster.api(n, "GET", "/primary", token=None))[0] for n in cluster.data_names}

@@ -19,20 +19,6 @@ from cluster_harness import DualPrimarySampler, LocalCluster, Writer
 from failoverd.core.state import PgRole
 
 
-@pytest.fixture
-def make_cluster(base_dir, bin_dir, os_user, owner):
-    made: list[LocalCluster] = []
-
-    def make(**kw) -> LocalCluster:
-        c = LocalCluster(base_dir, bin_dir, os_user, owner, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.cleanup()
-
-
 async def _started(cluster: LocalCluster) -> tuple[str, Writer, DualPrimarySampler]:
     cluster.start_all()
     primary = await cluster.wait_for("a primary with every standby streaming", cluster.healthy, timeout_s=90)

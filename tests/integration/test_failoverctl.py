@@ -21,20 +21,6 @@ from test_cluster import _finish, _host_down, _new_primary, _started
 from failoverd.core.state import PgRole
 
 
-@pytest.fixture
-def make_cluster(base_dir, bin_dir, os_user, owner):
-    made: list[LocalCluster] = []
-
-    def make(**kw) -> LocalCluster:
-        c = LocalCluster(base_dir, bin_dir, os_user, owner, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.cleanup()
-
-
 async def _ctl_ok(cluster: LocalCluster, *args: str) -> str:
     done = await cluster.actl(*args)
     assert done.returncode == 0, f"failoverctl {' '.join(args)}: {done.returncode}\n{done.stdout}\n{done.stderr}"
