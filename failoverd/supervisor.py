@@ -36,6 +36,7 @@ PG_ACTION_TIMEOUT_S = 600.0  # a clone of a large database may take long; fences
 FENCE_TIMEOUT_S = 5.0
 PROMOTING_PROBE_S = 0.02  # probe interval while a promotion runs
 SHUTDOWN_GRACE_S = 2.0
+VIP_RETRY_S = 2.0  # a failed VIP acquisition is tried again this often while we should hold it
 
 
 class PostgresPort(Protocol):
@@ -74,6 +75,9 @@ class StatePort(Protocol):
 
 
 class VipPort(Protocol):
+    acquire_error: str | None  # why the last background acquisition failed, if it did
+
+    def precheck(self) -> None: ...
     async def acquire(self) -> None: ...
     async def release(self) -> None: ...
 
@@ -179,6 +183,7 @@ class Supervisor:
         self._elected_reason: str | None = None
         self._reinit: ReinitStatus | None = None
         self.last_tick_at: float | None = None  # for the systemd watchdog's health check
+        self._vip_retry_at = 0.0
 
     # ------------------------------------------------------------- lifecycle
 
@@ -324,6 +329,7 @@ class Supervisor:
         while True:
             async with self._lock:
                 await self._execute(self.node.tick(self.clock(), wall_time=time.time()))
+                await self._retry_vip()
                 delay = max(0.0, min(self.node.next_wakeup() - self.clock(), self.probe_interval_s))
                 self.last_tick_at = self.clock()
             self._wake.clear()
@@ -438,6 +444,8 @@ class Supervisor:
                 self.log.info(a.event, **a.as_dict())
                 self._count(a)
                 self._call_hooks(a)
+                if self.vip is not None and a.event == "role_changed" and a.as_dict().get("role") == "leader":
+                    self.vip.precheck()  # overlaps confirmation and promotion (vip.py)
             elif isinstance(a, act.ArmWatchdog):
                 if self.watchdog is not None:
                     if a.deadline is None:
@@ -456,6 +464,8 @@ class Supervisor:
                 if self.postgres is not None:
                     if isinstance(a, act.Promote):
                         self._drop_queued((act.Follow, act.StartStandby), "promote")
+                        if self.vip is not None:
+                            self.vip.precheck()  # unless one still runs since the election
                     self._pg_queue.put_nowait(a)
             else:
                 raise TypeError(f"unknown action {a!r}")
@@ -520,6 +530,20 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - reported, see docstring
             self.log.error("vip_acquire_failed" if acquire else "vip_release_failed",
                            node=self.node.name, term=self.node.term, error=str(exc)[:300])
+
+    async def _retry_vip(self) -> None:
+        """The core hands the VIP out once per leadership; an acquisition that
+        failed in the background (another host answered, a command failed) is
+        retried every VIP_RETRY_S for as long as the core still wants it held."""
+        vip = self.vip
+        if vip is None or not self.node.vip_held or vip.acquire_error is None:
+            return
+        now = self.clock()
+        if now - self._vip_retry_at < VIP_RETRY_S:
+            return
+        self._vip_retry_at = now
+        self.log.info("vip_acquire_retry", node=self.node.name, term=self.node.term, error=vip.acquire_error[:300])
+        await self._move_vip(act.AcquireVip(self.node.term))
 
     def _drop_queued(self, kinds: tuple[type, ...], reason: str) -> None:
         """Remove queued (not running) PostgreSQL work of these kinds: a new

@@ -27,6 +27,14 @@ it print its summary). On a LAN an owner answers within milliseconds. The
 announcement (`arping -U`, spaced unsolicited ARP requests that overwrite
 neighbours' stale ARP entries) follows the addition, also in the background.
 
+`precheck()` starts that detection early, when this node wins an election
+(and again on Promote unless one still runs), so that it overlaps the
+promotion instead of following it. An acquisition uses a precheck that finished at
+most `PRECHECK_MAX_AGE_S` before it (waiting for one still running) and runs
+its own detection otherwise. The check stays what it was, a guard against a
+misconfigured or unfenced host; the lease is what keeps an old primary off
+the address (it removes it when its lease ends, before any election).
+
 Programs: `ip` (iproute2) and `arping` (iputils-arping), found on PATH or in
 the sbin directories; `apt-get install iproute2 iputils-arping`. Privileges:
 `ip addr add/del` needs CAP_NET_ADMIN and `arping` needs CAP_NET_RAW; nothing
@@ -61,6 +69,8 @@ VIP_CAPABILITIES = ("net_admin", "net_raw")
 IP_TIMEOUT_S = 5.0
 # A probe is interrupted at the end of its window; this bounds a hung one.
 DAD_TIMEOUT_S = 5.0
+# How old a finished precheck may be and still stand for the detection.
+PRECHECK_MAX_AGE_S = 1.0
 # One `arping -U -c 1` sends at once, then idles for its 1 s interval.
 ANNOUNCE_TIMEOUT_S = 5.0
 _SEARCH_PATH = ":".join(
@@ -119,6 +129,8 @@ class VirtualIp:
         self._arping = _find("arping")
         self._lock = asyncio.Lock()
         self._acquiring: asyncio.Task[None] | None = None
+        self._precheck: asyncio.Task[bool] | None = None
+        self._precheck_done_at: float | None = None
         self._announcing: asyncio.Task[None] | None = None
         self.acquire_error: str | None = None  # why the last acquisition failed, if it did
 
@@ -209,6 +221,39 @@ class VirtualIp:
         detail = (done.stderr or done.stdout).strip()[-300:]
         raise VipError(f"{self._describe()}: duplicate address detection failed (arping exit {done.returncode}): {detail}")
 
+    def precheck(self) -> None:
+        """Start duplicate address detection in the background, for an
+        acquisition expected soon (see the module's docstring)."""
+        if self._precheck is not None and not self._precheck.done():
+            return
+        self._precheck_done_at = None
+        self._precheck = asyncio.create_task(self._timed_detection(), name=f"vip-precheck-{self.address}")
+
+    async def _timed_detection(self) -> bool:
+        try:
+            return await self.answered_elsewhere()
+        finally:
+            self._precheck_done_at = time.monotonic()
+
+    async def _detect_duplicate(self) -> bool:
+        """A recent or running precheck's answer, else a detection now."""
+        task, self._precheck = self._precheck, None
+        if task is not None:
+            if not task.done():
+                await asyncio.wait([task])
+            fresh = self._precheck_done_at is not None and time.monotonic() - self._precheck_done_at <= PRECHECK_MAX_AGE_S
+            if fresh and not task.cancelled() and task.exception() is None:
+                self.log.info("vip_precheck_used", address=self.address, answered=task.result())
+                return task.result()
+        return await self.answered_elsewhere()
+
+    async def _stop_precheck(self) -> None:
+        task, self._precheck = self._precheck, None
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
     # -------------------------------------------------------------- actions
 
     async def acquire(self) -> None:
@@ -249,7 +294,7 @@ class VirtualIp:
         it, then start announcing it. Returns whether it was held already."""
         already = await self.held()
         if not already:
-            if await self.answered_elsewhere():
+            if await self._detect_duplicate():
                 raise VipError(f"{self._describe()}: refusing to acquire, another host answers for {self.address}")
             argv = self._argv(self._ip, "addr", "add", self.config.address.with_prefixlen, "dev", self.interface)
             done = await self._run(argv, IP_TIMEOUT_S)
@@ -265,6 +310,7 @@ class VirtualIp:
         """Stop an acquisition in progress, then remove the address if held
         (any prefix length). Idempotent."""
         await self._stop_acquiring()
+        await self._stop_precheck()
         async with self._lock:
             await self._stop_announcing()
             prefixes = await self._prefixes()
@@ -288,6 +334,7 @@ class VirtualIp:
         """Stop a pending acquisition or announcement (daemon shutdown); an
         address already added stays."""
         await self._stop_acquiring()
+        await self._stop_precheck()
         async with self._lock:
             await self._stop_announcing()
 

@@ -104,6 +104,12 @@ class Node(LeaderMixin):
         self.grants: dict[str, bool] = {}
         self.vouchers: set[str] = set()
         self.transfer_from: str | None = None
+        # The leader that handed over to a successor while we followed it
+        # (we saw its TimeoutNow or its successor's VoteRequest). It fenced
+        # itself first, so our promise to it no longer binds a vote for
+        # another candidate of the same handover; the next leader we hear
+        # ends this.
+        self.released_by: str | None = None
         # Set while campaigning on an operator's Failover (and kept into the
         # leadership it wins): the history reason, and whether voters were
         # asked to waive the WAL check.
@@ -235,6 +241,7 @@ class Node(LeaderMixin):
         if self.leader != m.sender:
             self.leader = m.sender
             self.leader_since = now
+            self.released_by = None
             self._emit("leader_known", leader=m.sender)
             if self.me.is_data:
                 self.out.append(act.ProbeNow())
@@ -314,6 +321,7 @@ class Node(LeaderMixin):
     def _on_timeout_now(self, m: TimeoutNow, now: float) -> None:
         if m.term != self.term or m.sender != self.leader or self.role is not Role.FOLLOWER:
             return
+        self.released_by = m.sender
         if not self._may_campaign(now, transfer=True):
             self._emit("transfer_declined", leader=m.sender)
             return
@@ -385,7 +393,7 @@ class Node(LeaderMixin):
         self, candidate: str, position: Position | None, stamp, now: float, transfer_from: str | None,
         waive_wal_check: bool = False,
     ) -> str | None:
-        waived = transfer_from is not None and transfer_from in (self.leader, self.name)
+        waived = self._is_handover_from(transfer_from)
         if now < self.promise_until and not waived and "lease" not in self.disabled:
             return LEASE_REFUSAL
         if not self.spec.member(candidate).can_lead:
@@ -394,14 +402,21 @@ class Node(LeaderMixin):
             return "candidate's cluster state is older than mine"
         if waive_wal_check:
             return None
-        if self.me.is_data and "lsn-check" not in self.disabled:
-            mine = None if self.pg is None else self.pg.position
-            if mine is not None and (position is None or position < mine):
-                return f"candidate's WAL {position} is behind mine {mine}"
+        if self._holds_more_wal_than(position):
+            return f"candidate's WAL {position} is behind mine {self.pg.position}"
         if self.spec.replication.mode is ReplicationMode.ASYNC and "lsn-check" not in self.disabled:
             if self._lags_beyond_limit(position):
                 return "candidate lags the last primary by more than max_lag_bytes"
         return None
+
+    def _is_handover_from(self, transfer_from: str | None) -> bool:
+        return transfer_from is not None and transfer_from in (self.leader, self.name, self.released_by)
+
+    def _holds_more_wal_than(self, position: Position | None) -> bool:
+        if not self.me.is_data or "lsn-check" in self.disabled:
+            return False
+        mine = None if self.pg is None else self.pg.position
+        return mine is not None and (position is None or position < mine)
 
     def _vouches(self, position: Position | None, waived: bool = False) -> bool:
         """Whether our WAL check of a candidate counts towards the data quorum.
@@ -433,6 +448,7 @@ class Node(LeaderMixin):
 
     def _on_vote_request(self, m: VoteRequest, now: float) -> None:
         leader_before = self.leader
+        handover = m.term > self.term and self._is_handover_from(m.transfer_from)
         reason = self._vote_refusal(m.sender, m.position, m.stamp, now, m.transfer_from, m.waive_wal_check)
         if m.term < self.term:
             reason = "stale term"
@@ -460,6 +476,21 @@ class Node(LeaderMixin):
                 reason=reason or "",
             ),
         )
+        if handover:
+            self.released_by = m.transfer_from
+            self._take_over_handover(m, now)
+
+    def _take_over_handover(self, m: VoteRequest, now: float) -> None:
+        """The leader handed over to a candidate with less WAL than ours (it
+        chose by positions reported up to a heartbeat ago). That candidate
+        cannot win the data quorum, so campaign for the same handover at once
+        instead of after an election timeout."""
+        if (self.role is not Role.FOLLOWER or self.voted_for is not None or m.waive_wal_check
+                or not self._holds_more_wal_than(m.position) or not self._may_campaign(now, transfer=True)):
+            return
+        self._emit("handover_taken_over", candidate=m.sender, transfer_from=m.transfer_from,
+                   position=str(self._my_position()))
+        self._start_election(now, transfer_from=m.transfer_from)
 
     def _follow_successor_early(self, m: VoteRequest, leader_before: str | None, now: float) -> None:
         """Stream from the target of a planned switchover while it campaigns,

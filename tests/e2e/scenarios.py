@@ -153,7 +153,7 @@ class _Run:
     async def stop(self) -> None:
         """Stop the watchers without checking."""
         self.client.stop()
-        if self.sampler._task is not None:
+        if self.sampler.running:
             await self.sampler.stop()
 
     async def finish(self, result: RunResult, fault_wall: float) -> RunResult:

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,33 +299,64 @@ class _Background:
         """Release what the task held."""
 
 
-class DualPrimarySampler(_Background):
+class DualPrimarySampler:
     """Asks every member `pg_is_in_recovery()` every `interval_s` over a kept
     connection and records instants at which two servers were out of recovery.
     A member that does not answer within the interval counts as not primary
-    for that sample (it cannot be taking writes from us either)."""
+    for that sample (it cannot be taking writes from us either).
+
+    It runs its own event loop in its own thread: the test's loop also runs
+    writers, fault injection (synchronous `ip` commands) and log parsing, and
+    a sampler sharing that loop missed its pace whenever those ran long."""
 
     def __init__(self, cluster: LocalCluster, interval_s: float = 0.05) -> None:
-        self.cluster = cluster
         self.interval_s = interval_s
+        # Only plain data crosses into the sampler's thread.
+        self._targets = [(name, str(a.socket_dir), a.pg.port) for name, a in cluster.adapters.items()]
         self.sample_times: list[float] = []
         self.dual: list[tuple[float, list[str]]] = []
         self._conns: dict[str, asyncpg.Connection | None] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
 
     @property
     def samples(self) -> int:
         return len(self.sample_times)
 
     def max_gap_s(self) -> float:
-        t = self.sample_times
+        t = list(self.sample_times)
         return max((b - a for a, b in zip(t, t[1:])), default=0.0)
 
-    async def _is_primary(self, name: str) -> bool:
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._thread_main, name="dual-primary-sampler", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+            if self._thread.is_alive():
+                raise AssertionError("the dual-primary sampler did not stop")
+            self._thread = None
+        if self._error is not None:
+            raise AssertionError(f"the dual-primary sampler failed: {self._error!r}") from self._error
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as e:  # noqa: BLE001 - reported by stop()
+            self._error = e
+
+    async def _is_primary(self, name: str, socket_dir: str, port: int) -> bool:
         conn = self._conns.get(name)
         try:
             if conn is None or conn.is_closed():
-                a = self.cluster.adapters[name]
-                conn = await asyncpg.connect(host=str(a.socket_dir), port=a.pg.port, user="postgres",
+                conn = await asyncpg.connect(host=socket_dir, port=port, user="postgres",
                                              database="postgres", timeout=self.interval_s)
                 self._conns[name] = conn
             return not await conn.fetchval("SELECT pg_is_in_recovery()", timeout=self.interval_s)
@@ -335,20 +367,19 @@ class DualPrimarySampler(_Background):
             return False
 
     async def _run(self) -> None:
-        names = list(self.cluster.adapters)
-        while True:
-            started = time.monotonic()
-            answers = await asyncio.gather(*(self._is_primary(n) for n in names))
-            self.sample_times.append(started)
-            prim = [n for n, p in zip(names, answers, strict=True) if p]
-            if len(prim) > 1:
-                self.dual.append((started, prim))
-            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
-
-    def _closed(self) -> None:
-        for conn in self._conns.values():
-            if conn is not None:
-                conn.terminate()
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                answers = await asyncio.gather(*(self._is_primary(*t) for t in self._targets))
+                self.sample_times.append(started)
+                prim = [t[0] for t, p in zip(self._targets, answers, strict=True) if p]
+                if len(prim) > 1:
+                    self.dual.append((started, prim))
+                await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
+        finally:
+            for conn in self._conns.values():
+                if conn is not None:
+                    conn.terminate()
 
 
 class Writer(_Background):

@@ -196,6 +196,53 @@ async def test_detection_of_a_free_address_takes_about_the_window(net: Lab) -> N
     assert 0.25 < time.monotonic() - started < 0.8
 
 
+async def test_a_fresh_precheck_stands_for_the_detection(net: Lab) -> None:
+    h1 = make_vip(net, "h1", dad_window_s=0.3)
+    h1.precheck()  # the supervisor does this when the promotion starts
+    await asyncio.sleep(0.4)  # the promotion takes about this long
+    with capture_logs() as logs:
+        started = time.monotonic()
+        await h1.acquire()
+        await h1.wait_acquired()
+        took = time.monotonic() - started
+    assert await h1.held()
+    assert [e["answered"] for e in logs if e["event"] == "vip_precheck_used"] == [False]
+    assert took < 0.25, took  # no second detection window
+    await h1.release()
+
+
+async def test_a_precheck_that_heard_another_host_refuses_the_address(net: Lab) -> None:
+    added = await net.run("h2", "ip", "addr", "add", f"{VIP}/24", "dev", net.interface)
+    assert added.returncode == 0, added
+    h1 = make_vip(net, "h1")
+    h1.precheck()
+    await h1.acquire()  # while the precheck still runs: it waits for its answer
+    with pytest.raises(VipError, match="another host answers"):
+        await h1.wait_acquired()
+    assert not await h1.held()
+
+
+async def test_a_stale_precheck_is_not_trusted(net: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vip_module, "PRECHECK_MAX_AGE_S", 0.1)
+    h1 = make_vip(net, "h1")
+    h1.precheck()
+    await asyncio.sleep(0.5)  # it found the address free, long ago
+    added = await net.run("h2", "ip", "addr", "add", f"{VIP}/24", "dev", net.interface)
+    assert added.returncode == 0, added
+    await h1.acquire()
+    with pytest.raises(VipError, match="another host answers"):
+        await h1.wait_acquired()
+
+
+async def test_release_stops_a_precheck(net: Lab) -> None:
+    h1 = make_vip(net, "h1", dad_window_s=0.5)
+    h1.precheck()
+    started = time.monotonic()
+    await h1.release()
+    assert time.monotonic() - started < 0.3
+    assert h1._precheck is None
+
+
 # --- a non-root daemon with ambient capabilities, as the systemd unit starts it ---
 
 NET_CAPS = "+net_admin,+net_raw"

@@ -243,3 +243,59 @@ def test_a_probe_begun_before_the_demote_does_not_make_the_leader_writable_again
     out = w.deliver("a", a.observe(obs(PgRole.PRIMARY, at=2.31, lsn=1200), 2.31), 2.31)
     assert not a.lead.primary_ready and "promoted" not in events(out["a"])
     assert all(not m.primary_ready for m in messages(out["a"], Heartbeat))
+
+
+# ------------------------------------- a handover chosen on stale positions
+
+
+def _dead_primary_hands_over_on_stale_positions():
+    """a's postmaster is killed (its position is unknown now). a last heard b
+    at 1300 and c at 1200, but c has since received more (1400): a hands
+    over to b, which cannot win the data quorum without c."""
+    w = promoted(lsn=1000)
+    w.observe("b", obs(at=2.3, lsn=1300, following="a"), 2.3)
+    w.observe("c", obs(at=2.3, lsn=1200, following="a"), 2.3)
+    w.tick("a", 2.35)
+    w["c"].observe(obs(at=2.38, lsn=1400, following="a"), 2.38)  # not reported to a yet
+    out = w.observe("a", obs(PgRole.STOPPED, at=2.4, lsn=None), 2.4)
+    return w, out
+
+
+def test_a_voter_with_more_wal_takes_the_handover_over_at_once():
+    w, out = _dead_primary_hands_over_on_stale_positions()
+    assert [m.to for m in sends(out["a"], TimeoutNow)] == ["b"]
+    assert "handover_taken_over" not in events(out["b"])  # b is behind c
+    assert "vote_refused" in events(out["c"]) and "handover_taken_over" in events(out["c"])
+    # c campaigned in term 3 for the same handover; a (the old leader) and b voted.
+    (req,) = messages(out["c"], VoteRequest, to="b")
+    assert req.term == 3 and req.transfer_from == "a" and req.position == pos(1400)
+    assert w["c"].role is Role.LEADER and w["c"].term == 3
+    assert w["b"].voted_for == "c" and w["a"].voted_for == "c"
+    assert w["b"].role is Role.FOLLOWER and w["b"].leader == "c"
+
+
+def test_no_take_over_outside_a_handover():
+    """A voter with more WAL refuses an ordinary candidate and waits for its
+    own election timeout: only a leader's handover releases its promise."""
+    w = promoted(lsn=1000)
+    w.isolate("a")
+    b, c = w["b"], w["c"]
+    w.observe("c", obs(at=3.9, lsn=1400, following=None), 3.9)
+    w.observe("b", obs(at=3.9, lsn=1300, following=None), 3.9)
+    b.promise_until = c.promise_until = 3.9  # a's lease has run out on both
+    b._start_election(4.0, transfer_from=None)
+    out = w.deliver("b", b._flush(), 4.0)
+    assert "vote_refused" in events(out["c"]) and "handover_taken_over" not in events(out["c"])
+    assert c.role is Role.FOLLOWER and c.term == 2 and c.voted_for is None
+
+
+def test_the_next_leader_ends_the_release():
+    """Once c leads, a VoteRequest claiming a's old handover no longer waives
+    b's promise to c."""
+    w, _ = _dead_primary_hands_over_on_stale_positions()
+    b = w["b"]
+    assert b.leader == "c" and b.released_by is None and b.promise_until > 2.4
+    out = b.receive(VoteRequest(cluster=b.spec.name, sender="a", term=4, position=pos(2000), stamp=b.state.stamp,
+                                transfer_from="a"), 2.41)
+    (resp,) = messages(out, type(out[-1].message))
+    assert not resp.granted and b.leader == "c" and b.term == 3

@@ -15,6 +15,7 @@ from failoverd.core.messages import Message, TimeoutNow, VoteResponse
 from failoverd.core.node import Node, Role
 from failoverd.core.spec import ClusterSpec, Member, Timing
 from failoverd.core.state import PersistentState, PgObservation, PgRole, Position
+import failoverd.supervisor as supervisor_module
 from failoverd.supervisor import Supervisor
 
 TIMING = Timing(heartbeat_interval_s=0.02, election_timeout_min_s=0.2, election_timeout_max_s=0.3, lease_s=0.12,
@@ -238,6 +239,11 @@ async def test_postgres_work_runs_with_node_and_term_bound_for_its_log_events():
 
 async def test_a_vip_that_cannot_be_taken_is_logged_not_fatal(_captured_logs):
     class ConflictingVip:
+        acquire_error = None
+
+        def precheck(self) -> None:
+            pass
+
         async def acquire(self) -> None:
             raise RuntimeError("another host answers for 198.18.7.100")
 
@@ -264,3 +270,39 @@ async def test_orderly_stop_of_a_follower_leaves_its_standby_running():
         # No fence, and the watchdog disarmed (work that was already running
         # in the PostgreSQL worker may be journaled after the disarm).
         assert "stop_immediate" not in mine and "stop_fast" not in mine and "disarm" in mine
+
+
+async def test_a_failed_background_vip_acquisition_is_retried_while_leader(_captured_logs, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "VIP_RETRY_S", 0.05)
+
+    class FlakyVip:
+        """Fails in the background (as VirtualIp does) twice, then holds."""
+
+        def __init__(self) -> None:
+            self.acquire_error: str | None = None
+            self.attempts = 0
+            self.held = False
+
+        def precheck(self) -> None:
+            pass
+
+        async def acquire(self) -> None:
+            self.attempts += 1
+            self.acquire_error = "another host answers" if self.attempts <= 2 else None
+            self.held = self.acquire_error is None
+
+        async def release(self) -> None:
+            self.held = False
+
+    c = Cluster()
+    vips = {name: FlakyVip() for name in c.sups}
+    for name, s in c.sups.items():
+        s.vip = vips[name]
+    async with c:
+        await c.wait_for(lambda: _ready(c))
+        leader = next(n for n, s in c.sups.items() if s.node.role is Role.LEADER)
+        await c.wait_for(lambda: vips[leader].held)
+        assert vips[leader].attempts == 3
+        assert all(v.attempts == 0 for n, v in vips.items() if n != leader)
+    retries = [e for e in _captured_logs if e["event"] == "vip_acquire_retry"]
+    assert len(retries) == 2 and all(e["node"] == leader and e["term"] >= 1 for e in retries)
