@@ -51,13 +51,19 @@ Following a leader (`follow`):
 Each standby streams through a physical slot named after itself, which it
 creates on its upstream (a freshly promoted primary has none); a standby
 drops member slots it kept from its own time as primary.
+
+The adapter is split by responsibility: `PostgresAdapter` (here) holds the
+configuration, the lifecycle (bootstrap, start, stop, promote) and the
+settings; the probe and the reads of positions and roles are the mixin
+`failoverd.pgprobe.PostgresProbe`; following, cloning, rewinding and what is
+said to the upstream server are the mixin
+`failoverd.pgreplication.PostgresReplication`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import math
 import os
 import signal
@@ -72,13 +78,18 @@ import structlog
 from failoverd import oscmd, procs
 from failoverd import pgsetup as setup
 from failoverd.config import Config, NodeConfig, PostgresNodeConfig
-from failoverd.core.state import PgObservation, PgRole, Position
+from failoverd.core.state import PgRole, Position
+from failoverd.pgprobe import PROBE_RECONNECT_S, PostgresProbe
+from failoverd.pgreplication import UPSTREAM_CONNECT_TIMEOUT_S, PostgresError, PostgresReplication, _create_slot
+
+__all__ = [
+    "IMMEDIATE_STOP_S", "KILL_WAIT_S", "PROBE_RECONNECT_S", "START_GRACE_S", "SYNC_APPLY_WAIT_S",
+    "UPSTREAM_CONNECT_TIMEOUT_S", "PostgresAdapter", "PostgresError", "socket_dir_for",
+]
 
 IMMEDIATE_STOP_S = 3  # our wait for an immediate stop before we SIGKILL
 KILL_WAIT_S = 2.0
-RETARGET_WAIT_S = 10.0
 SYNC_APPLY_WAIT_S = 5.0
-_READY_POLL_S = 0.2
 # How often we look whether a stop, a promotion or a reload has taken effect.
 # pg_ctl stop -w and pg_promote(wait => true) look every 100 ms; on the path
 # of a switchover each such step is writes waiting, so we look ourselves.
@@ -86,21 +97,7 @@ _FAST_POLL_S = 0.01
 # What `pg_ctl stop -m <mode>` sends to the postmaster.
 _STOP_SIGNALS = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 START_GRACE_S = 5.0  # a postmaster not running this long after pg_ctl start failed to start
-PROBE_RECONNECT_S = 1.0  # see PostgresAdapter.__init__
-# A server on the LAN answers a connection in milliseconds; one that does not
-# answer in this long is gone or cut off, and a Follow of it must not hold up
-# the PostgreSQL worker (a Promote may be queued behind it).
-UPSTREAM_CONNECT_TIMEOUT_S = 2.0
 
-_PROBE_SQL = """
-WITH r AS MATERIALIZED (SELECT pg_is_in_recovery() AS rec)
-SELECT r.rec,
-       CASE WHEN r.rec THEN NULL ELSE pg_current_wal_lsn()::text END AS current_lsn,
-       CASE WHEN r.rec THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END AS walfile,
-       pg_last_wal_replay_lsn()::text AS replay_lsn,
-       w.status, w.received_tli, w.flushed_lsn::text AS flushed_lsn, w.sender_host, w.sender_port
-FROM r LEFT JOIN pg_stat_wal_receiver w ON true
-"""
 _REWIND_FUNCTIONS = (
     "pg_catalog.pg_ls_dir(text, boolean, boolean)",
     "pg_catalog.pg_stat_file(text, boolean)",
@@ -110,37 +107,12 @@ _REWIND_FUNCTIONS = (
 )
 
 
-_UPSTREAM_SQL = """
-WITH r AS MATERIALIZED (SELECT pg_is_in_recovery() AS rec)
-SELECT r.rec,
-       CASE WHEN r.rec THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END AS walfile,
-       CASE WHEN r.rec THEN greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text
-            ELSE pg_current_wal_lsn()::text END AS lsn
-FROM r
-"""
-
-
-class PostgresError(Exception):
-    """A PostgreSQL action cannot be carried out (the message says why)."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Upstream:
-    """The server to stream from, as `PostgresAdapter._upstream` found it."""
-
-    in_recovery: bool
-    timeline: int | None  # a primary's current timeline; None for a standby
-    lsn: int  # a primary's current position; a standby's received (or replayed) end
-    history: list[tuple[int, int]]  # a primary's timeline history
-    slot: str  # our slot on it; '' when it could not be made
-
-
 def socket_dir_for(config: Config, pg: PostgresNodeConfig) -> Path:
     """The private directory holding the member's socket, password file and log."""
     return config.postgres_defaults.socket_dir or Path(f"{pg.data_dir}.run")
 
 
-class PostgresAdapter:
+class PostgresAdapter(PostgresProbe, PostgresReplication):
     def __init__(
         self,
         config: Config,
@@ -185,6 +157,9 @@ class PostgresAdapter:
         # (SIGSTOP) is seen at once from /proc.
         self._probe_conn: asyncpg.Connection | None = None
         self._probe_conn_at = 0.0
+        # True while follow() only asks its upstream, before it changes
+        # anything here: the supervisor may cancel it then (waiting_on_upstream).
+        self._asking_upstream = False
         self._keep_probe_conn = keep_probe_connection
 
     @property
@@ -194,152 +169,6 @@ class PostgresAdapter:
     @property
     def logfile(self) -> Path:
         return self.socket_dir / "postgresql.log"
-
-    # ------------------------------------------------------------------ probe
-
-    async def probe(self, observed_at: float) -> PgObservation:
-        """What the local PostgreSQL is doing now. Never raises (a cancellation
-        of the caller still propagates)."""
-        try:
-            async with asyncio.timeout(self.probe_timeout_s):
-                return await self._probe(observed_at)
-        except Exception as error:  # noqa: BLE001 - any failure is an observation, not an error
-            self._drop_probe_conn()
-            self.log.debug("pg_probe_failed", error=f"{type(error).__name__}: {error}"[:300])
-        except BaseException:  # cancelled mid-query: the connection's state is unknown
-            self._drop_probe_conn()
-            raise
-        try:
-            if not self._has_data():
-                return PgObservation(PgRole.ABSENT, observed_at)
-            if self.postmaster_pid() is None:
-                return PgObservation(PgRole.STOPPED, observed_at, self._cached_scan())
-        except OSError:
-            pass
-        return PgObservation(PgRole.UNRESPONSIVE, observed_at)
-
-    async def _probe(self, observed_at: float) -> PgObservation:
-        if not self._has_data():
-            return PgObservation(PgRole.ABSENT, observed_at)
-        pid = self.postmaster_pid()
-        if pid is None:
-            self._drop_probe_conn()
-            return PgObservation(PgRole.STOPPED, observed_at, await self._stopped_position())
-        if procs.is_stopped(pid):
-            self._drop_probe_conn()
-            return PgObservation(PgRole.UNRESPONSIVE, observed_at)
-        row = await self._probe_query()
-        if not row["rec"]:
-            position = Position(setup.timeline_of_walfile(row["walfile"]), setup.parse_lsn(row["current_lsn"]))
-            return PgObservation(PgRole.PRIMARY, observed_at, position)
-        return PgObservation(PgRole.STANDBY, observed_at, await self._standby_position(row), self._following(row))
-
-    async def _standby_position(self, row: asyncpg.Record) -> Position | None:
-        receive = None
-        if row["received_tli"] and row["flushed_lsn"]:
-            receive = Position(row["received_tli"], setup.parse_lsn(row["flushed_lsn"]))
-        replay = None if row["replay_lsn"] is None else setup.parse_lsn(row["replay_lsn"])
-        # The receiver streams the timeline replay is heading for, never an
-        # older one, so while it is ahead of replay its position covers both.
-        if receive is not None and replay is not None and replay <= receive.lsn:
-            return receive
-        identified = await self._identify_system()
-        if identified is None:
-            return None  # unknown beats understated: see the module docstring
-        return identified if receive is None else max(receive, identified)
-
-    async def _identify_system(self) -> Position | None:
-        dsn = setup.conninfo(
-            host=self.socket_dir, port=self.pg.port, user=self.pg.superuser, replication="true", connect_timeout=2
-        )
-        argv = [str(await self._bin("psql")), "-X", "-A", "-t", "-q", "-w", "-c", "IDENTIFY_SYSTEM", dsn]
-        try:
-            out = await oscmd.run(argv, user=None, timeout_s=self.probe_timeout_s)
-            fields = out.stdout.strip().split("|")
-            return Position(int(fields[1]), setup.parse_lsn(fields[2]))
-        except (oscmd.CommandFailed, IndexError, ValueError) as error:
-            if not self._identify_failed_logged:  # once: it repeats every probe
-                self._identify_failed_logged = True
-                self.log.warning("pg_identify_system_failed", error=str(error)[:300],
-                                 hint="pg_hba.conf needs 'local replication all trust'")
-            return None
-
-    def _following(self, row: asyncpg.Record) -> str | None:
-        if row["status"] != "streaming" or row["sender_host"] is None:
-            return None
-        sender = setup.address_key(row["sender_host"], row["sender_port"])
-        for member in self.config.nodes:
-            pg = member.postgres
-            if member.name != self.node.name and pg is not None and setup.address_key(pg.host, pg.port) == sender:
-                return member.name
-        return None
-
-    # ---------------------------------------------------- stopped: end of WAL
-
-    async def _stopped_position(self) -> Position | None:
-        if self._lock.locked():
-            # An action may be rewriting the directory: only a scan of exactly
-            # the WAL and pg_control still there (e.g. before a restart) holds.
-            return self._cached_scan()
-        fingerprint = self._fingerprint()
-        if self._scan is not None and self._scan[0] == fingerprint:
-            return self._scan[1]
-        if self._scan_task is None or self._scan_task.done():
-            self._scan_task = asyncio.create_task(self._scan_wal(fingerprint), name=f"wal-scan-{self.node.name}")
-        # Shielded: a probe timing out must not abort a scan the next probe can use.
-        return await asyncio.shield(self._scan_task)
-
-    def _cached_scan(self) -> Position | None:
-        try:
-            fingerprint = self._fingerprint()
-        except OSError:
-            return None
-        return self._scan[1] if self._scan is not None and self._scan[0] == fingerprint else None
-
-    def _fingerprint(self) -> tuple:
-        def stamp(path: Path) -> tuple[str, int, int]:
-            st = path.stat()
-            return (path.name, st.st_size, st.st_mtime_ns)
-
-        wal = self.data_dir / "pg_wal"
-        return (stamp(self.data_dir / "global" / "pg_control"), tuple(sorted(stamp(p) for p in wal.iterdir())))
-
-    async def _scan_wal(self, fingerprint: tuple) -> Position | None:
-        try:
-            position = await self._wal_end()
-        except (oscmd.CommandFailed, OSError, ValueError, KeyError) as error:
-            self.log.warning("pg_wal_end_unknown", error=str(error)[:300])
-            position = None
-        self._scan = (fingerprint, position)
-        return position
-
-    async def _wal_end(self) -> Position | None:
-        control = await self._controldata()
-        segment_size = int(control["Bytes per WAL segment"])
-        checkpoint = Position(
-            int(control["Latest checkpoint's TimeLineID"]), setup.parse_lsn(control["Latest checkpoint location"])
-        )
-        wal = self.data_dir / "pg_wal"
-        timelines = {setup.timeline_of_walfile(p.name) for p in wal.iterdir() if len(p.name) == 24 and p.is_file()}
-        newest = max(timelines | {checkpoint.timeline})
-        if newest > checkpoint.timeline:
-            # WAL of a newer timeline than the checkpoint's (received after the
-            # last restartpoint): scan it from where that timeline begins.
-            history = wal / f"{newest:08X}.history"
-            begins = setup.parse_history(history.read_text())[-1][1] if history.exists() else None
-            if begins is not None and begins >= checkpoint.lsn:
-                end = await self._waldump_end(newest, begins, segment_size)
-                if end is not None:
-                    return Position(newest, end)
-        end = await self._waldump_end(checkpoint.timeline, checkpoint.lsn, segment_size)
-        return None if end is None else Position(checkpoint.timeline, end)
-
-    async def _waldump_end(self, timeline: int, start: int, segment_size: int) -> int | None:
-        argv = [str(await self._bin("pg_waldump")), "-q", "-p", str(self.data_dir / "pg_wal"),
-                "-t", str(timeline), "-s", setup.format_lsn(start)]
-        done = await oscmd.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, check=False)
-        end = setup.waldump_end(done.stderr, segment_size)
-        return end if end is not None and end >= start else None
 
     # -------------------------------------------------------------- actions
 
@@ -411,80 +240,6 @@ class PostgresAdapter:
                 await self._retarget(upstream)
             else:
                 raise PostgresError(f"cannot start as a standby: the server is {role.value}")
-
-    async def follow(self, leader: NodeConfig) -> None:
-        """Stream from `leader`: clone when there is no data directory, re-point
-        a compatible standby, rewind (or re-clone) a diverged server."""
-        if leader.postgres is None or leader.name == self.node.name:
-            raise ValueError(f"{leader.name} cannot be followed")
-        async with self._lock:
-            # Our position before the leader's: WAL that streams in from it
-            # while we ask must not make us look ahead of it (diverged). A
-            # running server tells its role on the same connection.
-            row = None
-            if self._has_data() and self.postmaster_pid() is not None:
-                with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-                    row = await self._local_row(max(self.probe_timeout_s, 5.0))  # as _role() waits
-            role = await self._role() if row is None else PgRole.STANDBY if row["rec"] else PgRole.PRIMARY
-            if role is PgRole.ABSENT:
-                await self._clone(leader)
-                await self._start(upstream=leader)
-                return
-            if role is not PgRole.STANDBY:
-                row = None
-            position = None if row is None else _receiver_position(row)
-            up = await self._upstream(leader)
-            if up.in_recovery:
-                await self._cascade(leader, role, up, row)
-                return
-            if row is not None and position is None:
-                # No WAL receiver covers it: the server tells (a subprocess,
-                # kept off the cascade above, which must be quick), and then
-                # the leader's position is read again, after ours.
-                position = await self._standby_position(row)
-                up = await self._upstream(leader)
-                if up.in_recovery:
-                    raise PostgresError(f"{leader.name} is not a primary any more")
-            timeline, lsn, history = up.timeline, up.lsn, up.history
-            if role is PgRole.STANDBY:
-                if position is not None and setup.compatible(position.timeline, position.lsn, timeline, lsn, history):
-                    await self._retarget(leader, slot=up.slot)
-                    return
-                self.log.info("pg_diverged", position=str(position), leader=leader.name)
-            if role is not PgRole.STOPPED:
-                await self._stop_escalating()
-            position = await self._wal_end_now()
-            if position is None or not setup.compatible(position.timeline, position.lsn, timeline, lsn, history):
-                await self._rewind_or_reclone(leader, position)
-            await self._start(upstream=leader, slot=up.slot)
-
-    async def _cascade(self, upstream: NodeConfig, role: PgRole, up: _Upstream, row: asyncpg.Record | None) -> None:
-        """Stream from `upstream` while it is still a standby: the target of a
-        planned switchover, which the core follows before its promotion (it
-        has checked that our WAL is a prefix of the target's; docs/design.md,
-        "Planned switchover"). PostgreSQL follows the upstream's promotion onto
-        the new timeline by itself. Never rewinds, restarts or clones: a
-        server whose WAL goes further than the upstream's is left alone."""
-        if role is PgRole.STOPPED:
-            position = await self._wal_end_now()
-            lsn = None if position is None else position.lsn
-        elif role is PgRole.STANDBY and row is not None:
-            # Only LSNs are compared here (the core compared timelines), so the
-            # receiver's and replay's ends do, without a subprocess.
-            ends = [setup.parse_lsn(row[k]) for k in ("flushed_lsn", "replay_lsn") if row[k] is not None]
-            lsn = max(ends, default=None)
-        else:
-            raise PostgresError(f"cannot stream from {upstream.name}, a standby: this server is {role.value}")
-        if lsn is None or lsn > up.lsn:
-            mine = "unknown" if lsn is None else setup.format_lsn(lsn)
-            raise PostgresError(f"cannot stream from {upstream.name}, a standby at {setup.format_lsn(up.lsn)}: "
-                                f"this server's WAL ends at {mine}")
-        position = setup.format_lsn(lsn)
-        self.log.info("pg_cascading", upstream=upstream.name, position=str(position))
-        if role is PgRole.STANDBY:
-            await self._retarget(upstream, slot=up.slot)
-        else:
-            await self._start(upstream=upstream, slot=up.slot)
 
     async def stop(self, mode: Literal["fast", "immediate"]) -> None:
         """Stop the server; already stopped is fine. An immediate stop that
@@ -588,29 +343,6 @@ class PostgresAdapter:
             async with self._local(timeout_s) as conn:
                 await conn.execute("CHECKPOINT")
 
-    async def reinit(self, leader: NodeConfig) -> None:
-        """Rebuild this standby from `leader`: stop it, keep the data directory
-        aside (never deleted), clone afresh and start streaming. Refused on a
-        primary: only a standby (or a stopped server) is ever discarded."""
-        if leader.postgres is None or leader.name == self.node.name:
-            raise ValueError(f"{leader.name} cannot be cloned from")
-        async with self._lock:
-            role = await self._role()
-            if role is PgRole.PRIMARY:
-                raise PostgresError("refusing to rebuild a primary")
-            # A standby stuck in recovery (what reinit is for) may refuse
-            # connections; standby.signal says it cannot be taking writes.
-            if role is PgRole.UNRESPONSIVE and not (self.data_dir / "standby.signal").exists():
-                raise PostgresError("the server does not answer and is not in standby mode")
-            if role in (PgRole.STANDBY, PgRole.UNRESPONSIVE):
-                await self._stop_escalating()
-            if role is not PgRole.ABSENT:
-                aside = await asyncio.to_thread(setup.move_aside, self.data_dir)
-                self.log.warning("pg_data_dir_moved_aside", path=str(aside), reason="reinit")
-            await self._clone(leader)
-            await self._start(upstream=leader)
-            self.log.info("pg_reinit_done", leader=leader.name)
-
     def postmaster_pid(self) -> int | None:
         """The postmaster's pid from postmaster.pid, if that process is alive
         and serves this data directory."""
@@ -672,51 +404,6 @@ class PostgresAdapter:
         if not await conn.fetchval("SELECT pg_has_role($1, 'pg_checkpoint', 'MEMBER')", user):
             await conn.execute(f"GRANT pg_checkpoint TO {setup.quote_ident(user)}")
 
-    async def _clone(self, leader: NodeConfig) -> None:
-        if self._has_data():
-            raise PostgresError(f"{self.data_dir} already holds a cluster; not cloning over it")
-        await asyncio.to_thread(setup.check_replaceable, self.data_dir)
-        await self._prepare_run_dir()
-        slot = await self._slot_on(leader)
-        tmp = await asyncio.to_thread(setup.fresh_sibling_dir, self.data_dir, self._owner())
-        argv = [str(await self._bin("pg_basebackup")), "-D", str(tmp), "-X", "stream", "-c", "fast", "-w",
-                "-d", self._leader_dsn(leader, application_name=f"{self.node.name}_clone")]
-        if slot:
-            argv += ["-S", slot]
-        started = time.monotonic()
-        await oscmd.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, env=self._libpq_env())
-        await asyncio.to_thread(setup.move_into_place, tmp, self.data_dir)
-        self.log.info("pg_clone_done", leader=leader.name, seconds=round(time.monotonic() - started, 2))
-
-    async def _rewind_or_reclone(self, leader: NodeConfig, position: Position | None) -> None:
-        try:
-            await self._rewind(leader)
-        except (oscmd.CommandFailed, PostgresError, OSError) as error:
-            if not self.reclone_on_rewind_failure:
-                raise
-            self.log.warning("pg_rewind_failed", error=str(error)[:500], leader=leader.name)
-            aside = await asyncio.to_thread(setup.move_aside, self.data_dir)
-            self.log.warning("pg_data_dir_moved_aside", path=str(aside), position=str(position))
-            await self._clone(leader)
-
-    async def _rewind(self, leader: NodeConfig) -> None:
-        await self._leader_checkpointed(leader)
-        # pg_rewind completes crash recovery of an unclean target in single-user
-        # mode, which refuses to start with a standby.signal present.
-        await asyncio.to_thread(setup.set_standby_signal, self.data_dir, False, self._owner())
-        await self._prepare_run_dir()
-        argv = [str(await self._bin("pg_rewind")), "-D", str(self.data_dir),
-                f"--source-server={self._leader_dsn(leader, dbname=self.pg.database)}"]
-        started = time.monotonic()
-        try:
-            done = await oscmd.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, env=self._libpq_env())
-        except BaseException:
-            # Diverged WAL must never come up writable, even if someone starts it by hand.
-            await asyncio.to_thread(setup.set_standby_signal, self.data_dir, True, self._owner())
-            raise
-        self.log.info("pg_rewind_done", leader=leader.name, seconds=round(time.monotonic() - started, 2),
-                      output=(done.stdout + done.stderr).strip()[-300:])
-
     async def _start(self, *, upstream: NodeConfig | None, standby: bool = True, slot: str | None = None) -> None:
         """Write this member's settings and start; a standby of `upstream`
         (through `slot` on it when given, else our slot, made if missing)."""
@@ -744,34 +431,6 @@ class PostgresAdapter:
         self.log.info("pg_started", standby=standby, upstream=None if upstream is None else upstream.name)
         if standby:
             await self._drop_stale_slots()
-
-    async def _retarget(self, upstream: NodeConfig | None, slot: str | None = None) -> None:
-        conninfo = "" if upstream is None else self._primary_conninfo(upstream)
-        # One local connection throughout: on a switchover the standbys'
-        # re-pointing is what the new primary's first commits wait for.
-        async with self._local(self.command_timeout_s) as conn:
-            current = await conn.fetchval("SELECT current_setting('primary_conninfo')")
-            current_slot = await conn.fetchval("SELECT current_setting('primary_slot_name')")
-            if current == conninfo and current_slot in ("", self._slot if upstream else ""):
-                return
-            if upstream is None:
-                slot = ""
-            elif slot is None:
-                slot = await self._slot_on(upstream)
-            await self._prepare_run_dir()
-            await self._write_member_files(conninfo, slot, standby=True)
-            overriding = await conn.fetch(
-                "SELECT DISTINCT name FROM pg_file_settings WHERE sourcefile LIKE '%/postgresql.auto.conf'"
-                " AND name = ANY($1::text[])",
-                list(setup.MEMBER_KEYS),
-            )
-            for record in overriding:
-                await conn.execute(f"ALTER SYSTEM RESET {record['name']}")
-            await conn.execute("SELECT pg_reload_conf()")
-            # The reload is asynchronous; PostgreSQL (13+) restarts the WAL
-            # receiver once the startup process has seen the new value.
-            await self._await_setting("primary_conninfo", conninfo, RETARGET_WAIT_S, conn)
-        self.log.info("pg_retargeted", upstream=None if upstream is None else upstream.name)
 
     async def _alter_system(self, name: str, value: str, conn: asyncpg.Connection | None = None) -> None:
         if conn is None:
@@ -825,124 +484,7 @@ class PostgresAdapter:
             await asyncio.sleep(0.05)
         self.log.warning("pg_killed", pid=pid, children=len(children))
 
-    async def _drop_stale_slots(self) -> None:
-        """Slots a former primary kept would pin WAL on this standby forever;
-        followers re-create theirs on whichever server becomes primary."""
-        members = {setup.slot_name(n.name) for n in self.config.nodes}
-        try:
-            async with self._local(self.command_timeout_s) as conn:
-                dropped = await conn.fetch(
-                    "SELECT slot_name, pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-                    " WHERE slot_type = 'physical' AND NOT active AND slot_name = ANY($1::text[])",
-                    sorted(members),
-                )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
-            self.log.info("pg_stale_slots_kept", error=str(error)[:200])  # not consistent yet, or busy
-            return
-        if dropped:
-            self.log.info("pg_stale_slots_dropped", slots=[r["slot_name"] for r in dropped])
-
-    # ---------------------------------------------------- talking to the leader
-
-    async def _leader_conn(self, leader: NodeConfig) -> asyncpg.Connection:
-        pg = leader.postgres
-        assert pg is not None  # checked by callers; a witness has no server
-        return await asyncpg.connect(
-            host=pg.host, port=pg.port, user=self.pg.replication_user, password=self._password,
-            database=self.pg.database, timeout=min(self.command_timeout_s, UPSTREAM_CONNECT_TIMEOUT_S),
-            server_settings={"application_name": f"failoverd {self.node.name}"},
-        )
-
-    @contextlib.asynccontextmanager
-    async def _leader(self, leader: NodeConfig) -> AsyncIterator[asyncpg.Connection]:
-        async with asyncio.timeout(self.command_timeout_s):
-            conn = await self._leader_conn(leader)
-            try:
-                yield conn
-            finally:
-                conn.terminate()
-
-    async def _upstream(self, leader: NodeConfig) -> _Upstream:
-        """What we need from the server we are to stream from, over one
-        connection: whether it is a standby, its WAL position and timeline
-        history (a primary), and our slot on it (made if missing)."""
-        async with self._leader(leader) as conn:
-            row = await conn.fetchrow(_UPSTREAM_SQL)
-            if row["rec"]:
-                return _Upstream(True, None, setup.parse_lsn(row["lsn"] or "0/0"), [], await self._slot_in(conn, leader))
-            timeline = setup.timeline_of_walfile(row["walfile"])
-            history: list[tuple[int, int]] = []
-            if timeline > 1:
-                raw = await conn.fetchval("SELECT pg_read_binary_file($1)", f"pg_wal/{timeline:08X}.history")
-                history = setup.parse_history(raw.decode())
-            return _Upstream(False, timeline, setup.parse_lsn(row["lsn"]), history, await self._slot_in(conn, leader))
-
-    async def _leader_checkpointed(self, leader: NodeConfig) -> None:
-        async with self._leader(leader) as conn:
-            stale = await conn.fetchval(
-                "SELECT c.timeline_id < ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
-                " FROM pg_control_checkpoint() c"
-            )
-            if stale:
-                await conn.execute("CHECKPOINT")
-
-    async def _slot_on(self, upstream: NodeConfig) -> str:
-        """Our slot on `upstream`, created if missing; '' when that fails (we
-        then stream without one rather than not at all)."""
-        try:
-            async with self._leader(upstream) as conn:
-                return await self._slot_in(conn, upstream)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
-            self.log.warning("pg_slot_unavailable", upstream=upstream.name, error=str(error)[:200])
-            return ""
-
-    async def _slot_in(self, conn: asyncpg.Connection, upstream: NodeConfig) -> str:
-        try:
-            await _create_slot(conn, self._slot)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            self.log.warning("pg_slot_unavailable", upstream=upstream.name, error=str(error)[:200])
-            return ""
-        return self._slot
-
-    def _primary_conninfo(self, upstream: NodeConfig) -> str:
-        return self._leader_dsn(upstream, application_name=self.node.name, passfile=self.passfile)
-
-    def _leader_dsn(self, leader: NodeConfig, **extra: object) -> str:
-        pg = leader.postgres
-        assert pg is not None
-        return setup.conninfo(host=pg.host, port=pg.port, user=self.pg.replication_user, connect_timeout=5, **extra)
-
-    def _libpq_env(self) -> dict[str, str]:
-        return {"PGPASSFILE": str(self.passfile), "PGCONNECT_TIMEOUT": "10"}
-
     # ------------------------------------------------------------- local side
-
-    async def _probe_query(self) -> asyncpg.Record:
-        if not self._keep_probe_conn:
-            async with self._local() as conn:
-                return await conn.fetchrow(_PROBE_SQL)
-        if time.monotonic() - self._probe_conn_at >= PROBE_RECONNECT_S:
-            self._drop_probe_conn()
-        reused = self._probe_conn is not None and not self._probe_conn.is_closed()
-        if reused:
-            try:
-                return await self._probe_conn.fetchrow(_PROBE_SQL)
-            except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-                    asyncpg.AdminShutdownError):
-                # The server restarted under the kept connection (a
-                # switchover's old primary, a follow): not a sign of trouble.
-                self._drop_probe_conn()
-        self._probe_conn = await asyncpg.connect(
-            host=str(self.socket_dir), port=self.pg.port, user=self.pg.superuser, database=self.pg.database,
-            server_settings={"application_name": "failoverd"}, statement_cache_size=0,
-        )
-        self._probe_conn_at = time.monotonic()
-        return await self._probe_conn.fetchrow(_PROBE_SQL)
-
-    def _drop_probe_conn(self) -> None:
-        conn, self._probe_conn = self._probe_conn, None
-        if conn is not None:
-            conn.terminate()
 
     def close(self) -> None:
         """Drop the probe connection (the daemon calls this at shutdown)."""
@@ -959,44 +501,6 @@ class PostgresAdapter:
                 yield conn
             finally:
                 conn.terminate()
-
-    async def _role(self) -> PgRole:
-        """The server's role, for actions (no position)."""
-        if not self._has_data():
-            return PgRole.ABSENT
-        if self.postmaster_pid() is None:
-            return PgRole.STOPPED
-        try:
-            async with self._local(max(self.probe_timeout_s, 5.0)) as conn:
-                in_recovery = await conn.fetchval("SELECT pg_is_in_recovery()")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            return PgRole.STOPPED if self.postmaster_pid() is None else PgRole.UNRESPONSIVE
-        return PgRole.STANDBY if in_recovery else PgRole.PRIMARY
-
-    async def _wait_ready(self) -> PgRole:
-        deadline = time.monotonic() + self.command_timeout_s
-        while (role := await self._role()) is PgRole.UNRESPONSIVE and time.monotonic() < deadline:
-            await asyncio.sleep(_READY_POLL_S)
-        return role
-
-    async def _running_position(self) -> Position | None:
-        return await self._standby_position(await self._local_row())
-
-    async def _local_row(self, timeout_s: float | None = None) -> asyncpg.Record:
-        async with self._local(timeout_s or self.command_timeout_s) as conn:
-            return await conn.fetchrow(_PROBE_SQL)
-
-    async def _wal_end_now(self) -> Position | None:
-        try:
-            return await self._wal_end()
-        except (oscmd.CommandFailed, OSError, ValueError, KeyError) as error:
-            self.log.warning("pg_wal_end_unknown", error=str(error)[:300])
-            return None
-
-    async def _controldata(self) -> dict[str, str]:
-        argv = [str(await self._bin("pg_controldata")), "-D", str(self.data_dir)]
-        done = await oscmd.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s)
-        return setup.parse_controldata(done.stdout)
 
     async def _bin(self, program: str) -> Path:
         if self._bin_dir is None:
@@ -1033,15 +537,6 @@ class PostgresAdapter:
         )
 
 
-def _receiver_position(row: asyncpg.Record) -> Position | None:
-    """A standby's position from the WAL receiver alone, when it covers replay
-    (see PostgresAdapter._standby_position); None when the server must be asked."""
-    if not (row["received_tli"] and row["flushed_lsn"]) or row["replay_lsn"] is None:
-        return None
-    receive = Position(row["received_tli"], setup.parse_lsn(row["flushed_lsn"]))
-    return receive if setup.parse_lsn(row["replay_lsn"]) <= receive.lsn else None
-
-
 def _pm_status(data_dir: Path) -> str | None:
     """The postmaster's status line in postmaster.pid (the 8th): starting,
     stopping, ready or standby; None while there is no such line."""
@@ -1050,11 +545,3 @@ def _pm_status(data_dir: Path) -> str | None:
     except OSError:
         return None
     return lines[7].strip() if len(lines) > 7 else None
-
-
-async def _create_slot(conn: asyncpg.Connection, name: str) -> None:
-    exists = await conn.fetchval("SELECT true FROM pg_replication_slots WHERE slot_name = $1", name)
-    if not exists:
-        with contextlib.suppress(asyncpg.DuplicateObjectError):  # created meanwhile by someone else
-            await conn.execute("SELECT pg_create_physical_replication_slot($1, true)", name)
-

@@ -49,6 +49,8 @@ class PostgresPort(Protocol):
     async def ensure_slots(self, standbys: tuple[str, ...]) -> None: ...
     async def checkpoint(self, timeout_s: float) -> None: ...
     async def reinit(self, leader: Any) -> None: ...
+    @property
+    def waiting_on_upstream(self) -> bool: ...  # a running follow() may be cancelled harmlessly
 
 
 class PeersPort(Protocol):
@@ -173,6 +175,7 @@ class Supervisor:
         self._probe_now = asyncio.Event()
         self._pg_queue: asyncio.Queue[act.Action] = asyncio.Queue()
         self._pg_busy: asyncio.Task | None = None
+        self._pg_running: act.Action | None = None  # the action _pg_busy runs
         self._promoting = False  # the PostgreSQL worker runs a Promote
         self._tasks: list[asyncio.Task] = []
         self.failed = asyncio.Event()  # set when a loop died; the daemon then exits non-zero
@@ -363,7 +366,7 @@ class Supervisor:
             # asyncio.wait, which never swallows the worker's own cancellation
             # (awaiting the task directly can lose it if both finish at once).
             task = asyncio.create_task(self._run_pg_action_bounded(action))
-            self._pg_busy = task
+            self._pg_busy, self._pg_running = task, action
             self._promoting = isinstance(action, act.Promote)
             if self._promoting:
                 self._probe_now.set()
@@ -374,7 +377,7 @@ class Supervisor:
                 task.cancel()
                 raise
             finally:
-                self._pg_busy = None
+                self._pg_busy = self._pg_running = None
                 self._promoting = False
             name = type(action).__name__
             if task.cancelled():
@@ -464,6 +467,10 @@ class Supervisor:
                 if self.postgres is not None:
                     if isinstance(a, act.Promote):
                         self._drop_queued((act.Follow, act.StartStandby), "promote")
+                        self._cancel_follow_asking_upstream(a)
+                    elif isinstance(a, act.Follow):
+                        self._drop_queued((act.Follow, act.StartStandby), "follow")  # the latest decision wins
+                        self._cancel_follow_asking_upstream(a)
                         if self.vip is not None:
                             self.vip.precheck()  # unless one still runs since the election
                     self._pg_queue.put_nowait(a)
@@ -544,6 +551,21 @@ class Supervisor:
         self._vip_retry_at = now
         self.log.info("vip_acquire_retry", node=self.node.name, term=self.node.term, error=vip.acquire_error[:300])
         await self._move_vip(act.AcquireVip(self.node.term))
+
+    def _cancel_follow_asking_upstream(self, superseded_by: act.Promote | act.Follow) -> None:
+        """A new leader's Promote, or a Follow of the new leader, must not wait
+        for a running Follow of the old leader that still waits for it to
+        answer (up to the connect timeout, when it can send but not receive).
+        Only cancelled before it changed anything locally
+        (PostgresPort.waiting_on_upstream)."""
+        task, running = self._pg_busy, self._pg_running
+        if task is None or not isinstance(running, act.Follow) or not self.postgres.waiting_on_upstream:
+            return
+        if isinstance(superseded_by, act.Follow) and superseded_by.leader == running.leader:
+            return
+        self.log.info("pg_action_interrupted", node=self.node.name, term=self.node.term, action="Follow",
+                      leader=running.leader, reason=type(superseded_by).__name__.lower())
+        task.cancel()
 
     def _drop_queued(self, kinds: tuple[type, ...], reason: str) -> None:
         """Remove queued (not running) PostgreSQL work of these kinds: a new

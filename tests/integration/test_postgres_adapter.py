@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -256,6 +257,48 @@ async def test_stop_fast_and_start_standby_round_trip(
     await db1.promote()
     obs = await probe(db1)
     assert obs.role is PgRole.PRIMARY and obs.position is not None and obs.position.timeline == 2
+
+
+async def test_follow_of_a_deaf_upstream_can_be_cancelled_while_it_only_asks(
+    base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None
+) -> None:
+    """An upstream whose host accepts connections but never answers (it can
+    send but not receive) holds follow() until the connect timeout. Until it
+    answers nothing local has changed: waiting_on_upstream says so, and
+    cancelling then leaves the standby exactly as it was."""
+    config = make_config(base_dir, bin_dir=bin_dir, os_user=os_user)
+    prepare_node_dirs(config, owner)
+    pg = adapters(config)
+    db1, db2 = pg["db1"], pg["db2"]
+    members = {n.name: n for n in config.nodes}
+    await db1.bootstrap_primary()
+    await db2.follow(members["db1"])
+    await wait_for("db2 streaming from db1", lambda: streaming_from(db2, "db1", 1))
+    pid = db2.postmaster_pid()
+    deaf = members["db3"]  # nothing runs there: a socket that never answers takes its port
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((deaf.postgres.host, deaf.postgres.port))
+    listener.listen(8)
+    try:
+        assert not db2.waiting_on_upstream
+        task = asyncio.create_task(db2.follow(deaf))
+        await wait_for("follow() asking the deaf upstream", lambda: _true_or_none(db2.waiting_on_upstream))
+        await asyncio.sleep(0.3)
+        assert db2.waiting_on_upstream and not task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        listener.close()
+    assert not db2.waiting_on_upstream
+    assert db2.postmaster_pid() == pid
+    obs = await streaming_from(db2, "db1", 1)
+    assert obs is not None, await probe(db2)
+
+
+async def _true_or_none(value: bool) -> bool | None:
+    return True if value else None
 
 
 # --- the file formats, without a server ----------------------------------------------

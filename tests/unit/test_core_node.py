@@ -133,6 +133,39 @@ def test_won_pre_vote_starts_election_persisting_before_vote_requests():
     assert len(reqs) == 2 and all(r.term == 1 and r.transfer_from is None for r in reqs)
 
 
+def test_of_two_simultaneous_pre_candidates_the_weaker_claim_steps_back():
+    """Both time out together after the leader died; both would pass the
+    pre-vote and then split the vote, costing another election timeout. The
+    one with less WAL (then lower priority, then the smaller name) steps back
+    on hearing the other's pre-vote, and grants it."""
+    a, _ = pre_candidate("a")  # at 1000
+    out = a.receive(PreVoteRequest(**env("b", 1), position=pos(1200)), 2.0)
+    (resp,) = messages(out, PreVoteResponse, to="b")
+    assert resp.granted and a.role is Role.FOLLOWER and "pre_vote_yielded" in events(out)
+    assert a.election_deadline > 2.0 + T.election_timeout_min_s - 1e-9
+    # Grants that arrive for its own pre-vote start nothing now.
+    out = a.receive(PreVoteResponse(**env("c", 0), granted=True, vouches_wal=True), 2.01)
+    assert a.role is Role.FOLLOWER and messages(out, VoteRequest) == [] and a.term == 0
+
+
+def test_equal_claims_are_settled_by_priority_then_name():
+    spec = make_spec(priorities={"a": 100, "b": 50, "c": 100})
+    a, _ = pre_candidate("a", spec=spec)
+    a.receive(PreVoteRequest(**env("b", 1), position=pos(1000)), 2.0)  # lower priority: a stays
+    assert a.role is Role.PRE_CANDIDATE
+    a.receive(PreVoteRequest(**env("c", 1), position=pos(1000)), 2.0)  # same priority, "c" > "a"
+    assert a.role is Role.FOLLOWER
+
+
+def test_the_stronger_pre_candidate_goes_on():
+    a, _ = pre_candidate("a")  # at 1000
+    out = a.receive(PreVoteRequest(**env("b", 1), position=pos(900)), 2.0)
+    (resp,) = messages(out, PreVoteResponse, to="b")
+    assert not resp.granted and a.role is Role.PRE_CANDIDATE
+    out = a.receive(PreVoteResponse(**env("c", 0), granted=True, vouches_wal=True), 2.01)
+    assert a.role is Role.CANDIDATE and len(messages(out, VoteRequest)) == 2
+
+
 def test_refused_pre_vote_from_later_term_makes_pre_candidate_adopt_it():
     a, _ = pre_candidate("a")
     out = a.receive(PreVoteResponse(**env("b", 7), granted=False, reason="stale term"), 2.0)

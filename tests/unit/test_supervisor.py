@@ -11,6 +11,7 @@ import dataclasses
 import random
 import time
 
+from failoverd.core import actions as act
 from failoverd.core.messages import Message, TimeoutNow, VoteResponse
 from failoverd.core.node import Node, Role
 from failoverd.core.spec import ClusterSpec, Member, Timing
@@ -67,6 +68,7 @@ class FakePostgres:
         self.role = PgRole.ABSENT
         self.timeline, self.lsn = 1, 0
         self.upstream: str | None = None
+        self.waiting_on_upstream = False
 
     async def probe(self, observed_at: float) -> PgObservation:
         position = None if self.role is PgRole.ABSENT else Position(self.timeline, self.lsn)
@@ -306,3 +308,84 @@ async def test_a_failed_background_vip_acquisition_is_retried_while_leader(_capt
         assert all(v.attempts == 0 for n, v in vips.items() if n != leader)
     retries = [e for e in _captured_logs if e["event"] == "vip_acquire_retry"]
     assert len(retries) == 2 and all(e["node"] == leader and e["term"] >= 1 for e in retries)
+
+
+class _DeafUpstreamPostgres(FakePostgres):
+    """follow() waits for an upstream that never answers; `asking` says
+    whether it is still only asking (the adapter's waiting_on_upstream)."""
+
+    asking = True
+
+    async def follow(self, leader) -> None:
+        self.journal.add(self.who, "follow", leader)
+        self.waiting_on_upstream = self.asking
+        try:
+            await asyncio.sleep(1.0)
+        finally:
+            self.waiting_on_upstream = False
+
+
+async def _promote_during_a_follow(asking: bool) -> tuple[_DeafUpstreamPostgres, float]:
+    c = Cluster()
+    sup = c.sups["b"]
+    pg = _DeafUpstreamPostgres("b", c.journal, c.pgs)
+    pg.asking = asking
+    pg.role, pg.lsn = PgRole.STANDBY, 100
+    c.pgs["b"] = sup.postgres = pg
+    worker = asyncio.create_task(sup._pg_worker())
+    try:
+        sup._pg_queue.put_nowait(act.Follow("a", 1))
+        while "follow" not in [e[1] for e in c.journal.entries if e[0] == "b"]:
+            await asyncio.sleep(0.005)
+        started = time.monotonic()
+        async with sup._lock:
+            await sup._execute([act.Promote(2)])
+        while pg.role is not PgRole.PRIMARY:
+            assert time.monotonic() - started < 3.0
+            await asyncio.sleep(0.005)
+        return pg, time.monotonic() - started
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+
+
+async def test_promote_interrupts_a_follow_still_asking_its_old_upstream(_captured_logs):
+    _, took = await _promote_during_a_follow(asking=True)
+    assert took < 0.5, took
+    events = [e["event"] for e in _captured_logs]
+    assert "pg_action_interrupted" in events and "pg_action_cancelled" in events
+
+
+async def test_promote_waits_for_a_follow_that_already_changes_the_server(_captured_logs):
+    _, took = await _promote_during_a_follow(asking=False)
+    assert took >= 0.9, took  # never cut short half-way (a rewind, a clone, a restart)
+    assert "pg_action_interrupted" not in [e["event"] for e in _captured_logs]
+
+
+async def test_a_follow_of_the_new_leader_interrupts_one_of_the_old_still_asking(_captured_logs):
+    c = Cluster()
+    sup = c.sups["c"]
+    pg = _DeafUpstreamPostgres("c", c.journal, c.pgs)
+    pg.role, pg.lsn = PgRole.STANDBY, 100
+    c.pgs["c"] = sup.postgres = pg
+    c.pgs["b"].role, c.pgs["b"].lsn = PgRole.PRIMARY, 100
+    worker = asyncio.create_task(sup._pg_worker())
+    try:
+        sup._pg_queue.put_nowait(act.Follow("a", 1))
+        while not pg.waiting_on_upstream:
+            await asyncio.sleep(0.005)
+        pg.asking = False  # the next follow() (of b) is not interrupted
+        started = time.monotonic()
+        async with sup._lock:
+            await sup._execute([act.Follow("a", 1)])  # the same leader again: left alone
+        await asyncio.sleep(0.05)
+        assert "pg_action_interrupted" not in [e["event"] for e in _captured_logs]
+        async with sup._lock:
+            await sup._execute([act.Follow("b", 2)])
+        while [e[2] for e in c.journal.entries if e[:2] == ("c", "follow")][-1:] != ["b"]:
+            assert time.monotonic() - started < 0.5
+            await asyncio.sleep(0.005)
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+    assert [e["reason"] for e in _captured_logs if e["event"] == "pg_action_interrupted"] == ["follow"]
