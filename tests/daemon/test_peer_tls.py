@@ -5,9 +5,7 @@ the HMAC signature is still required inside TLS."""
 from __future__ import annotations
 
 import json
-import shutil
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -16,26 +14,13 @@ import pytest
 
 from daemon_fixture import start_witness, stop_witness
 from failoverd.peers import PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
-
-
-def make_cert(directory, name: str) -> tuple[str, str]:
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
-    )
-    key.chmod(0o600)
-    return str(cert), str(key)
+from tls_helpers import self_signed_cert
 
 
 @pytest.fixture(scope="module")
 def tls_witness(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed (apt-get install openssl)")
     base_dir = tmp_path_factory.mktemp("peer-tls")
-    cert, key = make_cert(base_dir, "cluster")  # self-signed: the cluster's CA and every member's certificate
+    cert, key = self_signed_cert(base_dir, "cluster")  # self-signed: the cluster's CA and every member's certificate
     w = start_witness(base_dir, cluster_extra=f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_ca = "{cert}"\n')
     yield w, cert, key, base_dir
     stop_witness(w)
@@ -68,7 +53,7 @@ def test_no_client_certificate_or_a_foreign_one_is_refused_in_the_handshake(tls_
     w, cert, _, base_dir = tls_witness
     body = b"{}"
     without = ssl.create_default_context(cafile=cert)
-    foreign_cert, foreign_key = make_cert(base_dir, "intruder")
+    foreign_cert, foreign_key = self_signed_cert(base_dir, "intruder")
     foreign = ssl.create_default_context(cafile=cert)
     foreign.load_cert_chain(foreign_cert, foreign_key)
     for context in (without, foreign):

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import ssl
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from test_api_server import AUTH, NAMES, TOKEN, Cluster, config_text, free_port, three
+from tls_helpers import self_signed_cert
 
 from failoverd.api import ApiServer
 from failoverd.apiclient import ApiClient, Unreachable, client_ssl_context
@@ -113,17 +112,7 @@ async def test_real_supervisor_reinit_runs_in_the_postgres_worker() -> None:
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One self-signed certificate, used as CA, server and client certificate."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=failoverd-test",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
-    )
-    return cert, key
+    return self_signed_cert(tmp_path_factory.mktemp("tls"), "failoverd-test")
 
 
 async def test_tls_with_client_certificates(tls_files: tuple[Path, Path]) -> None:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +19,7 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tls_helpers import self_signed_cert
 
 from failoverd.config import HostPort
 from failoverd.core.messages import (
@@ -331,17 +330,7 @@ async def test_client_refuses_misuse_and_ignores_sends_after_close() -> None:
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=failoverd-test",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
-    )
-    return cert, key
+    return self_signed_cert(tmp_path_factory.mktemp("tls"), "failoverd-test")
 
 
 async def test_tls(tls_files: tuple[Path, Path]) -> None:
