@@ -301,28 +301,25 @@ class _Background:
 
 class DualPrimarySampler:
     """Asks every member `pg_is_in_recovery()` every `interval_s` over a kept
-    connection and records instants at which two servers were out of recovery.
-    A member that does not answer within the interval counts as not primary
-    for that sample (it cannot be taking writes from us either).
-
-    It runs its own event loop in its own thread: the test's loop also runs
-    writers, fault injection (synchronous `ip` commands) and log parsing, and
-    a sampler sharing that loop missed its pace whenever those ran long."""
+    connection and records instants at which two servers were out of recovery
+    (sampler_proc.py, in a process of its own: the test's interpreter also
+    runs writers, fault injection and log parsing, and a sampler sharing its
+    event loop, or only its GIL, fell behind under load). A member that does
+    not answer within the interval counts as not primary for that sample (it
+    cannot be taking writes from us either)."""
 
     def __init__(self, cluster: LocalCluster, interval_s: float = 0.05) -> None:
         self.interval_s = interval_s
-        # Only plain data crosses into the sampler's thread.
-        self._targets = [(name, str(a.socket_dir), a.pg.port) for name, a in cluster.adapters.items()]
+        self._targets = [f"{name}:{a.socket_dir}:{a.pg.port}" for name, a in cluster.adapters.items()]
         self.sample_times: list[float] = []
         self.dual: list[tuple[float, list[str]]] = []
-        self._conns: dict[str, asyncpg.Connection | None] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self._junk: list[str] = []
 
     @property
     def running(self) -> bool:
-        return self._thread is not None
+        return self._proc is not None
 
     @property
     def samples(self) -> int:
@@ -333,53 +330,39 @@ class DualPrimarySampler:
         return max((b - a for a, b in zip(t, t[1:])), default=0.0)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._thread_main, name="dual-primary-sampler", daemon=True)
-        self._thread.start()
+        argv = [sys.executable, str(Path(__file__).with_name("sampler_proc.py")), "--interval", str(self.interval_s)]
+        for target in self._targets:
+            argv += ["--target", target]
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, name="dual-primary-sampler-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            parts = line.split()
+            if len(parts) != 3 or parts[0] != "S":
+                self._junk.append(line)
+                continue
+            t = float(parts[1])
+            self.sample_times.append(t)
+            names = [] if parts[2] == "-" else parts[2].split(",")
+            if len(names) > 1:
+                self.dual.append((t, names))
 
     async def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
-            if self._thread.is_alive():
-                raise AssertionError("the dual-primary sampler did not stop")
-            self._thread = None
-        if self._error is not None:
-            raise AssertionError(f"the dual-primary sampler failed: {self._error!r}") from self._error
-
-    def _thread_main(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.stdin.close()  # its signal to stop; SIGTERM by PID if it does not
         try:
-            asyncio.run(self._run())
-        except BaseException as e:  # noqa: BLE001 - reported by stop()
-            self._error = e
-
-    async def _is_primary(self, name: str, socket_dir: str, port: int) -> bool:
-        conn = self._conns.get(name)
-        try:
-            if conn is None or conn.is_closed():
-                conn = await asyncpg.connect(host=socket_dir, port=port, user="postgres",
-                                             database="postgres", timeout=self.interval_s)
-                self._conns[name] = conn
-            return not await conn.fetchval("SELECT pg_is_in_recovery()", timeout=self.interval_s)
-        except Exception:  # noqa: BLE001 - down, starting, or too slow to answer
-            if conn is not None:
-                conn.terminate()
-            self._conns[name] = None
-            return False
-
-    async def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                answers = await asyncio.gather(*(self._is_primary(*t) for t in self._targets))
-                self.sample_times.append(started)
-                prim = [t[0] for t, p in zip(self._targets, answers, strict=True) if p]
-                if len(prim) > 1:
-                    self.dual.append((started, prim))
-                await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
-        finally:
-            for conn in self._conns.values():
-                if conn is not None:
-                    conn.terminate()
+            code = await asyncio.to_thread(proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            code = await asyncio.to_thread(proc.wait, 10)
+        await asyncio.to_thread(self._reader.join, 10)
+        proc.stdout.close()
+        if code != 0 or self._junk:
+            raise AssertionError(f"the dual-primary sampler failed (exit {code}): {''.join(self._junk)[-2000:]}")
 
 
 class Writer(_Background):

@@ -1,0 +1,35 @@
+"""The dual-primary sampler every cluster and e2e test relies on for "never
+two primaries" must be able to see two: two unrelated PostgreSQL primaries
+(two bootstrapped members that never replicate) are reported at every
+sample, and no longer once one of them stops."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from pathlib import Path
+
+from cluster_harness import DualPrimarySampler
+from pg_helpers import adapters, make_config, prepare_node_dirs
+
+
+async def test_sampler_reports_two_primaries_and_keeps_its_pace(
+    base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None
+) -> None:
+    config = make_config(base_dir, bin_dir=bin_dir, os_user=os_user)
+    prepare_node_dirs(config, owner)
+    pg = adapters(config)
+    await asyncio.gather(pg["db1"].bootstrap_primary(), pg["db2"].bootstrap_primary())
+    sampler = DualPrimarySampler(types.SimpleNamespace(adapters=pg))
+    sampler.start()
+    try:
+        await asyncio.sleep(1.0)
+        both = len(sampler.dual)
+        await pg["db2"].stop("fast")
+        stopped_at = asyncio.get_running_loop().time()
+        await asyncio.sleep(1.0)
+    finally:
+        await sampler.stop()
+    assert both >= 10 and all(sorted(names) == ["db1", "db2"] for _, names in sampler.dual)
+    assert sampler.dual[-1][0] < stopped_at  # none after db2 stopped
+    assert sampler.samples >= 30 and sampler.max_gap_s() < 0.1, (sampler.samples, sampler.max_gap_s())
