@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import logging
 import os
-import pwd
 import shutil
 import signal
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "integration"), str(REPO)]
 
-from pg_helpers import find_bin_dir  # noqa: E402
+from pg_helpers import pg_os_user, require_bin_dir  # noqa: E402
 
 DETECTED = ("lease lost", "fence decided", "pre-vote", "election")
 
@@ -110,36 +109,21 @@ def _lab_rows(r) -> list[tuple[str, float | None, str]]:
 
 
 async def loopback_demo(bin_dir: Path, keep: bool) -> int:
-    from cluster_harness import DualPrimarySampler, LocalCluster, Writer
+    from cluster_harness import LocalCluster, first_write_not_by, start_watched
     from lab import _wall
 
-    if os.geteuid() == 0:
-        os_user, entry = "postgres", pwd.getpwnam("postgres")
-        owner = (entry.pw_uid, entry.pw_gid)
-    else:
-        os_user, owner = pwd.getpwuid(os.geteuid()).pw_name, None
+    os_user, owner = pg_os_user()
     base = Path(tempfile.mkdtemp(prefix="failoverd-demo-", dir="/tmp"))
     os.chmod(base, 0o755)
     cluster = LocalCluster(base, bin_dir, os_user, owner)
     try:
         say("starting failoverd db1, db2, db3 on 127.0.0.1; bootstrapping")
-        cluster.start_all()
-        old = await cluster.wait_for("a healthy cluster", cluster.healthy, 180)
-        writer = Writer(cluster)
-        await writer.setup()
-        sampler = DualPrimarySampler(cluster)
-        sampler.start()
-        writer.start()
-        await asyncio.sleep(2.0)
+        old, writer, sampler = await start_watched(cluster, healthy_timeout_s=180, settle_s=2.0)
         say(f"primary: {old}; writer on a multi-host DSN (target_session_attrs=read-write); "
             f"SIGKILL of {old}'s postmaster")
         kill_wall, kill_t = time.time(), time.monotonic()
         os.kill(cluster.postmaster_pid(old), signal.SIGKILL)
-        first = None
-        while first is None and time.monotonic() < kill_t + 60:
-            await asyncio.sleep(0.01)
-            first = next((t for t, by in zip(writer.acked_at, writer.acked_by) if t > kill_t and by not in (None, old)),
-                         None)
+        first = await first_write_not_by(writer, old, kill_t, 60)
         await asyncio.sleep(1.0)
         await writer.stop()
         await sampler.stop()
@@ -188,10 +172,7 @@ def main() -> int:
     parser.add_argument("--keep-logs", action="store_true", help="keep the cluster's directory (logs) afterwards")
     parser.add_argument("--loopback", action="store_true", help="use loopback even where namespaces work")
     args = parser.parse_args()
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        say("PostgreSQL server programs not found (pg_config --bindir); as root: apt-get install postgresql")
-        return 2
+    bin_dir = require_bin_dir()
     from lab import lab_unsupported_reason
 
     reason = None if args.loopback else lab_unsupported_reason()

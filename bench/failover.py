@@ -28,8 +28,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import pwd
 import statistics
 import sys
 import time
@@ -39,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests" / "e2e"), str(REPO / "tests" / "integration"), str(REPO)]
 
-from pg_helpers import find_bin_dir  # noqa: E402
+from pg_helpers import pg_os_user, require_bin_dir  # noqa: E402
 
 GOALS = {
     "unavailable_median_s": 1.5,  # isolate-primary and kill-postmaster
@@ -212,11 +210,7 @@ def main_lab(args: argparse.Namespace, bin_dir: Path) -> int:
 def main_loopback(args: argparse.Namespace, bin_dir: Path) -> int:
     import loopback
 
-    if os.geteuid() == 0:
-        os_user, entry = "postgres", pwd.getpwnam("postgres")
-        owner = (entry.pw_uid, entry.pw_gid)
-    else:
-        os_user, owner = pwd.getpwuid(os.geteuid()).pw_name, None
+    os_user, owner = pg_os_user()
     summary, results = loopback.run(args.runs, bin_dir, os_user, owner)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -241,10 +235,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        print("PostgreSQL server binaries not found (pg_config --bindir)", file=sys.stderr)
-        return 2
+    bin_dir = require_bin_dir()
     if args.mode == "auto":
         from lab import lab_unsupported_reason
 

@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import os
-import pwd
 import shutil
 import sys
 import tempfile
@@ -30,17 +29,13 @@ sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "integration")
 
 from cluster_harness import LocalCluster  # noqa: E402
 from lab import process_usage  # noqa: E402
-from pg_helpers import find_bin_dir  # noqa: E402
+from pg_helpers import pg_os_user, require_bin_dir  # noqa: E402
 
 SETTLE_S = 5.0  # after the cluster is healthy: the standbys' first catch-up is not idle
 
 
 async def measure(bin_dir: Path, heartbeat_s: float, seconds: float) -> dict:
-    if os.geteuid() == 0:
-        entry = pwd.getpwnam("postgres")
-        os_user, owner = "postgres", (entry.pw_uid, entry.pw_gid)
-    else:
-        os_user, owner = pwd.getpwuid(os.geteuid()).pw_name, None
+    os_user, owner = pg_os_user()
     base = Path(tempfile.mkdtemp(prefix="failoverd-idle-", dir="/tmp"))
     os.chmod(base, 0o755)
     cluster = LocalCluster(base, bin_dir, os_user, owner, timing=f"heartbeat_interval_s = {heartbeat_s}")
@@ -76,10 +71,7 @@ def main() -> int:
                         help="heartbeat_interval_s to measure (repeat for several; default 0.1 and 0.2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        print("PostgreSQL server binaries not found (pg_config --bindir)", file=sys.stderr)
-        return 2
+    bin_dir = require_bin_dir()
     results = []
     for heartbeat_s in args.heartbeat or [0.1, 0.2]:
         result = asyncio.run(measure(bin_dir, heartbeat_s, args.seconds))

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster_harness import DualPrimarySampler, LocalCluster, Writer
+from cluster_harness import LocalCluster, first_write_not_by, start_watched
 
 
 async def one_run(index: int, bin_dir: Path, os_user: str, owner) -> dict:
@@ -29,23 +29,10 @@ async def one_run(index: int, bin_dir: Path, os_user: str, owner) -> dict:
     os.chmod(base, 0o755)
     cluster = LocalCluster(base, bin_dir, os_user, owner)
     try:
-        cluster.start_all()
-        old = await cluster.wait_for("a healthy cluster", cluster.healthy, 120)
-        writer = Writer(cluster)
-        writer.pause_s = 0.0
-        await writer.setup()
-        sampler = DualPrimarySampler(cluster)
-        sampler.start()
-        writer.start()
-        await asyncio.sleep(2.0)
+        old, writer, sampler = await start_watched(cluster, healthy_timeout_s=120, settle_s=2.0, writer_pause_s=0.0)
         kill_at = time.monotonic()
         os.kill(cluster.postmaster_pid(old), signal.SIGKILL)
-        deadline = kill_at + 30
-        first = None
-        while first is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-            first = next((t for t, by in zip(writer.acked_at, writer.acked_by)
-                          if t > kill_at and by not in (None, old)), None)
+        first = await first_write_not_by(writer, old, kill_at, 30)
         await asyncio.sleep(1.0)
         await writer.stop()
         await sampler.stop()

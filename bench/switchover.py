@@ -45,7 +45,6 @@ import datetime
 import json
 import logging
 import os
-import pwd
 import shutil
 import statistics
 import sys
@@ -58,7 +57,7 @@ sys.path[:0] = [str(REPO / "tests" / "integration"), str(REPO)]
 
 import asyncpg  # noqa: E402
 from cluster_harness import DualPrimarySampler, LocalCluster  # noqa: E402
-from pg_helpers import find_bin_dir  # noqa: E402
+from pg_helpers import pg_os_user, require_bin_dir  # noqa: E402
 
 from failoverd.drill import CREATE_TABLE, ProbeWriter, missing_acks  # noqa: E402
 
@@ -258,15 +257,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        print("PostgreSQL server binaries not found (pg_config --bindir)", file=sys.stderr)
-        return 2
-    if os.geteuid() == 0:
-        os_user, entry = "postgres", pwd.getpwnam("postgres")
-        owner = (entry.pw_uid, entry.pw_gid)
-    else:
-        os_user, owner = pwd.getpwuid(os.geteuid()).pw_name, None
+    bin_dir = require_bin_dir()
+    os_user, owner = pg_os_user()
     load_before = os.getloadavg()[0]
     summary, results = asyncio.run(bench(args.runs, args.interval_ms / 1000, bin_dir, os_user, owner, args.keep_logs,
                                          retry_s=args.retry_ms / 1000))

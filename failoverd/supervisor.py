@@ -23,7 +23,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -31,6 +31,7 @@ from failoverd.core import actions as act
 from failoverd.core.messages import Heartbeat, Message
 from failoverd.core.node import Node, Role
 from failoverd.core.state import HistoryEntry, PersistentState, PgObservation, PgRole, Position, StateStamp
+from failoverd.ports import HooksPort, PeersPort, PostgresPort, StatePort, VipPort, WatchdogPort
 
 PG_ACTION_TIMEOUT_S = 600.0  # a clone of a large database may take long; fences never wait on this
 FENCE_TIMEOUT_S = 5.0
@@ -39,49 +40,8 @@ SHUTDOWN_GRACE_S = 2.0
 VIP_RETRY_S = 2.0  # a failed VIP acquisition is tried again this often while we should hold it
 
 
-class PostgresPort(Protocol):
-    async def probe(self, observed_at: float) -> PgObservation: ...
-    async def promote(self) -> None: ...
-    async def start_standby(self, upstream: Any) -> None: ...
-    async def follow(self, leader: Any) -> None: ...
-    async def stop(self, mode: str) -> None: ...
-    async def configure_sync(self, sync_count: int, standbys: tuple[str, ...]) -> None: ...
-    async def ensure_slots(self, standbys: tuple[str, ...]) -> None: ...
-    async def checkpoint(self, timeout_s: float) -> None: ...
-    async def reinit(self, leader: Any) -> None: ...
-    @property
-    def waiting_on_upstream(self) -> bool: ...  # a running follow() may be cancelled harmlessly
-
-
-class PeersPort(Protocol):
-    def send(self, to: str, msg: Message) -> None: ...
-
-
-class WatchdogPort(Protocol):
-    async def arm(self, deadline: float) -> None: ...
-    async def disarm(self) -> None: ...
-
-
-class HooksPort(Protocol):
-    def role_changed(self, *, term: int, role: str, previous: str, reason: str) -> None: ...
-    def vip_changed(self, *, term: int, action: str, reason: str) -> None: ...
-    async def pre_promote(self, term: int) -> str | None: ...
-
-
 class PromotionVetoed(Exception):
     """The pre_promote hook said no; the message is its reason."""
-
-
-class StatePort(Protocol):
-    def save(self, state: PersistentState) -> None: ...
-
-
-class VipPort(Protocol):
-    acquire_error: str | None  # why the last background acquisition failed, if it did
-
-    def precheck(self) -> None: ...
-    async def acquire(self) -> None: ...
-    async def release(self) -> None: ...
 
 
 @dataclasses.dataclass
@@ -176,7 +136,6 @@ class Supervisor:
         self._pg_queue: asyncio.Queue[act.Action] = asyncio.Queue()
         self._pg_busy: asyncio.Task | None = None
         self._pg_running: act.Action | None = None  # the action _pg_busy runs
-        self._promoting = False  # the PostgreSQL worker runs a Promote
         self._tasks: list[asyncio.Task] = []
         self.failed = asyncio.Event()  # set when a loop died; the daemon then exits non-zero
         self.failure: BaseException | None = None
@@ -187,6 +146,11 @@ class Supervisor:
         self._reinit: ReinitStatus | None = None
         self.last_tick_at: float | None = None  # for the systemd watchdog's health check
         self._vip_retry_at = 0.0
+
+    @property
+    def _promoting(self) -> bool:
+        """The PostgreSQL worker runs a Promote."""
+        return isinstance(self._pg_running, act.Promote)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -367,7 +331,6 @@ class Supervisor:
             # (awaiting the task directly can lose it if both finish at once).
             task = asyncio.create_task(self._run_pg_action_bounded(action))
             self._pg_busy, self._pg_running = task, action
-            self._promoting = isinstance(action, act.Promote)
             if self._promoting:
                 self._probe_now.set()
             started = self.clock()
@@ -378,7 +341,6 @@ class Supervisor:
                 raise
             finally:
                 self._pg_busy = self._pg_running = None
-                self._promoting = False
             name = type(action).__name__
             if task.cancelled():
                 self.log.info("pg_action_cancelled", node=self.node.name, term=self.node.term, action=name)
@@ -447,8 +409,6 @@ class Supervisor:
                 self.log.info(a.event, **a.as_dict())
                 self._count(a)
                 self._call_hooks(a)
-                if self.vip is not None and a.event == "role_changed" and a.as_dict().get("role") == "leader":
-                    self.vip.precheck()  # overlaps confirmation and promotion (vip.py)
             elif isinstance(a, act.ArmWatchdog):
                 if self.watchdog is not None:
                     if a.deadline is None:
@@ -457,6 +417,9 @@ class Supervisor:
                         await self.watchdog.arm(a.deadline)
             elif isinstance(a, act.Fence):
                 await self._fence(a.reason)
+            elif isinstance(a, act.PrepareVip):
+                if self.vip is not None:
+                    self.vip.precheck()  # overlaps confirmation and promotion (vip.py)
             elif isinstance(a, (act.ReleaseVip, act.AcquireVip)):
                 await self._move_vip(a)
             elif isinstance(a, act.ProbeNow):
@@ -465,14 +428,10 @@ class Supervisor:
                 pass  # returned to the caller of request()
             elif isinstance(a, (act.Promote, act.Follow, act.StartStandby, act.Demote, act.ConfigureSync)):
                 if self.postgres is not None:
-                    if isinstance(a, act.Promote):
-                        self._drop_queued((act.Follow, act.StartStandby), "promote")
+                    if isinstance(a, (act.Promote, act.Follow)):
+                        # The latest decision wins over queued or stuck work for an older one.
+                        self._drop_queued((act.Follow, act.StartStandby), type(a).__name__.lower())
                         self._cancel_follow_asking_upstream(a)
-                    elif isinstance(a, act.Follow):
-                        self._drop_queued((act.Follow, act.StartStandby), "follow")  # the latest decision wins
-                        self._cancel_follow_asking_upstream(a)
-                        if self.vip is not None:
-                            self.vip.precheck()  # unless one still runs since the election
                     self._pg_queue.put_nowait(a)
             else:
                 raise TypeError(f"unknown action {a!r}")
@@ -584,9 +543,7 @@ class Supervisor:
     async def _fence(self, reason: str) -> None:
         """Stop PostgreSQL immediately; queued PostgreSQL work is dropped first so
         nothing restarts or promotes it behind the fence."""
-        while not self._pg_queue.empty():
-            dropped = self._pg_queue.get_nowait()
-            self.log.info("pg_action_dropped", node=self.node.name, action=type(dropped).__name__, reason="fence")
+        self._drop_queued((object,), "fence")
         busy = self._pg_busy
         if busy is not None and not busy.done():
             busy.cancel()

@@ -28,12 +28,13 @@ announcement (`arping -U`, spaced unsolicited ARP requests that overwrite
 neighbours' stale ARP entries) follows the addition, also in the background.
 
 `precheck()` starts that detection early, when this node wins an election
-(and again on Promote unless one still runs), so that it overlaps the
-promotion instead of following it. An acquisition uses a precheck that finished at
-most `PRECHECK_MAX_AGE_S` before it (waiting for one still running) and runs
-its own detection otherwise. The check stays what it was, a guard against a
-misconfigured or unfenced host; the lease is what keeps an old primary off
-the address (it removes it when its lease ends, before any election).
+(the core's PrepareVip), so that it overlaps the confirmation and the
+promotion instead of following them. An acquisition uses a precheck that
+heard nobody and finished at most `PRECHECK_MAX_AGE_S` before it (waiting
+for one still running), and runs its own detection otherwise. The check
+stays what it was, a guard against a misconfigured or unfenced host; the
+lease is what keeps an old primary off the address (it removes it when its
+lease ends, before any election).
 
 Programs: `ip` (iproute2) and `arping` (iputils-arping), found on PATH or in
 the sbin directories; `apt-get install iproute2 iputils-arping`. Privileges:
@@ -129,8 +130,7 @@ class VirtualIp:
         self._arping = _find("arping")
         self._lock = asyncio.Lock()
         self._acquiring: asyncio.Task[None] | None = None
-        self._precheck: asyncio.Task[bool] | None = None
-        self._precheck_done_at: float | None = None
+        self._precheck: asyncio.Task[tuple[bool, float]] | None = None
         self._announcing: asyncio.Task[None] | None = None
         self.acquire_error: str | None = None  # why the last acquisition failed, if it did
 
@@ -226,25 +226,30 @@ class VirtualIp:
         acquisition expected soon (see the module's docstring)."""
         if self._precheck is not None and not self._precheck.done():
             return
-        self._precheck_done_at = None
         self._precheck = asyncio.create_task(self._timed_detection(), name=f"vip-precheck-{self.address}")
 
-    async def _timed_detection(self) -> bool:
-        try:
-            return await self.answered_elsewhere()
-        finally:
-            self._precheck_done_at = time.monotonic()
+    async def _timed_detection(self) -> tuple[bool, float]:
+        """(whether another host answered, when the detection ended)."""
+        answered = await self.answered_elsewhere()
+        return answered, time.monotonic()
 
     async def _detect_duplicate(self) -> bool:
-        """A recent or running precheck's answer, else a detection now."""
-        task, self._precheck = self._precheck, None
+        """Whether another host answers for the address. A precheck that heard
+        nobody at most PRECHECK_MAX_AGE_S ago stands for the detection (one
+        still running is waited for); one that heard someone is not trusted
+        to still be right (that host may have let go since), so a detection
+        runs now, as it does without a precheck."""
+        task = self._precheck
         if task is not None:
-            if not task.done():
-                await asyncio.wait([task])
-            fresh = self._precheck_done_at is not None and time.monotonic() - self._precheck_done_at <= PRECHECK_MAX_AGE_S
-            if fresh and not task.cancelled() and task.exception() is None:
-                self.log.info("vip_precheck_used", address=self.address, answered=task.result())
-                return task.result()
+            # Still in self._precheck while we wait, so that release() can cancel it.
+            await asyncio.wait([task])
+            if self._precheck is task:
+                self._precheck = None
+            if not task.cancelled() and task.exception() is None:
+                answered, ended_at = task.result()
+                if not answered and time.monotonic() - ended_at <= PRECHECK_MAX_AGE_S:
+                    self.log.info("vip_precheck_used", address=self.address, answered=False)
+                    return False
         return await self.answered_elsewhere()
 
     async def _stop_precheck(self) -> None:

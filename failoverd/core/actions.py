@@ -91,6 +91,15 @@ class StartStandby:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PrepareVip:
+    """This member was just elected: an AcquireVip may follow soon. Checks that
+    take time before the address can be added (duplicate address detection)
+    may start now, so that they overlap the promotion; nothing is added."""
+
+    term: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class AcquireVip:
     term: int
 
@@ -127,5 +136,5 @@ class Reply:
 
 Action = Union[
     Persist, Send, ArmWatchdog, Fence, Demote, ConfigureSync, Promote, Follow, StartStandby,
-    AcquireVip, ReleaseVip, ProbeNow, Emit, Reply,
+    PrepareVip, AcquireVip, ReleaseVip, ProbeNow, Emit, Reply,
 ]

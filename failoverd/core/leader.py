@@ -16,6 +16,7 @@ from failoverd.core.quorum import committed_version, quorum_time
 from failoverd.core.requests import AdminRequest, CancelSwitchover, Failover, Pause, RecordEvent, Resume, Switchover
 from failoverd.core.spec import ReplicationMode
 from failoverd.core.state import HistoryEntry, PgRole, Position, Role
+from failoverd.core.voting import standing
 
 if TYPE_CHECKING:
     from failoverd.core.node import Node
@@ -93,6 +94,7 @@ class LeaderMixin:
         self._persist()
         self._emit("role_changed", role="leader", previous="candidate", reason=reason, votes=sorted(v for v, g in self.grants.items() if g))
         if self.me.is_data:
+            self.out.append(act.PrepareVip(self.term))
             # Now rather than with the Promote: on a standby it only takes
             # effect at promotion, and the adapter would otherwise set it
             # while our write pause runs (it checks again before promoting).
@@ -362,7 +364,7 @@ class LeaderMixin:
                 continue
             if now - view.heard_at > self.timing.election_timeout_min_s:
                 continue
-            key = (view.position is not None, view.position or Position(1, 0), member.priority, name)
+            key = standing(view.position, member.priority, name)
             if best_key is None or key > best_key:
                 best, best_key = name, key
         return best

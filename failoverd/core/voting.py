@@ -17,6 +17,15 @@ from failoverd.core.quorum import Tally, vote_tally
 from failoverd.core.spec import ReplicationMode
 from failoverd.core.state import PgRole, Position, Role
 
+
+def standing(position: Position | None, priority: int, name: str) -> tuple:
+    """How strongly a member may stand, the same for choosing a hand-over's
+    successor and for settling simultaneous pre-votes: more WAL, then higher
+    priority, then the later name (a total order: of two, exactly one is
+    stronger)."""
+    return (position is not None, position or Position(1, 0), priority, name)
+
+
 if TYPE_CHECKING:
     from failoverd.core.node import Node
 
@@ -94,9 +103,7 @@ class VotingMixin:
                        other_position=str(m.position))
 
     def _claim(self: Node, name: str, position: Position | None) -> tuple:
-        """How strongly a member may stand: more WAL, then higher priority,
-        then the later name (a total order, so exactly one of two yields)."""
-        return (position is not None, position or Position(1, 0), self.spec.member(name).priority, name)
+        return standing(position, self.spec.member(name).priority, name)
 
     def _on_vote_request(self: Node, m: VoteRequest, now: float) -> None:
         leader_before = self.leader
@@ -128,7 +135,7 @@ class VotingMixin:
                 reason=reason or "",
             ),
         )
-        if handover:
+        if handover and self.term == m.term:  # a refusal that left our term alone releases nothing
             self.released_by = m.transfer_from
             self._take_over_handover(m, now)
 
@@ -138,6 +145,7 @@ class VotingMixin:
         cannot win the data quorum, so campaign for the same handover at once
         instead of after an election timeout."""
         if (self.role is not Role.FOLLOWER or self.voted_for is not None or m.waive_wal_check
+                or m.transfer_from == self.name  # we stepped down so that another member can try
                 or not self._holds_more_wal_than(m.position) or not self._may_campaign(now, transfer=True)):
             return
         self._emit("handover_taken_over", candidate=m.sender, transfer_from=m.transfer_from,

@@ -279,6 +279,8 @@ class SimCluster:
                 self._fence(host, a.reason)
             elif isinstance(a, act.ReleaseVip):
                 host.vip = False
+            elif isinstance(a, act.PrepareVip):
+                pass  # the model has no duplicate address detection to start early
             elif isinstance(a, act.AcquireVip):
                 host.vip = True
                 self.log(f"{host.name} acquired VIP")

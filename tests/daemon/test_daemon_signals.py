@@ -65,17 +65,20 @@ def test_sd_notify_ready_status_watchdog_and_stopping(tmp_path, notify_socket):
         stop_witness(w)
 
 
+def reload(w, outcome: str) -> dict:
+    """SIGHUP the daemon; its first `outcome` event (config_reloaded or config_reload_failed)."""
+    os.kill(w.proc.pid, signal.SIGHUP)
+    return wait_for(lambda: next((e for e in w.events() if e.get("event") == outcome), None), what=outcome)
+
+
 def test_sighup_applies_logging_and_hooks_and_reports_what_needs_a_restart(tmp_path):
     w = start_witness(tmp_path)
     try:
         text = w.config_path.read_text()
         text = text.replace('[logging]\nformat = "json"', '[logging]\nformat = "json"\nlevel = "debug"')
         text = text.replace("[api]\n", '[hooks]\non_role_change = "/bin/true"\n\n[api]\n', 1)
-        text = text.replace('name = "fuzz"', 'name = "fuzz"', 1)
         w.config_path.write_text(text)
-        os.kill(w.proc.pid, signal.SIGHUP)
-        event = wait_for(lambda: next((e for e in w.events() if e.get("event") == "config_reloaded"), None),
-                         what="config_reloaded")
+        event = reload(w, "config_reloaded")
         assert sorted(event["applied"]) == ["hooks", "logging"] and event["needs_restart"] == []
         assert w.alive()
     finally:
@@ -87,17 +90,13 @@ def test_sighup_with_a_broken_file_changes_nothing_and_keeps_running(tmp_path):
     try:
         good = w.config_path.read_text()
         w.config_path.write_text(good.replace("[cluster]", "[cluster]\nbogus_key = 1", 1))
-        os.kill(w.proc.pid, signal.SIGHUP)
-        event = wait_for(lambda: next((e for e in w.events() if e.get("event") == "config_reload_failed"), None),
-                         what="config_reload_failed")
+        event = reload(w, "config_reload_failed")
         assert any("bogus_key" in p for p in event["problems"])
         time.sleep(0.3)
         assert w.alive()
         # A later, valid change that needs a restart is reported, not applied.
         w.config_path.write_text(good.replace("[api]\n", "[api]\nhealth_auth = true\n", 1))
-        os.kill(w.proc.pid, signal.SIGHUP)
-        event = wait_for(lambda: next((e for e in w.events() if e.get("event") == "config_reloaded"), None),
-                         what="config_reloaded")
+        event = reload(w, "config_reloaded")
         assert event["applied"] == [] and "api" in event["needs_restart"]
     finally:
         stop_witness(w)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab import CLIENT, DATA, PG_PORT, WRITER_PASSWORD, WRITER_USER, E2ELab
+from pg_helpers import terminate
 
 CLIENT_PY = Path(__file__).with_name("client.py")
 
@@ -79,13 +79,7 @@ class ClientRun:
         return [a for a in self.acks() if a.t > t]
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc, timeout_s)
         self.acks()
 
     def output_tail(self, chars: int = 2000) -> str:
@@ -119,13 +113,7 @@ class VipMonitor:
 
     def stop(self) -> None:
         for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            terminate(proc, 5)
 
     def changes(self, host: str) -> list[tuple[float, bool]]:
         """(wall time, held after the change) for each add or removal of the VIP on `host`."""

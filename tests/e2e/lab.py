@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import asyncpg
 from cluster_harness import make_runtime_bundle, system_python
 from netns import Lab, unsupported_reason
-from pg_helpers import find_bin_dir, stop_servers_under
+from pg_helpers import find_bin_dir, stop_servers_under, terminate
 
 from failoverd import procs
 from failoverd.config import Config, parse_config
@@ -213,12 +213,7 @@ format = "json"
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(sup.proc.pid, signal.SIGCONT)
-        sup.proc.send_signal(signal.SIGTERM)
-        try:
-            sup.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            sup.proc.kill()
-            sup.proc.wait(5)
+        terminate(sup.proc, timeout_s)
 
     def postmaster_pid(self, name: str) -> int | None:
         return procs.live_postmaster_pid(self.adapters[name].data_dir)

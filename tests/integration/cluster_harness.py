@@ -30,7 +30,7 @@ from pathlib import Path
 # stall the event loop that the writer and the sampler run on.
 import aiohttp
 import asyncpg
-from pg_helpers import free_ports, stop_servers_under
+from pg_helpers import free_ports, stop_servers_under, terminate
 
 import failoverd
 from failoverd.config import Config, parse_config
@@ -186,12 +186,7 @@ format = "json"
         sup = self.supervisors[name]
         with contextlib.suppress(ProcessLookupError):
             os.kill(sup.proc.pid, signal.SIGCONT)
-        sup.proc.send_signal(signal.SIGTERM)
-        try:
-            return sup.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            sup.proc.kill()
-            return sup.proc.wait(5)
+        return terminate(sup.proc, timeout_s)
 
     def postmaster_pid(self, name: str) -> int | None:
         return self.adapters[name].postmaster_pid()
@@ -436,3 +431,33 @@ class Writer(_Background):
             await conn.close()
         present = {r["id"] for r in rows}
         return [w for w in self.acked if w not in present]
+
+
+async def start_watched(cluster: LocalCluster, *, healthy_timeout_s: float, settle_s: float,
+                        writer_pause_s: float | None = None) -> tuple[str, Writer, DualPrimarySampler]:
+    """Start every member, wait for a primary with every standby streaming,
+    then start a Writer and a DualPrimarySampler and let them run `settle_s`.
+    Returns (primary, writer, sampler)."""
+    cluster.start_all()
+    primary = await cluster.wait_for("a primary with every standby streaming", cluster.healthy, healthy_timeout_s)
+    writer = Writer(cluster)
+    if writer_pause_s is not None:
+        writer.pause_s = writer_pause_s
+    await writer.setup()
+    sampler = DualPrimarySampler(cluster)
+    sampler.start()
+    writer.start()
+    await asyncio.sleep(settle_s)
+    return primary, writer, sampler
+
+
+async def first_write_not_by(writer: Writer, member: str, since: float, timeout_s: float) -> float | None:
+    """When the writer's first write after `since` was acknowledged by a
+    server other than `member`; None if none came within `timeout_s`."""
+    deadline = since + timeout_s
+    while True:
+        first = next((t for t, by in zip(writer.acked_at, writer.acked_by, strict=True)
+                      if t > since and by not in (None, member)), None)
+        if first is not None or time.monotonic() >= deadline:
+            return first
+        await asyncio.sleep(0.01)

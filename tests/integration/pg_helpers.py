@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import random
 import signal
 import socket
@@ -42,6 +43,37 @@ def find_bin_dir() -> Path | None:
         return None
     bin_dir = Path(out.stdout.strip())
     return bin_dir if (bin_dir / "postgres").exists() else None
+
+
+def require_bin_dir() -> Path:
+    """find_bin_dir() for the bench scripts: exits 2, saying why, when there is none."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        raise SystemExit("PostgreSQL server programs not found (pg_config --bindir); "
+                         "as root: apt-get install postgresql (or make postgres-server)")
+    return bin_dir
+
+
+def pg_os_user() -> tuple[str, tuple[int, int] | None]:
+    """(OS user to run PostgreSQL as, (uid, gid) to own its directories):
+    `postgres` when we are root, since PostgreSQL refuses root; ourselves,
+    owning nothing, otherwise."""
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam("postgres")
+        return "postgres", (entry.pw_uid, entry.pw_gid)
+    return pwd.getpwuid(os.geteuid()).pw_name, None
+
+
+def terminate(proc: subprocess.Popen, grace_s: float) -> int:
+    """SIGTERM a child we started (by its PID), SIGKILL it after `grace_s`; its exit status."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)
 
 
 def free_ports(count: int) -> list[int]:

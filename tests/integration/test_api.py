@@ -10,7 +10,6 @@ import asyncio
 import re
 import time
 
-import pytest
 from cluster_harness import LocalCluster
 from test_cluster import _finish, _started
 

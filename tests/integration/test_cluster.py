@@ -13,22 +13,13 @@ import os
 import signal
 import time
 
-import pytest
-from cluster_harness import DualPrimarySampler, LocalCluster, Writer
+from cluster_harness import DualPrimarySampler, LocalCluster, Writer, start_watched
 
 from failoverd.core.state import PgRole
 
 
 async def _started(cluster: LocalCluster) -> tuple[str, Writer, DualPrimarySampler]:
-    cluster.start_all()
-    primary = await cluster.wait_for("a primary with every standby streaming", cluster.healthy, timeout_s=90)
-    writer = Writer(cluster)
-    await writer.setup()
-    sampler = DualPrimarySampler(cluster)
-    sampler.start()
-    writer.start()
-    await asyncio.sleep(1.0)
-    return primary, writer, sampler
+    return await start_watched(cluster, healthy_timeout_s=90, settle_s=1.0)
 
 
 async def _finish(cluster: LocalCluster, writer: Writer, sampler: DualPrimarySampler, expect_primary_not: str | None = None):

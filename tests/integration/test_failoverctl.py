@@ -14,7 +14,6 @@ import signal
 import time
 
 import asyncpg
-import pytest
 from cluster_harness import DualPrimarySampler, LocalCluster, Writer
 from test_cluster import _finish, _host_down, _new_primary, _started
 

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from failoverd import oscmd, procs
 from failoverd import pgsetup as setup
+from failoverd.config import NodeConfig
 from failoverd.core.state import PgObservation, PgRole, Position
 from failoverd.postgres import PostgresAdapter
 
@@ -168,17 +169,24 @@ async def _following_none(adapter: PostgresAdapter) -> bool:
     return obs.role is PgRole.STANDBY and obs.following is None
 
 
+async def primary_and_standby(base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None
+                              ) -> tuple[dict[str, PostgresAdapter], dict[str, NodeConfig]]:
+    """Members db1-db3 configured; db1 a bootstrapped primary, db2 streaming from it, db3 nothing."""
+    config = make_config(base_dir, bin_dir=bin_dir, os_user=os_user)
+    prepare_node_dirs(config, owner)
+    pg = adapters(config)
+    members = {n.name: n for n in config.nodes}
+    await pg["db1"].bootstrap_primary()
+    await pg["db2"].follow(members["db1"])
+    await wait_for("db2 streaming from db1", lambda: streaming_from(pg["db2"], "db1", 1))
+    return pg, members
+
+
 async def test_rewind_failure_moves_the_directory_aside_and_reclones(
     base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None
 ) -> None:
-    config = make_config(base_dir, bin_dir=bin_dir, os_user=os_user, names=("db1", "db2", "db3"))
-    prepare_node_dirs(config, owner)
-    pg = adapters(config)
+    pg, members = await primary_and_standby(base_dir, bin_dir, os_user, owner)
     db1, db2 = pg["db1"], pg["db2"]
-    members = {n.name: n for n in config.nodes}
-    await db1.bootstrap_primary()
-    await db2.follow(members["db1"])
-    await wait_for("db2 streaming", lambda: streaming_from(db2, "db1", 1))
     await db2.promote()
     async with connect(db1) as conn:
         await conn.execute("CREATE TABLE lost AS SELECT 1 AS x")
@@ -266,14 +274,8 @@ async def test_follow_of_a_deaf_upstream_can_be_cancelled_while_it_only_asks(
     send but not receive) holds follow() until the connect timeout. Until it
     answers nothing local has changed: waiting_on_upstream says so, and
     cancelling then leaves the standby exactly as it was."""
-    config = make_config(base_dir, bin_dir=bin_dir, os_user=os_user)
-    prepare_node_dirs(config, owner)
-    pg = adapters(config)
-    db1, db2 = pg["db1"], pg["db2"]
-    members = {n.name: n for n in config.nodes}
-    await db1.bootstrap_primary()
-    await db2.follow(members["db1"])
-    await wait_for("db2 streaming from db1", lambda: streaming_from(db2, "db1", 1))
+    pg, members = await primary_and_standby(base_dir, bin_dir, os_user, owner)
+    db2 = pg["db2"]
     pid = db2.postmaster_pid()
     deaf = members["db3"]  # nothing runs there: a socket that never answers takes its port
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

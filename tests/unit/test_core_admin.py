@@ -186,7 +186,7 @@ def test_failover_without_data_loss_cannot_elect_a_member_behind_a_voter():
 
 def test_failover_with_data_loss_allowed_elects_and_promotes_a_member_behind():
     w, now = paused_with_dead_leader(lsn_b=1000, lsn_c=2000)
-    out = request(w, "b", Failover(9, "b", allow_data_loss=True), now)
+    request(w, "b", Failover(9, "b", allow_data_loss=True), now)
     b = w["b"]
     assert b.role is Role.LEADER and b.lead.wal_check_waived
     assert b.state.history[-1].reason == "operator failover (data loss allowed)"

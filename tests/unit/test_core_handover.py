@@ -299,3 +299,25 @@ def test_the_next_leader_ends_the_release():
                                 transfer_from="a"), 2.41)
     (resp,) = messages(out, type(out[-1].message))
     assert not resp.granted and b.leader == "c" and b.term == 3
+
+
+def test_a_leader_that_stepped_down_does_not_take_its_own_hand_over_back():
+    """A leader whose promotion failed steps down so that another member can
+    try. It holds more WAL than its successor and refuses it its vote, but it
+    must not campaign again itself (it would fail the same way, term after
+    term)."""
+    w = elected()
+    w.observe_data(2.05, lsn={"a": 1200, "b": 1000, "c": 1000})
+    w.tick("a", 2.1)
+    assert of_type(w.log["a"], act.Promote) == [act.Promote(1)]
+    out = w.deliver("a", w["a"].promotion_failed(1, "pre_promote hook vetoed", 2.12), 2.12)
+    assert "vote_refused" in events(out["a"]) and "handover_taken_over" not in events(out["a"])
+    assert w["a"].role is Role.FOLLOWER and w["a"].term == 2
+    assert [n for n in "bc" if w[n].role is Role.LEADER] != []
+
+
+def test_the_elected_leader_asks_to_prepare_the_vip_at_once():
+    w = elected()
+    assert of_type(w.log["a"], act.PrepareVip) == [act.PrepareVip(1)]
+    assert of_type(w.log["a"], act.AcquireVip) == []  # added only once promoted
+    assert of_type(w.log["b"], act.PrepareVip) == of_type(w.log["c"], act.PrepareVip) == []

@@ -147,6 +147,17 @@ class Cluster:
                 task.cancel()
         await asyncio.gather(*(t for s in self.sups.values() for t in s._tasks), return_exceptions=True)
 
+    def give_each(self, attr: str, make) -> dict:
+        """Set every supervisor's `attr` (a port: hooks, vip, ...) to make(name); returns them by name."""
+        made = {name: make(name) for name in self.sups}
+        for name, sup in self.sups.items():
+            setattr(sup, attr, made[name])
+        return made
+
+    def leader(self) -> str:
+        (name,) = [n for n, s in self.sups.items() if s.node.role is Role.LEADER]
+        return name
+
     def primaries(self) -> list[str]:
         return [n for n, pg in self.pgs.items() if pg.role is PgRole.PRIMARY]
 
@@ -253,8 +264,7 @@ async def test_a_vip_that_cannot_be_taken_is_logged_not_fatal(_captured_logs):
             pass
 
     c = Cluster()
-    for s in c.sups.values():
-        s.vip = ConflictingVip()
+    c.give_each("vip", lambda name: ConflictingVip())
     async with c:
         await c.wait_for(lambda: _ready(c))
         await asyncio.sleep(0.2)
@@ -297,12 +307,10 @@ async def test_a_failed_background_vip_acquisition_is_retried_while_leader(_capt
             self.held = False
 
     c = Cluster()
-    vips = {name: FlakyVip() for name in c.sups}
-    for name, s in c.sups.items():
-        s.vip = vips[name]
+    vips = c.give_each("vip", lambda name: FlakyVip())
     async with c:
         await c.wait_for(lambda: _ready(c))
-        leader = next(n for n, s in c.sups.items() if s.node.role is Role.LEADER)
+        leader = c.leader()
         await c.wait_for(lambda: vips[leader].held)
         assert vips[leader].attempts == 3
         assert all(v.attempts == 0 for n, v in vips.items() if n != leader)
@@ -389,3 +397,30 @@ async def test_a_follow_of_the_new_leader_interrupts_one_of_the_old_still_asking
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
     assert [e["reason"] for e in _captured_logs if e["event"] == "pg_action_interrupted"] == ["follow"]
+
+
+async def test_only_the_elected_member_prechecks_the_vip_before_acquiring_it():
+    class RecordingVip:
+        acquire_error = None
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def precheck(self) -> None:
+            self.calls.append("precheck")
+
+        async def acquire(self) -> None:
+            self.calls.append("acquire")
+
+        async def release(self) -> None:
+            self.calls.append("release")
+
+    c = Cluster()
+    vips = c.give_each("vip", lambda name: RecordingVip())
+    async with c:
+        await c.wait_for(lambda: _ready(c))
+        leader = c.leader()
+        await c.wait_for(lambda: "acquire" in vips[leader].calls)
+    assert vips[leader].calls.index("precheck") < vips[leader].calls.index("acquire")
+    never_elected = [n for n in vips if not c.sups[n].counters.elected]
+    assert never_elected and all("precheck" not in vips[n].calls for n in never_elected)

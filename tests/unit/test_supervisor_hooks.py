@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from failoverd.core.spec import Timing
-from failoverd.core.state import PgRole, Role
+from failoverd.core.state import PgRole
 from test_supervisor import Cluster, _ready
 
 
@@ -28,12 +28,10 @@ class RecordingHooks:
 
 async def test_role_change_hook_reports_the_new_leader():
     c = Cluster()
-    hooks = {name: RecordingHooks() for name in c.sups}
-    for name, sup in c.sups.items():
-        sup.hooks = hooks[name]
+    hooks = c.give_each("hooks", lambda name: RecordingHooks())
     async with c:
         await c.wait_for(lambda: _ready(c))
-        (leader,) = [n for n, s in c.sups.items() if s.node.role is Role.LEADER]
+        leader = c.leader()
         calls = hooks[leader].calls
         assert ("role", c.sups[leader].node.term, "leader", "candidate") in calls
         # pre_promote ran before the promotion of the leader's PostgreSQL
@@ -42,8 +40,7 @@ async def test_role_change_hook_reports_the_new_leader():
 
 async def test_a_pre_promote_veto_hands_leadership_on_and_nobody_is_promoted_behind_it():
     c = Cluster()
-    for sup in c.sups.values():
-        sup.hooks = RecordingHooks(veto="pre_promote hook exited 1")
+    c.give_each("hooks", lambda name: RecordingHooks(veto="pre_promote hook exited 1"))
     async with c:
         await c.wait_for(lambda: any(s.counters.events["promotion_failed"] for s in c.sups.values()), timeout_s=10)
         await asyncio.sleep(0.5)
@@ -55,10 +52,8 @@ async def test_a_pre_promote_veto_hands_leadership_on_and_nobody_is_promoted_beh
 
 async def test_only_the_vetoing_member_is_skipped():
     c = Cluster()
-    hooks = {name: RecordingHooks() for name in c.sups}
+    hooks = c.give_each("hooks", lambda name: RecordingHooks())
     first = sorted(c.sups)[0]
-    for name, sup in c.sups.items():
-        sup.hooks = hooks[name]
     hooks[first].veto = "not here"
     async with c:
         await c.wait_for(lambda: len(c.primaries()) == 1, timeout_s=15)
