@@ -92,5 +92,11 @@ demo: $(STAMP) postgres-server net-tools
 simulate: $(STAMP)
 	$(VENV)/bin/failoverd simulate --seeds 1000
 
+# Before any protocol change is called done: 100,000 seeds of every cluster
+# shape, sharded over the cores, one summary line per shape (hours).
+.PHONY: simulate-long
+simulate-long: $(STAMP)
+	$(VENV)/bin/failoverd simulate --shape all --seeds 100000
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -22,6 +22,7 @@ import asyncpg
 from failoverd import oscmd
 from failoverd import pgsetup as setup
 from failoverd.config import NodeConfig
+from failoverd.core.follow import FollowFacts, FollowStep, may_discard_wal, plan_follow
 from failoverd.core.state import PgRole, Position
 
 RETARGET_WAIT_S = 10.0
@@ -85,8 +86,11 @@ class PostgresReplication:
             self._asking_upstream = False
 
     async def follow(self, leader: NodeConfig) -> None:
-        """Stream from `leader`: clone when there is no data directory, re-point
-        a compatible standby, rewind (or re-clone) a diverged server."""
+        """Stream from `leader`: clone when there is no data directory, cascade
+        from a standby, re-point a compatible standby, rewind (or re-clone) a
+        diverged server. Each step is the core's (failoverd.core.follow): WAL
+        is discarded only toward a server that is a primary when asked after
+        our own server stopped."""
         if leader.postgres is None or leader.name == self.node.name:
             raise ValueError(f"{leader.name} cannot be followed")
         async with self._lock:
@@ -106,29 +110,40 @@ class PostgresReplication:
                 row = None
             position = None if row is None else _receiver_position(row)
             up = await self._ask_upstream(leader)
-            if up.in_recovery:
-                await self._cascade(leader, role, up, row)
-                return
-            if row is not None and position is None:
+            if row is not None and position is None and not up.in_recovery:
                 # No WAL receiver covers it: the server tells (a subprocess,
-                # kept off the cascade above, which must be quick), and then
-                # the leader's position is read again, after ours.
+                # kept off the cascade, which must be quick), and then the
+                # leader is asked again, after ours.
                 position = await self._standby_position(row)
                 up = await self._ask_upstream(leader)
-                if up.in_recovery:
-                    raise PostgresError(f"{leader.name} is not a primary any more")
-            timeline, lsn, history = up.timeline, up.lsn, up.history
-            if role is PgRole.STANDBY:
-                if position is not None and setup.compatible(position.timeline, position.lsn, timeline, lsn, history):
-                    await self._retarget(leader, slot=up.slot)
-                    return
-                self.log.info("pg_diverged", position=str(position), leader=leader.name)
-            if role is not PgRole.STOPPED:
+            if role is PgRole.STOPPED:
+                position = await self._wal_end_now()
+            step, why = plan_follow(FollowFacts(role, up.in_recovery, _prefix(position, up)))
+            if step is FollowStep.STOP:
+                self.log.info("pg_diverged" if role is PgRole.STANDBY else "pg_stopping_to_follow",
+                              position=str(position), leader=leader.name, why=why)
                 await self._stop_escalating()
-            position = await self._wal_end_now()
-            if position is None or not setup.compatible(position.timeline, position.lsn, timeline, lsn, history):
-                await self._rewind_or_reclone(leader, position)
+                # Our WAL is final now; the upstream is asked again, so that a
+                # rewind never trusts an answer from before the stop.
+                role, row = PgRole.STOPPED, None
+                position = await self._wal_end_now()
+                up = await self._ask_upstream(leader)
+                step, why = plan_follow(FollowFacts(role, up.in_recovery, _prefix(position, up)))
+            await self._follow_step(step, why, leader, role, up, row, position)
+
+    async def _follow_step(self, step: FollowStep, why: str, leader: NodeConfig, role: PgRole, up: _Upstream,
+                           row: asyncpg.Record | None, position: Position | None) -> None:
+        if step is FollowStep.CASCADE:
+            await self._cascade(leader, role, up, row)
+        elif step is FollowStep.RETARGET:
+            await self._retarget(leader, slot=up.slot)
+        elif step is FollowStep.START:
             await self._start(upstream=leader, slot=up.slot)
+        elif step is FollowStep.REWIND:
+            await self._rewind_or_reclone(leader, position)
+            await self._start(upstream=leader, slot=up.slot)
+        else:
+            raise PostgresError(f"cannot follow {leader.name}: {why}")
 
     async def _cascade(self, upstream: NodeConfig, role: PgRole, up: _Upstream, row: asyncpg.Record | None) -> None:
         """Stream from `upstream` while it is still a standby: the target of a
@@ -175,6 +190,11 @@ class PostgresReplication:
             if role in (PgRole.STANDBY, PgRole.UNRESPONSIVE):
                 await self._stop_escalating()
             if role is not PgRole.ABSENT:
+                # Asked after our stop: only a primary then holds every
+                # acknowledged commit we hold (failoverd.core.follow).
+                up = await self._ask_upstream(leader)
+                if not may_discard_wal(up.in_recovery):
+                    raise PostgresError(f"{leader.name} is not a primary: nothing rebuilt, nothing discarded")
                 aside = await asyncio.to_thread(setup.move_aside, self.data_dir)
                 self.log.warning("pg_data_dir_moved_aside", path=str(aside), reason="reinit")
             await self._clone(leader)
@@ -345,6 +365,14 @@ class PostgresReplication:
 
     def _libpq_env(self) -> dict[str, str]:
         return {"PGPASSFILE": str(self.passfile), "PGCONNECT_TIMEOUT": "10"}
+
+
+def _prefix(position: Position | None, up: _Upstream) -> bool | None:
+    """Whether WAL ending at `position` is a prefix of a primary upstream's
+    history (None: unknown, or the upstream is a standby)."""
+    if position is None or up.in_recovery or up.timeline is None:
+        return None
+    return setup.compatible(position.timeline, position.lsn, up.timeline, up.lsn, up.history)
 
 
 def _receiver_position(row: asyncpg.Record) -> Position | None:

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from failoverd.core import actions as act
+from failoverd.core import follow
 from failoverd.core.leader import LeaderMixin, LeaderState
 from failoverd.core.messages import (
     Heartbeat,
@@ -35,7 +36,7 @@ from failoverd.core.spec import ClusterSpec, ReplicationMode, Timing
 from failoverd.core.state import ClusterState, PersistentState, PgObservation, PgRole, Position, Role
 from failoverd.core.voting import VotingMixin
 
-SAFEGUARDS = frozenset({"lease", "lsn-check", "persist-vote"})
+SAFEGUARDS = frozenset({"lease", "lsn-check", "persist-vote", follow.SAFEGUARD})
 PG_ACTION_RETRY_S = 5.0
 FENCE_RETRY_S = 1.0
 

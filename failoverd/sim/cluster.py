@@ -17,14 +17,20 @@ from collections.abc import Callable
 
 from failoverd.core import actions as act
 from failoverd.core.messages import decode_message, encode_message
+from failoverd.core.follow import FollowFacts, FollowStep, plan_follow
 from failoverd.core.node import InvariantViolation, Node, Role
 from failoverd.core.spec import ClusterSpec, ReplicationMode
-from failoverd.core.state import PersistentState
+from failoverd.core.state import PersistentState, PgRole
 from failoverd.sim.network import SimNetwork
 from failoverd.sim.postgres import SimPostgres, SimRole, WalEntry
 
 PROMOTE_S = 0.15
-FOLLOW_S = 0.3
+ASK_UPSTREAM_S = 0.003  # connect to the upstream and ask it, besides the network's round trip
+CLONE_S = 0.3
+RETARGET_S = 0.02
+FOLLOW_STOP_S = (0.05, 0.3)  # a standby's fast stop before it is compared and rewound
+REWIND_S = (0.1, 0.5)
+SLOW_PG_EXTRA_S = (0.2, 2.0)
 FAST_STOP_S = 0.1
 START_S = 0.2
 PROBE_INTERVAL_S = 0.1
@@ -290,10 +296,11 @@ class SimCluster:
                 host.pg.sync_count = a.sync_count
                 host.pg.sync_names = a.standbys
             elif isinstance(a, act.Promote):
-                self._pg_later(host, PROMOTE_S, self._finish_promote)
+                stops = host.pg.stops
+                self._pg_later(host, PROMOTE_S, lambda h, n=stops: self._finish_promote(h, n))
             elif isinstance(a, act.Follow):
                 leader = a.leader
-                self._pg_later(host, FOLLOW_S, lambda h, ldr=leader: self._finish_follow(h, ldr))
+                self._ask_upstream(host, leader)
             elif isinstance(a, act.StartStandby):
                 self._pg_later(host, START_S, self._finish_start_standby)
             elif isinstance(a, act.ProbeNow):
@@ -347,6 +354,8 @@ class SimCluster:
 
     def _pg_later(self, host: Host, delay: float, fn: Callable[[Host], None]) -> None:
         inc = host.incarnation
+        if host.pg is not None and self.now < host.pg.slow_until:
+            delay += self.rng.uniform(*SLOW_PG_EXTRA_S)  # a slow disk or a busy server: every step drags
 
         def run() -> None:
             fn(host)
@@ -359,10 +368,12 @@ class SimCluster:
         if host.pg.role is SimRole.STOPPED:
             host.pg.role = SimRole.STANDBY
 
-    def _finish_promote(self, host: Host) -> None:
-        # Like `pg_ctl promote`, this completes whatever the supervisor does
-        # meanwhile; only a fence (which stops the server) prevents it.
+    def _finish_promote(self, host: Host, stops: int) -> None:
+        # Like `pg_promote()`, this completes whatever the supervisor does
+        # meanwhile; only a stop of the server (a fence) voids it.
         pg = host.pg
+        if pg.stops != stops:
+            return
         if pg.role is SimRole.ABSENT:
             pg.append(WalEntry(1, f"initdb-{host.name}"))
         elif pg.role is SimRole.STANDBY:
@@ -379,23 +390,71 @@ class SimCluster:
             if missing:
                 raise Violation("no-lost-acked-write", f"{host.name} promoted without acked writes {missing[:5]}")
 
-    def _finish_follow(self, host: Host, leader: str) -> None:
+    def _ask_upstream(self, host: Host, leader: str) -> None:
+        delay = self.net.round_trip(host.name, leader)
+        if delay is not None:  # else the connection attempt fails and the Follow with it
+            self._pg_later(host, ASK_UPSTREAM_S + delay, lambda h: self._follow_step(h, leader))
+
+    def _follow_step(self, host: Host, leader: str) -> None:
+        """One step of a Follow, as the real adapter takes it (failoverd.core.follow):
+        read our role, then ask the upstream, then act; after a stop, ask again.
+        An upstream that cannot be reached fails the Follow, changing nothing."""
         pg = host.pg
-        up = self.hosts[leader].pg
-        if pg.role is SimRole.PRIMARY:
+        up_host = self.hosts[leader]
+        up = up_host.pg
+        if pg.role is SimRole.PRIMARY or pg.role is SimRole.STOPPING:
+            return  # fenced or promoted meanwhile: the core decides again
+        reachable = (up is not None and up.running and self.net.connected(host.name, leader)
+                     and self.net.connected(leader, host.name))
+        if not reachable:
             return
-        if pg.role is SimRole.ABSENT:
-            if up is None or not up.writable or not self.net.connected(leader, host.name):
-                return
-            for e in up.wal:
-                pg.append(e)  # pg_basebackup
-        elif up is not None and up.running and not pg.compatible_with(up):
-            keep = pg.common_prefix(up)
-            self.log(f"{host.name} rewound from {pg.lsn} to {keep} to follow {leader}")
-            pg.truncate(keep)
+        local = {SimRole.ABSENT: PgRole.ABSENT, SimRole.STOPPED: PgRole.STOPPED, SimRole.STANDBY: PgRole.STANDBY}[pg.role]
+        prefix = pg.compatible_with(up)
+        step, _ = plan_follow(FollowFacts(local, up.role is not SimRole.PRIMARY, prefix), self.disabled)
+        if step is FollowStep.CLONE:
+            self._pg_later(host, CLONE_S, lambda h: self._clone(h, leader))
+        elif step is FollowStep.CASCADE:
+            if pg.lsn > up.lsn:
+                return  # our WAL goes further than the standby's: refused, nothing discarded
+            self._stream_from(host, leader, START_S if pg.role is SimRole.STOPPED else RETARGET_S)
+        elif step is FollowStep.RETARGET:
+            self._stream_from(host, leader, RETARGET_S)
+        elif step is FollowStep.START:
+            self._stream_from(host, leader, START_S)
+        elif step is FollowStep.STOP:
+            pg.stop()
+            self._pg_later(host, self.rng.uniform(*FOLLOW_STOP_S), lambda h: self._ask_upstream(h, leader))
+        elif step is FollowStep.REWIND:
+            self._pg_later(host, self.rng.uniform(*REWIND_S), lambda h: self._rewind(h, leader))
+
+    def _stream_from(self, host: Host, leader: str, delay: float) -> None:
+        def done(h: Host) -> None:
+            pg = h.pg
+            if pg.role in (SimRole.STOPPED, SimRole.STANDBY):
+                pg.upstream = leader
+                pg.flush_acks.clear()
+                pg.role = SimRole.STANDBY
+        self._pg_later(host, delay, done)
+
+    def _clone(self, host: Host, leader: str) -> None:
+        pg, up = host.pg, self.hosts[leader].pg
+        if pg.role is not SimRole.ABSENT or up is None or not up.running or not self.net.connected(leader, host.name):
+            return
+        for e in up.wal:
+            pg.append(e)  # pg_basebackup
         pg.upstream = leader
-        pg.flush_acks.clear()
         pg.role = SimRole.STANDBY
+
+    def _rewind(self, host: Host, leader: str) -> None:
+        """pg_rewind against the upstream as it is now: keep the common prefix."""
+        pg, up = host.pg, self.hosts[leader].pg
+        if pg.role is not SimRole.STOPPED or up is None or not up.running or not self.net.connected(leader, host.name):
+            return  # the rewind fails; the server stays stopped with its WAL
+        keep = pg.common_prefix(up)
+        if keep < pg.lsn:
+            self.log(f"{host.name} rewound from {pg.lsn} to {keep} to follow {leader} ({up.role.value})")
+            pg.truncate(keep)
+        self._stream_from(host, leader, START_S)
 
     # ------------------------------------------------------- replication/clients
 

@@ -50,6 +50,21 @@ class SimNetwork:
             out.append(delay)
         return out
 
+    def round_trip(self, src: str, dst: str) -> float | None:
+        """How long a PostgreSQL connection from src to dst takes to ask one
+        question (None: it cannot be made). Not supervisor traffic, so a cut
+        of the supervisor port alone does not stop it; a lost packet costs a
+        retransmission rather than the answer."""
+        if not (self.connected(src, dst) and self.connected(dst, src)):
+            return None
+        p = self.profile
+        delay = 2 * self.rng.uniform(p.delay_min_s, p.delay_max_s)
+        if self.rng.random() < p.loss:
+            delay += 0.2  # TCP's first retransmission
+        if self.rng.random() < p.spike:
+            delay += self.rng.uniform(0, p.spike_max_s)
+        return delay
+
     def isolate(self, name: str) -> None:
         for other in self.names:
             if other != name:

@@ -46,6 +46,10 @@ class SimPostgres:
     busy_until: float = 0.0  # an action (promote/follow/stop) is in flight until then
     replication_stalled_until: float = 0.0
     probe_hung_until: float = 0.0  # probes time out (UNRESPONSIVE, position unknown) but the server works
+    slow_until: float = 0.0  # every start, stop, promotion and follow step takes much longer until then
+    # Counts stops: a promotion asked of one run of the server is void once it
+    # stops (PostgreSQL removes a leftover promote signal file at start-up).
+    stops: int = 0
 
     @property
     def lsn(self) -> int:
@@ -94,6 +98,7 @@ class SimPostgres:
     def stop(self) -> list[int]:
         """Immediate stop; returns the write ids that were never acknowledged."""
         lost = [wid for _, wid in self.pending]
+        self.stops += 1
         self.pending.clear()
         self.flush_acks.clear()
         if self.role is not SimRole.ABSENT:

@@ -47,6 +47,17 @@ def preset_spec(data_nodes: int = 3, witness: bool = False, sync_count: int = 1,
     return ClusterSpec(name="sim", members=tuple(members), timing=timing or Timing(), replication=replication)
 
 
+# The cluster shapes every protocol change is run against (make simulate-long,
+# and a slice of each in make test): name -> preset_spec arguments.
+SHAPES: dict[str, dict] = {
+    "3-data": dict(data_nodes=3, sync_count=1),
+    "3-data-k2": dict(data_nodes=3, sync_count=2),
+    "5-data": dict(data_nodes=5, sync_count=1),
+    "5-data-k2": dict(data_nodes=5, sync_count=2),
+    "2-data-witness": dict(data_nodes=2, witness=True, sync_count=1),
+}
+
+
 class FaultInjector:
     """Draws one fault at a time from the cluster's seeded RNG and schedules its healing."""
 
@@ -69,7 +80,7 @@ class FaultInjector:
         kind = rng.choice(
             ["kill_postmaster", "kill_supervisor", "quick_restart", "freeze", "isolate", "isolate_inbound",
              "cut_pair", "cut_peer_only", "lossy", "stall_replication", "host_crash", "switchover", "pg_hang",
-             "operator_failover"]
+             "operator_failover", "slow_pg"]
         )
         sim.log(f"FAULT {kind} {target}")
         heal_after = rng.uniform(0.2, 4.0)
@@ -103,6 +114,8 @@ class FaultInjector:
             sim.at(now + heal_after, sim.net.heal)
         elif kind == "stall_replication" and host.pg is not None:
             host.pg.replication_stalled_until = now + heal_after
+        elif kind == "slow_pg" and host.pg is not None:
+            host.pg.slow_until = now + heal_after
         elif kind == "pg_hang" and host.pg is not None:
             host.pg.probe_hung_until = now + rng.uniform(0.2, 5.0)
         elif kind == "host_crash":
@@ -134,13 +147,15 @@ class FaultInjector:
             if host.pg is not None:
                 host.pg.replication_stalled_until = 0.0
                 host.pg.probe_hung_until = 0.0
+                host.pg.slow_until = 0.0
             if host.node is None:
                 sim.start_supervisor(name)
             elif host.frozen:
                 sim.thaw(name)
 
 
-def run_seed(spec: ClusterSpec, seed: int, disabled: frozenset[str] = frozenset(), safety_s: float = SAFETY_S) -> SeedResult:
+def run_seed(spec: ClusterSpec, seed: int, disabled: frozenset[str] = frozenset(), safety_s: float = SAFETY_S,
+             keep_trace: bool = True) -> SeedResult:
     sim = SimCluster(spec, seed, disabled)
     faults = FaultInjector(sim)
     sim.start()
@@ -170,7 +185,7 @@ def run_seed(spec: ClusterSpec, seed: int, disabled: frozenset[str] = frozenset(
     return SeedResult(
         seed=seed,
         violation=None if sim.violation is None else str(sim.violation),
-        trace=tuple(sim.trace),
+        trace=tuple(sim.trace) if keep_trace or sim.violation is not None else (),
         failover_gaps_s=_failover_gaps(sim),
         recovered_after_s=recovered,
         events=sim.events,
@@ -195,13 +210,17 @@ def _failover_gaps(sim: SimCluster) -> tuple[float, ...]:
 
 
 def _run_one(args: tuple) -> SeedResult:
-    return run_seed(*args)
+    spec, seed, disabled, keep_trace = args
+    return run_seed(spec, seed, disabled, keep_trace=keep_trace)
 
 
 def run_seeds(spec: ClusterSpec, seeds: list[int], disabled: frozenset[str] = frozenset(), workers: int | None = None,
-              stop_on_violation: bool = False) -> list[SeedResult]:
+              stop_on_violation: bool = False, keep_traces: bool = True) -> list[SeedResult]:
+    """Run seeds, sharded over `workers` processes (default: every core).
+    Without `keep_traces` only a violating seed keeps its trace, so that a
+    sweep of 100,000 seeds does not hold 100,000 traces."""
     workers = workers or max(1, min(len(seeds), os.cpu_count() or 1))
-    jobs = [(spec, s, disabled) for s in seeds]
+    jobs = [(spec, s, disabled, keep_traces) for s in seeds]
     if workers == 1:
         results = []
         for job in jobs:
@@ -222,6 +241,7 @@ class Summary:
     failover_max_s: float | None
     recovery_max_s: float | None
     first_violation: SeedResult | None
+    violating_seeds: tuple[int, ...] = ()
 
 
 def summarize(results: list[SeedResult]) -> Summary:
@@ -236,4 +256,5 @@ def summarize(results: list[SeedResult]) -> Summary:
         failover_max_s=max(gaps) if gaps else None,
         recovery_max_s=max(recoveries) if recoveries else None,
         first_violation=bad[0] if bad else None,
+        violating_seeds=tuple(r.seed for r in bad),
     )
