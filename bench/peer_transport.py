@@ -1,14 +1,14 @@
 """CPU cost of one peer message on this machine: the supervisors' transport
 today (one aiohttp POST per message, answered 204) against a kept websocket
 (one frame per message), both on 127.0.0.1, client and server in this one
-process, each message HMAC-signed and verified as peers.py does.
+process, each message HMAC-signed and verified as adapters/peers.py does.
 
     .venv/bin/python bench/peer_transport.py [--messages 3000]
 
 Idle supervisors spend most of their CPU on peer messages (ten heartbeats a
 second to each standby, and their acknowledgements) and on probes; this
 measures how much a persistent framed stream would save per message. It is
-a measurement for a design decision, not a test of peers.py.
+a measurement for a design decision, not a test of adapters/peers.py.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ and runs `failoverctl switchover --to NODE --force` (the installed CLI) --runs
 times, each to the next member after the current primary, so the targets
 alternate and every member is primary in turn.
 
-The writer is failoverd.drill.ProbeWriter, the drill's probe client: one
+The writer is failoverd.ctl.drill.ProbeWriter, the drill's probe client: one
 INSERT at a time, then a pause of --interval-ms (a light load), through a
 libpq-style multi-host connection with target_session_attrs=read-write over
 the members' Unix sockets, as an application following the primary with a
@@ -59,7 +59,7 @@ import asyncpg  # noqa: E402
 from cluster_harness import DualPrimarySampler, LocalCluster  # noqa: E402
 from pg_helpers import pg_os_user, require_bin_dir  # noqa: E402
 
-from failoverd.drill import CREATE_TABLE, ProbeWriter, missing_acks  # noqa: E402
+from failoverd.ctl.drill import CREATE_TABLE, ProbeWriter, missing_acks  # noqa: E402
 
 GOAL_MEDIAN_S = 0.5
 # (label, member: "old" or "new" or "other", event, extra condition on the event)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from failoverd import __version__
-from failoverd.config import Config, ConfigError, load_config
+from failoverd.config.load import Config, ConfigError, load_config
 from failoverd.core.spec import ClusterSpec, ReplicationMode, Timing
 
 

@@ -8,12 +8,12 @@ SIGTERM/SIGINT runs in a fixed order: hand over leadership (fencing), stop the
 loops, close the API server, the peer server and client, then disarm and close
 the watchdog.
 
-SIGHUP reloads the configuration file: what `failoverd.reload` allows
+SIGHUP reloads the configuration file: what `failoverd.runtime.reload` allows
 (timing, hooks, logging) is applied at once, the rest is logged as needing a
 restart, and a file with errors changes nothing. Under systemd the daemon
 reports READY once its loops, peer server and API run, STATUS on changes,
 WATCHDOG pings from the event loop while the ticker keeps ticking, RELOADING
-around a reload and STOPPING at shutdown (see failoverd.sdnotify).
+around a reload and STOPPING at shutdown (see failoverd.runtime.sdnotify).
 """
 
 from __future__ import annotations
@@ -32,18 +32,18 @@ from pathlib import Path
 
 import structlog
 
-from failoverd.api import ApiServer
-from failoverd.apiclient import ApiClient, bind_address, client_ssl_context, load_token, server_ssl_context
-from failoverd import sdnotify
-from failoverd.config import Config, ConfigError, load_config
+from failoverd.api.server import ApiServer
+from failoverd.api.client import ApiClient, bind_address, client_ssl_context, load_token, server_ssl_context
+from failoverd.runtime import sdnotify
+from failoverd.config.load import Config, ConfigError, load_config
 from failoverd.core.node import Node
-from failoverd.hooks import HookRunner
-from failoverd.peers import PeerClient, PeerMetrics, PeerServer
-from failoverd.reload import plan_reload
-from failoverd.secrets import SecretError, load_secret
-from failoverd.statefile import StateFile, StateFileError
-from failoverd.supervisor import Supervisor, new_rng
-from failoverd.watchdog import WatchdogError, WatchdogHandle
+from failoverd.runtime.hooks import HookRunner
+from failoverd.adapters.peers import PeerClient, PeerMetrics, PeerServer
+from failoverd.runtime.reload import plan_reload
+from failoverd.config.secrets import SecretError, load_secret
+from failoverd.adapters.statefile import StateFile, StateFileError
+from failoverd.runtime.supervisor import Supervisor, new_rng
+from failoverd.adapters.watchdog import WatchdogError, WatchdogHandle
 
 
 def _peer_timeout_s(config: Config) -> float:
@@ -213,7 +213,7 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
     node = Node(config.spec, local.name, persisted, time.monotonic(), new_rng())
     postgres = watchdog = vip = None
     if local.postgres is not None and config.vip is not None:
-        from failoverd.vip import VipError, VirtualIp
+        from failoverd.adapters.vip import VipError, VirtualIp
 
         try:
             vip = VirtualIp(config.vip, log=log)
@@ -223,7 +223,7 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
         except VipError as error:
             raise StartupError(f"virtual IP: {error}") from None
     if local.postgres is not None:
-        from failoverd.postgres import PostgresAdapter
+        from failoverd.adapters.postgres.adapter import PostgresAdapter
 
         postgres = PostgresAdapter(config, local, secret, keep_probe_connection=True)
         watchdog = WatchdogHandle(local.postgres.data_dir, local.postgres.bin_dir,

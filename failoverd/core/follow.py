@@ -2,7 +2,7 @@
 step by step: the one place that decides when a member may discard WAL.
 
 `Follow(leader)` is carried out by an adapter (the real one in
-failoverd.pgreplication, the simulator's in failoverd.sim). Some ways of
+failoverd.adapters.postgres.replication, the simulator's in failoverd.sim). Some ways of
 following keep every byte of the local WAL (clone into an empty directory,
 cascade from a standby, re-point a standby whose WAL is a prefix of the
 upstream's, start a stopped one); one discards WAL (pg_rewind, or a re-clone

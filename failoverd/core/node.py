@@ -220,7 +220,7 @@ class Node(LeaderMixin, VotingMixin):
         return self.election_deadline
 
     def retime(self, timing: Timing) -> None:
-        """Adopt reloaded timing; `failoverd.reload` decides whether it is
+        """Adopt reloaded timing; `failoverd.runtime.reload` decides whether it is
         safe while other members still run the old one."""
         self.spec = dataclasses.replace(self.spec, timing=timing)
         self.timing = timing

@@ -3,7 +3,7 @@
 These are the only inputs of the core that come from configuration. They are
 plain frozen dataclasses that check themselves on construction, so a core can
 never be built from an unsafe timing or an impossible membership. The TOML
-loader (`failoverd.config`) builds them and adds the adapter-side settings
+loader (`failoverd.config.load`) builds them and adds the adapter-side settings
 (addresses, paths) that the core never sees.
 """
 

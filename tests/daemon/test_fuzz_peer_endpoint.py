@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from daemon_fixture import RunningWitness, start_witness, stop_witness
 from failoverd.core.messages import MESSAGE_TYPES
-from failoverd.peers import PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from failoverd.adapters.peers import PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from daemon_fixture import start_witness, stop_witness
-from failoverd.peers import PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from failoverd.adapters.peers import PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from tls_helpers import self_signed_cert
 
 

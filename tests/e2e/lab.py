@@ -45,10 +45,10 @@ from cluster_harness import make_runtime_bundle, system_python
 from netns import Lab, unsupported_reason
 from pg_helpers import find_bin_dir, stop_servers_under, terminate
 
-from failoverd import procs
-from failoverd.config import Config, parse_config
+from failoverd.adapters import processes
+from failoverd.config.load import Config, parse_config
 from failoverd.core.state import PgRole
-from failoverd.postgres import PostgresAdapter
+from failoverd.adapters.postgres.adapter import PostgresAdapter
 
 T = TypeVar("T")
 DATA = ("db1", "db2", "db3")
@@ -216,7 +216,7 @@ format = "json"
         terminate(sup.proc, timeout_s)
 
     def postmaster_pid(self, name: str) -> int | None:
-        return procs.live_postmaster_pid(self.adapters[name].data_dir)
+        return processes.live_postmaster_pid(self.adapters[name].data_dir)
 
     def _note_watchdogs(self) -> None:
         for name in self.supervisors:
@@ -241,7 +241,7 @@ format = "json"
         for pid in sorted(self.watchdogs):
             # A watchdog outlives a killed supervisor only until it fenced; check
             # it still runs our module before signalling a possibly reused PID.
-            if _cmdline_has(pid, "failoverd.watchdog"):
+            if _cmdline_has(pid, "failoverd.adapters.watchdog"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         if self.base.exists():

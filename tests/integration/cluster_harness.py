@@ -33,9 +33,9 @@ import asyncpg
 from pg_helpers import free_ports, stop_servers_under, terminate
 
 import failoverd
-from failoverd.config import Config, parse_config
+from failoverd.config.load import Config, parse_config
 from failoverd.core.state import PgRole
-from failoverd.postgres import PostgresAdapter, socket_dir_for
+from failoverd.adapters.postgres.adapter import PostgresAdapter, socket_dir_for
 
 SECRET = b"integration-test-secret-0123456789"
 API_TOKEN = "integration-test-api-token-0123456789"

@@ -24,7 +24,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 
-from failoverd import oscmd
+from failoverd.adapters import programs
 
 SETUP_TIMEOUT_S = 10.0
 BENCHMARK_NET = ipaddress.IPv4Network("198.18.0.0/16")
@@ -149,11 +149,11 @@ class Lab:
 
     # ------------------------------------------------------------- inspecting
 
-    async def run(self, host: str, *argv: str, timeout_s: float = 5.0) -> oscmd.Completed:
+    async def run(self, host: str, *argv: str, timeout_s: float = 5.0) -> programs.Completed:
         """Run a program inside `host`'s namespace; never raises on exit status.
         The program is looked up here, sbin directories included."""
         program = shutil.which(argv[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or argv[0]
-        return await oscmd.run([self._ip, "netns", "exec", self.ns(host), program, *argv[1:]], user=None,
+        return await programs.run([self._ip, "netns", "exec", self.ns(host), program, *argv[1:]], user=None,
                                timeout_s=timeout_s, check=False)
 
     async def ping(self, host: str, address: str) -> bool:

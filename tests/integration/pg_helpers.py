@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from failoverd.config import Config, parse_config
-from failoverd.postgres import PostgresAdapter, socket_dir_for
-from failoverd.procs import process_alive
+from failoverd.config.load import Config, parse_config
+from failoverd.adapters.postgres.adapter import PostgresAdapter, socket_dir_for
+from failoverd.adapters.processes import process_alive
 
 T = TypeVar("T")
 SECRET = b"integration-test-secret"

@@ -14,7 +14,7 @@ import pytest
 from cluster_harness import DualPrimarySampler, LocalCluster
 from test_failoverctl import _listed_primary
 
-from failoverd.drill import AFTER_ACKS, TABLE, WARM_UP_ACKS
+from failoverd.ctl.drill import AFTER_ACKS, TABLE, WARM_UP_ACKS
 
 
 @pytest.fixture

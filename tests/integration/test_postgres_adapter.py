@@ -19,11 +19,12 @@ import pytest
 from pg_helpers import SECRET, adapters, connect, make_config, prepare_node_dirs, query, wait_for
 from structlog.testing import capture_logs
 
-from failoverd import oscmd, procs
-from failoverd import pgsetup as setup
-from failoverd.config import NodeConfig
+from failoverd.adapters import programs
+from failoverd.adapters import processes
+from failoverd.adapters.postgres import setup
+from failoverd.config.load import NodeConfig
 from failoverd.core.state import PgObservation, PgRole, Position
-from failoverd.postgres import PostgresAdapter
+from failoverd.adapters.postgres.adapter import PostgresAdapter
 
 
 async def probe(adapter: PostgresAdapter) -> PgObservation:
@@ -124,7 +125,7 @@ async def test_cluster_life(base_dir: Path, bin_dir: Path, os_user: str, owner: 
     assert obs.role is PgRole.STOPPED and obs.position is not None
     assert obs.position.timeline == 1 and obs.position.lsn >= diverged
     checkpoint = setup.parse_controldata(
-        (await oscmd.run([str(bin_dir / "pg_controldata"), str(db1.data_dir)], user=os_user, timeout_s=10)).stdout
+        (await programs.run([str(bin_dir / "pg_controldata"), str(db1.data_dir)], user=os_user, timeout_s=10)).stdout
     )
     assert setup.parse_lsn(checkpoint["Latest checkpoint location"]) < obs.position.lsn
     await db1.stop("immediate")  # idempotent
@@ -359,20 +360,20 @@ async def test_replication_password_is_derived_and_never_on_a_command_line() -> 
     assert verifier.startswith("SCRAM-SHA-256$4096:") and password not in verifier
 
 
-async def test_oscmd_timeout_kills_the_process_group() -> None:
+async def test_programs_timeout_kills_the_process_group() -> None:
     started = time.monotonic()
-    with pytest.raises(oscmd.CommandFailed) as caught:
-        await oscmd.run(["/bin/sh", "-c", "sleep 30 & sleep 30"], user=None, timeout_s=0.5)
+    with pytest.raises(programs.CommandFailed) as caught:
+        await programs.run(["/bin/sh", "-c", "sleep 30 & sleep 30"], user=None, timeout_s=0.5)
     assert caught.value.timed_out and time.monotonic() - started < 5
-    with pytest.raises(oscmd.CommandFailed) as failed:
-        await oscmd.run(["/bin/sh", "-c", "echo boom >&2; exit 3"], user=None, timeout_s=5)
+    with pytest.raises(programs.CommandFailed) as failed:
+        await programs.run(["/bin/sh", "-c", "echo boom >&2; exit 3"], user=None, timeout_s=5)
     assert failed.value.returncode == 3 and failed.value.stderr_tail == "boom"
-    done = await oscmd.run(["/bin/sh", "-c", "exit 4"], user=None, timeout_s=5, check=False)
+    done = await programs.run(["/bin/sh", "-c", "exit 4"], user=None, timeout_s=5, check=False)
     assert done.returncode == 4
 
 
-async def test_oscmd_runs_as_the_postgres_user(os_user: str) -> None:
-    done = await oscmd.run(["/usr/bin/id", "-un"], user=os_user, timeout_s=5, env={"X": "1"})
+async def test_programs_runs_as_the_postgres_user(os_user: str) -> None:
+    done = await programs.run(["/usr/bin/id", "-un"], user=os_user, timeout_s=5, env={"X": "1"})
     assert done.stdout.strip() == os_user
 
 
@@ -399,7 +400,7 @@ async def test_kept_probe_connection_still_sees_a_frozen_or_restarted_server(
         try:
             # Signal delivery is asynchronous: wait until the kernel shows it stopped.
             deadline = time.monotonic() + 5
-            while not procs.is_stopped(pid):
+            while not processes.is_stopped(pid):
                 assert time.monotonic() < deadline, "SIGSTOP not delivered"
                 await asyncio.sleep(0.01)
             assert (await probe(pg)).role is PgRole.UNRESPONSIVE

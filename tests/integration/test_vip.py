@@ -30,10 +30,10 @@ from cluster_harness import make_runtime_bundle, system_python
 from netns import Lab, lab, unsupported_reason
 from structlog.testing import capture_logs
 
-import failoverd.vip as vip_module
-from failoverd import oscmd
-from failoverd.config import VipConfig
-from failoverd.vip import VipError, VirtualIp
+import failoverd.adapters.vip as vip_module
+from failoverd.adapters import programs
+from failoverd.config.load import VipConfig
+from failoverd.adapters.vip import VipError, VirtualIp
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -273,7 +273,7 @@ async def run_child(net: Lab, bundle: Path, host: str, action: str, *, caps: boo
     if caps:
         argv += [f"--inh-caps={NET_CAPS}", f"--ambient-caps={NET_CAPS}"]
     argv += ["--", system_python(), str(bundle / "vip_child.py"), f"{VIP}/24", net.interface, action]
-    done = await oscmd.run(argv, user=None, timeout_s=20, env={"PYTHONPATH": str(bundle)}, check=False)
+    done = await programs.run(argv, user=None, timeout_s=20, env={"PYTHONPATH": str(bundle)}, check=False)
     assert done.returncode == 0, done
     return json.loads(done.stdout)
 

@@ -4,7 +4,7 @@ without) ambient CAP_NET_ADMIN/CAP_NET_RAW, the way systemd starts the daemon:
     vip_child.py ADDRESS/PREFIX INTERFACE acquire|release
 
 Prints one JSON object: the capability sets a PostgreSQL-style child and a
-VIP-style child of `oscmd.run` got, our own, and what the adapter did (or the
+VIP-style child of `programs.run` got, our own, and what the adapter did (or the
 VipError). Logs go to stderr.
 """
 
@@ -17,9 +17,9 @@ import sys
 
 import structlog
 
-from failoverd import oscmd
-from failoverd.config import VipConfig
-from failoverd.vip import VIP_CAPABILITIES, VipError, VirtualIp
+from failoverd.adapters import programs
+from failoverd.config.load import VipConfig
+from failoverd.adapters.vip import VIP_CAPABILITIES, VipError, VirtualIp
 
 
 def child_caps(status: str) -> dict[str, str]:
@@ -28,10 +28,10 @@ def child_caps(status: str) -> dict[str, str]:
 
 async def main(address: str, interface: str, action: str) -> dict:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
-    report: dict = {"own": {k: f"{v:016x}" for k, v in oscmd.own_capabilities().items()}}
+    report: dict = {"own": {k: f"{v:016x}" for k, v in programs.own_capabilities().items()}}
     # What PostgreSQL's programs get (nothing kept) and what the VIP's get.
-    plain = await oscmd.run(["/bin/cat", "/proc/self/status"], user=None, timeout_s=5)
-    kept = await oscmd.run(["/bin/cat", "/proc/self/status"], user=None, timeout_s=5, keep_caps=VIP_CAPABILITIES)
+    plain = await programs.run(["/bin/cat", "/proc/self/status"], user=None, timeout_s=5)
+    kept = await programs.run(["/bin/cat", "/proc/self/status"], user=None, timeout_s=5, keep_caps=VIP_CAPABILITIES)
     report["postgres_child"] = child_caps(plain.stdout)
     report["vip_child"] = child_caps(kept.stdout)
     vip = VirtualIp(VipConfig(ipaddress.IPv4Interface(address), interface))

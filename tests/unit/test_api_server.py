@@ -21,15 +21,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from failoverd import api as api_module
-from failoverd.api import ApiServer
-from failoverd.apiclient import ApiClient, client_ssl_context, server_ssl_context
-from failoverd.config import parse_config
+from failoverd.api import server as api_module
+from failoverd.api.server import ApiServer
+from failoverd.api.client import ApiClient, client_ssl_context, server_ssl_context
+from failoverd.config.load import parse_config
 from failoverd.core.actions import Reply
 from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Resume, Switchover
 from failoverd.core.state import HistoryEntry, PgObservation, PgRole, Position, StateStamp
-from failoverd.peers import PeerMetrics
-from failoverd.supervisor import ReinitRefused, SupervisorCounters, SupervisorStatus
+from failoverd.adapters.peers import PeerMetrics
+from failoverd.runtime.supervisor import ReinitRefused, SupervisorCounters, SupervisorStatus
 
 TOKEN = "unit-test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

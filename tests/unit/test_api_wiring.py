@@ -17,12 +17,12 @@ import pytest
 from test_api_server import AUTH, NAMES, TOKEN, Cluster, config_text, free_port, three
 from tls_helpers import self_signed_cert
 
-from failoverd.api import ApiServer
-from failoverd.apiclient import ApiClient, Unreachable, client_ssl_context
-from failoverd.config import parse_config
+from failoverd.api.server import ApiServer
+from failoverd.api.client import ApiClient, Unreachable, client_ssl_context
+from failoverd.config.load import parse_config
 from failoverd.core.requests import Pause
 from failoverd.core.state import PgRole
-from failoverd.supervisor import ReinitRefused
+from failoverd.runtime.supervisor import ReinitRefused
 
 
 # ------------------------------------------- in front of real supervisors

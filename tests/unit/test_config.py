@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from failoverd.config import (
+from failoverd.config.load import (
     ApiConfig,
     Config,
     ConfigError,

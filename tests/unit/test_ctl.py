@@ -21,10 +21,10 @@ from click.testing import CliRunner
 from test_api_server import TOKEN, Cluster, config_text, leader_status, status, three
 from test_api_wiring import tls_files  # noqa: F401 (a fixture)
 
-from failoverd import drill
+from failoverd.ctl import drill
 from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Resume, Switchover
 from failoverd.core.state import HistoryEntry, Position
-from failoverd.ctl import failoverctl_main
+from failoverd.ctl.commands import failoverctl_main
 
 
 class Served:
@@ -109,7 +109,7 @@ NAMES_ALL = ("a", "b", "c")
 
 def test_list_watch_redraws_until_interrupted(served: Served) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "failoverd.ctl", "--config", str(served.config), "list", "--watch", "--interval", "0.2"],
+        [sys.executable, "-m", "failoverd.ctl.commands", "--config", str(served.config), "list", "--watch", "--interval", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -258,7 +258,7 @@ def test_failover(served: Served) -> None:
 
 def test_reinit(served: Served) -> None:
     def rebuilt() -> None:
-        from failoverd.supervisor import ReinitStatus
+        from failoverd.runtime.supervisor import ReinitStatus
         served.fake("c").st = dataclasses.replace(
             served.fake("c").st, reinit=ReinitStatus("a", time.time(), time.time(), None))
 
@@ -270,7 +270,7 @@ def test_reinit(served: Served) -> None:
     rebuilt()
     result = served.ctl("reinit", "c", "--force", "--wait-timeout", "5")
     assert result.exit_code == 0 and "c is streaming again" in result.output
-    from failoverd.supervisor import ReinitStatus
+    from failoverd.runtime.supervisor import ReinitStatus
     served.fake("c").st = dataclasses.replace(
         served.fake("c").st, reinit=ReinitStatus("a", time.time(), time.time(), "pg_basebackup failed"))
     result = served.ctl("reinit", "c", "--force", "--wait-timeout", "5")
@@ -321,7 +321,7 @@ def test_drill_that_cannot_write_switches_nothing_and_is_recorded_as_failed(
 
 
 def test_write_endpoint_from_the_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from failoverd.config import parse_config
+    from failoverd.config.load import parse_config
 
     ports = {"a": 8001, "b": 8002, "c": 8003}
     text = config_text(ports)

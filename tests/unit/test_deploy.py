@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from failoverd.config import ConfigError, parse_config
-from failoverd.supervisor import FENCE_TIMEOUT_S, SHUTDOWN_GRACE_S
-from failoverd.watchdog import WatchdogHandle
+from failoverd.config.load import ConfigError, parse_config
+from failoverd.runtime.supervisor import FENCE_TIMEOUT_S, SHUTDOWN_GRACE_S
+from failoverd.adapters.watchdog import WatchdogHandle
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "failoverd.service"
@@ -240,12 +240,12 @@ def test_unit_capabilities_let_the_daemon_move_the_vip() -> None:
 
 
 def test_vip_adapter_works_under_the_unit_credentials() -> None:
-    """The supervisor's own VIP commands (through oscmd, which drops every
+    """The supervisor's own VIP commands (through failoverd.adapters.programs, which drops every
     other capability from children) keep what they need under the unit."""
     code = """
 import asyncio, ipaddress, structlog
-from failoverd.config import VipConfig
-from failoverd.vip import VirtualIp
+from failoverd.config.load import VipConfig
+from failoverd.adapters.vip import VirtualIp
 async def main():
     vip = VirtualIp(VipConfig(ipaddress.IPv4Interface("198.18.0.100/24"), "va"), arp_count=1)
     await vip.acquire()

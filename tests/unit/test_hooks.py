@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from failoverd.config import HooksConfig
-from failoverd.hooks import HookRunner
+from failoverd.config.load import HooksConfig
+from failoverd.runtime.hooks import HookRunner
 
 
 def script(tmp_path: Path, name: str, body: str) -> str:

@@ -21,12 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tls_helpers import self_signed_cert
 
-from failoverd.config import HostPort
+from failoverd.config.load import HostPort
 from failoverd.core.messages import (
     MAX_MESSAGE_BYTES, Heartbeat, HeartbeatAck, Message, ProtocolError, TimeoutNow, VoteRequest, encode_message_bytes,
 )
 from failoverd.core.state import ClusterState, Position, StateStamp
-from failoverd.peers import PATH, PeerClient, PeerMetrics, PeerServer, sign
+from failoverd.adapters.peers import PATH, PeerClient, PeerMetrics, PeerServer, sign
 
 CLUSTER = "pgc"
 SECRET = b"s3cret-s3cret-s3cret-0123456789"

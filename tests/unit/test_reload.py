@@ -6,9 +6,9 @@ import copy
 
 import pytest
 
-from failoverd.config import HooksConfig, LoggingConfig
+from failoverd.config.load import HooksConfig, LoggingConfig
 from failoverd.core.spec import Timing
-from failoverd.reload import lease_fits, plan_reload
+from failoverd.runtime.reload import lease_fits, plan_reload
 from test_config import base, parse
 
 

@@ -17,8 +17,8 @@ import pytest
 import structlog
 
 from failoverd.core.state import PgObservation, PgRole
-from failoverd.sdnotify import Notifier, one_line, status_line, watchdog_interval, watchdog_pinger
-from failoverd.supervisor import SupervisorStatus
+from failoverd.runtime.sdnotify import Notifier, one_line, status_line, watchdog_interval, watchdog_pinger
+from failoverd.runtime.supervisor import SupervisorStatus
 
 
 class Manager:

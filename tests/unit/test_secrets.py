@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from failoverd.secrets import SecretError, load_secret
+from failoverd.config.secrets import SecretError, load_secret
 
 SECRET = b"0123456789abcdef-very-secret"
 

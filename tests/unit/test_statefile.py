@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from failoverd import statefile
+from failoverd.adapters import statefile
 from failoverd.core.state import ClusterState, HistoryEntry, PersistentState, Position, StateStamp
-from failoverd.statefile import StateFile, StateFileError, decode_state, encode_state
+from failoverd.adapters.statefile import StateFile, StateFileError, decode_state, encode_state
 
 RICH = PersistentState(
     term=7,

@@ -16,8 +16,8 @@ from failoverd.core.messages import Message, TimeoutNow, VoteResponse
 from failoverd.core.node import Node, Role
 from failoverd.core.spec import ClusterSpec, Member, Timing
 from failoverd.core.state import PersistentState, PgObservation, PgRole, Position
-import failoverd.supervisor as supervisor_module
-from failoverd.supervisor import Supervisor
+import failoverd.runtime.supervisor as supervisor_module
+from failoverd.runtime.supervisor import Supervisor
 
 TIMING = Timing(heartbeat_interval_s=0.02, election_timeout_min_s=0.2, election_timeout_max_s=0.3, lease_s=0.12,
                 fence_margin_s=0.02, promote_timeout_s=2.0)

@@ -1,4 +1,4 @@
-"""The fencing watchdog, run as the real `python -m failoverd.watchdog` process
+"""The fencing watchdog, run as the real `python -m failoverd.adapters.watchdog` process
 against a stand-in postmaster: a child process whose PID sits in a fake data
 directory's postmaster.pid and that records when SIGQUIT arrives."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from failoverd.watchdog import WatchdogError, WatchdogHandle
+from failoverd.adapters.watchdog import WatchdogError, WatchdogHandle
 
 POSTMASTER = r"""
 import os, signal, subprocess, sys, time
@@ -98,7 +98,7 @@ def postmaster(children: list[Child], data_dir: Path, stubborn: bool = False) ->
 
 
 def watchdog(children: list[Child], data_dir: Path, *extra: str) -> Child:
-    argv = [sys.executable, "-m", "failoverd.watchdog", "--data-dir", str(data_dir), "--pg-bin-dir", "/nonexistent"]
+    argv = [sys.executable, "-m", "failoverd.adapters.watchdog", "--data-dir", str(data_dir), "--pg-bin-dir", "/nonexistent"]
     child = Child([*argv, *extra])
     children.append(child)
     assert child.line().startswith("ready ")

@@ -1,7 +1,8 @@
-"""What the supervisor (supervisor.py) needs of each adapter around it.
+"""What the supervisor (runtime/supervisor.py) needs of each adapter around it.
 
-The daemon wires in the real ones (postgres.py, peers.py, watchdog.py,
-hooks.py, statefile.py, vip.py); the supervisor's unit tests wire in fakes.
+The daemon wires in the real ones (adapters/postgres, peers, watchdog,
+statefile, vip; runtime/hooks); the simulator and the supervisor's unit
+tests wire in their own.
 """
 
 from __future__ import annotations

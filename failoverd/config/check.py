@@ -4,7 +4,7 @@ rather than the first raised.
 A value kind turns one TOML value into ours or says what it is not; `_Table`
 applies kinds to the keys of one table and records each problem under the
 key path the user wrote (`nodes[1].postgres.port`), including the keys it was
-never asked for. `failoverd.config` builds the configuration on top of this.
+never asked for. `failoverd.config.load` builds the configuration on top of this.
 """
 
 from __future__ import annotations

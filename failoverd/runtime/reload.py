@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from failoverd.config import Config, HooksConfig, LoggingConfig
+from failoverd.config.load import Config, HooksConfig, LoggingConfig
 from failoverd.core.spec import Timing
 
 

@@ -1,7 +1,7 @@
 """What failoverd writes into and reads out of a PostgreSQL data directory.
 
 Pure functions (text in, text out) plus a few small file writers, kept apart
-from the asyncio adapter in `postgres.py` so that the formats can be tested
+from the asyncio adapter in `adapter.py` so that the formats can be tested
 and read on their own.
 
 Where settings live, and why:

@@ -1,12 +1,12 @@
-"""The replication plumbing of `failoverd.postgres.PostgresAdapter`: following
+"""The replication plumbing of `failoverd.adapters.postgres.adapter.PostgresAdapter`: following
 a leader (clone, re-point, rewind or re-clone; see the module docstring of
-failoverd.postgres), cascading from a switchover's target, rebuilding a
+failoverd.adapters.postgres.adapter), cascading from a switchover's target, rebuilding a
 standby, and everything said to the server streamed from (slots, timeline
 history, the checkpoint pg_rewind needs).
 
-Kept apart from postgres.py so each file reads on its own; the mixin relies on
+Kept apart from adapter.py so each file reads on its own; the mixin relies on
 the attributes and helpers `PostgresAdapter` provides. `PostgresError` lives
-here because both modules raise it; callers import it from failoverd.postgres.
+here because both modules raise it; callers import it from failoverd.adapters.postgres.adapter.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from failoverd import oscmd
-from failoverd import pgsetup as setup
-from failoverd.config import NodeConfig
+from failoverd.adapters import programs
+from failoverd.adapters.postgres import setup
+from failoverd.config.load import NodeConfig
 from failoverd.core.follow import FollowFacts, FollowStep, may_discard_wal, plan_follow
 from failoverd.core.state import PgRole, Position
 
@@ -57,7 +57,7 @@ class _Upstream:
 
 
 class PostgresReplication:
-    """Mixin of `failoverd.postgres.PostgresAdapter`: following and rebuilding
+    """Mixin of `failoverd.adapters.postgres.adapter.PostgresAdapter`: following and rebuilding
     from another member. It uses the adapter's attributes config, node, pg,
     data_dir, probe_timeout_s, command_timeout_s, reclone_on_rewind_failure,
     log, passfile, _lock, _password, _slot and
@@ -65,7 +65,7 @@ class PostgresReplication:
     `PostgresAdapter.__init__`, its lifecycle methods (postmaster_pid, _start,
     _stop_escalating, _await_setting), its local helpers (_local, _bin,
     _has_data, _owner, _prepare_run_dir, _write_member_files) and the reads of
-    `failoverd.pgprobe.PostgresProbe` (_role, _local_row, _standby_position,
+    `failoverd.adapters.postgres.probe.PostgresProbe` (_role, _local_row, _standby_position,
     _wal_end_now)."""
 
     # -------------------------------------------------------------- following
@@ -215,14 +215,14 @@ class PostgresReplication:
         if slot:
             argv += ["-S", slot]
         started = time.monotonic()
-        await oscmd.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, env=self._libpq_env())
+        await programs.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, env=self._libpq_env())
         await asyncio.to_thread(setup.move_into_place, tmp, self.data_dir)
         self.log.info("pg_clone_done", leader=leader.name, seconds=round(time.monotonic() - started, 2))
 
     async def _rewind_or_reclone(self, leader: NodeConfig, position: Position | None) -> None:
         try:
             await self._rewind(leader)
-        except (oscmd.CommandFailed, PostgresError, OSError) as error:
+        except (programs.CommandFailed, PostgresError, OSError) as error:
             if not self.reclone_on_rewind_failure:
                 raise
             self.log.warning("pg_rewind_failed", error=str(error)[:500], leader=leader.name)
@@ -240,7 +240,7 @@ class PostgresReplication:
                 f"--source-server={self._leader_dsn(leader, dbname=self.pg.database)}"]
         started = time.monotonic()
         try:
-            done = await oscmd.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, env=self._libpq_env())
+            done = await programs.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, env=self._libpq_env())
         except BaseException:
             # Diverged WAL must never come up writable, even if someone starts it by hand.
             await asyncio.to_thread(setup.set_standby_signal, self.data_dir, True, self._owner())

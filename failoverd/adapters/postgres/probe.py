@@ -1,9 +1,9 @@
-"""The observing side of `failoverd.postgres.PostgresAdapter`: the probe
+"""The observing side of `failoverd.adapters.postgres.adapter.PostgresAdapter`: the probe
 (role, exact WAL position, whom a standby streams from; see the module
-docstring of failoverd.postgres for how each position is found), the end of
+docstring of failoverd.adapters.postgres.adapter for how each position is found), the end of
 WAL of a stopped server, and the role and position reads the actions use.
 
-Kept apart from postgres.py so each file reads on its own; the mixin relies on
+Kept apart from adapter.py so each file reads on its own; the mixin relies on
 the attributes and helpers `PostgresAdapter` provides.
 """
 
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import asyncpg
 
-from failoverd import oscmd, procs
-from failoverd import pgsetup as setup
+from failoverd.adapters import programs
+from failoverd.adapters import processes
+from failoverd.adapters.postgres import setup
 from failoverd.core.state import PgObservation, PgRole, Position
 
 _READY_POLL_S = 0.2
@@ -34,7 +35,7 @@ FROM r LEFT JOIN pg_stat_wal_receiver w ON true
 
 
 class PostgresProbe:
-    """Mixin of `failoverd.postgres.PostgresAdapter`: it observes, and changes
+    """Mixin of `failoverd.adapters.postgres.adapter.PostgresAdapter`: it observes, and changes
     nothing on the server. It uses the adapter's attributes config, node, pg,
     data_dir, socket_dir, probe_timeout_s, command_timeout_s, log, _lock, the
     probe connection (_probe_conn, _probe_conn_at, _keep_probe_conn) and the
@@ -72,7 +73,7 @@ class PostgresProbe:
         if pid is None:
             self._drop_probe_conn()
             return PgObservation(PgRole.STOPPED, observed_at, await self._stopped_position())
-        if procs.is_stopped(pid):
+        if processes.is_stopped(pid):
             self._drop_probe_conn()
             return PgObservation(PgRole.UNRESPONSIVE, observed_at)
         row = await self._probe_query()
@@ -101,10 +102,10 @@ class PostgresProbe:
         )
         argv = [str(await self._bin("psql")), "-X", "-A", "-t", "-q", "-w", "-c", "IDENTIFY_SYSTEM", dsn]
         try:
-            out = await oscmd.run(argv, user=None, timeout_s=self.probe_timeout_s)
+            out = await programs.run(argv, user=None, timeout_s=self.probe_timeout_s)
             fields = out.stdout.strip().split("|")
             return Position(int(fields[1]), setup.parse_lsn(fields[2]))
-        except (oscmd.CommandFailed, IndexError, ValueError) as error:
+        except (programs.CommandFailed, IndexError, ValueError) as error:
             if not self._identify_failed_logged:  # once: it repeats every probe
                 self._identify_failed_logged = True
                 self.log.warning("pg_identify_system_failed", error=str(error)[:300],
@@ -154,7 +155,7 @@ class PostgresProbe:
     async def _scan_wal(self, fingerprint: tuple) -> Position | None:
         try:
             position = await self._wal_end()
-        except (oscmd.CommandFailed, OSError, ValueError, KeyError) as error:
+        except (programs.CommandFailed, OSError, ValueError, KeyError) as error:
             self.log.warning("pg_wal_end_unknown", error=str(error)[:300])
             position = None
         self._scan = (fingerprint, position)
@@ -184,7 +185,7 @@ class PostgresProbe:
     async def _waldump_end(self, timeline: int, start: int, segment_size: int) -> int | None:
         argv = [str(await self._bin("pg_waldump")), "-q", "-p", str(self.data_dir / "pg_wal"),
                 "-t", str(timeline), "-s", setup.format_lsn(start)]
-        done = await oscmd.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, check=False)
+        done = await programs.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, check=False)
         end = setup.waldump_end(done.stderr, segment_size)
         return end if end is not None and end >= start else None
 
@@ -248,11 +249,11 @@ class PostgresProbe:
     async def _wal_end_now(self) -> Position | None:
         try:
             return await self._wal_end()
-        except (oscmd.CommandFailed, OSError, ValueError, KeyError) as error:
+        except (programs.CommandFailed, OSError, ValueError, KeyError) as error:
             self.log.warning("pg_wal_end_unknown", error=str(error)[:300])
             return None
 
     async def _controldata(self) -> dict[str, str]:
         argv = [str(await self._bin("pg_controldata")), "-D", str(self.data_dir)]
-        done = await oscmd.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s)
+        done = await programs.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s)
         return setup.parse_controldata(done.stdout)

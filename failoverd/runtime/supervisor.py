@@ -31,7 +31,7 @@ from failoverd.core import actions as act
 from failoverd.core.messages import Heartbeat, Message
 from failoverd.core.node import Node, Role
 from failoverd.core.state import HistoryEntry, PersistentState, PgObservation, PgRole, Position, StateStamp
-from failoverd.ports import HooksPort, PeersPort, PostgresPort, StatePort, VipPort, WatchdogPort
+from failoverd.runtime.ports import HooksPort, PeersPort, PostgresPort, StatePort, VipPort, WatchdogPort
 
 PG_ACTION_TIMEOUT_S = 600.0  # a clone of a large database may take long; fences never wait on this
 FENCE_TIMEOUT_S = 5.0
@@ -205,7 +205,7 @@ class Supervisor:
         self._wake.set()
 
     async def retime(self, timing: Any) -> None:
-        """Apply reloaded protocol timing (see failoverd.reload for when that is safe)."""
+        """Apply reloaded protocol timing (see failoverd.runtime.reload for when that is safe)."""
         async with self._lock:
             self.node.retime(timing)
             self.probe_interval_s = timing.heartbeat_interval_s
@@ -419,7 +419,7 @@ class Supervisor:
                 await self._fence(a.reason)
             elif isinstance(a, act.PrepareVip):
                 if self.vip is not None:
-                    self.vip.precheck()  # overlaps confirmation and promotion (vip.py)
+                    self.vip.precheck()  # overlaps confirmation and promotion (adapters/vip.py)
             elif isinstance(a, (act.ReleaseVip, act.AcquireVip)):
                 await self._move_vip(a)
             elif isinstance(a, act.ProbeNow):

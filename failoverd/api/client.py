@@ -24,8 +24,8 @@ from typing import Any
 
 import aiohttp
 
-from failoverd.config import ApiConfig, Config, HostPort, NodeConfig
-from failoverd.secrets import SecretError, load_secret
+from failoverd.config.load import ApiConfig, Config, HostPort, NodeConfig
+from failoverd.config.secrets import SecretError, load_secret
 
 FORWARDED_HEADER = "X-Failoverd-Forwarded-By"
 ANSWER_BYTES_MAX = 1 << 20

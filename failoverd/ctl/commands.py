@@ -14,7 +14,7 @@ to the leader. Exit codes (docs/api.md lists them too):
 
 More commands are click commands using `CtlContext` through `pass_ctl`,
 added with `failoverctl_main.add_command`. The failover drill's logic lives
-in `failoverd.drill`.
+in `failoverd.ctl.drill`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from urllib.parse import quote
 
 import click
 
-from failoverd import __version__, drill
-from failoverd.apiclient import Answer, ApiClient, Unreachable, api_address, client_ssl_context, load_token
-from failoverd.apiviews import iso
-from failoverd.config import Config, ConfigError, load_config
-from failoverd.secrets import SecretError
+from failoverd import __version__
+from failoverd.ctl import drill
+from failoverd.api.client import Answer, ApiClient, Unreachable, api_address, client_ssl_context, load_token
+from failoverd.api.views import iso
+from failoverd.config.load import Config, ConfigError, load_config
+from failoverd.config.secrets import SecretError
 
 DEFAULT_CONFIG = "/etc/failoverd/failoverd.toml"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_LOCAL, EXIT_UNREACHABLE, EXIT_AUTH = 0, 1, 2, 3, 4, 5

@@ -41,7 +41,7 @@ the sbin directories; `apt-get install iproute2 iputils-arping`. Privileges:
 `ip addr add/del` needs CAP_NET_ADMIN and `arping` needs CAP_NET_RAW; nothing
 else. A daemon running as the PostgreSQL user gets both as ambient
 capabilities (systemd: AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW); these
-commands run with exactly those two kept (`oscmd.run(keep_caps=...)`), while
+commands run with exactly those two kept (`programs.run(keep_caps=...)`), while
 every PostgreSQL program gets none. As root they simply run as root. With
 `netns` set, every command is prefixed with `ip netns exec NAME` (test labs),
 which also needs CAP_SYS_ADMIN.
@@ -61,8 +61,8 @@ from typing import Any
 
 import structlog
 
-from failoverd import oscmd
-from failoverd.config import VipConfig
+from failoverd.adapters import programs
+from failoverd.config.load import VipConfig
 
 INSTALL_HINT = "apt-get install iproute2 iputils-arping"
 # What the VIP's commands need, and all they keep of our capabilities.
@@ -153,11 +153,11 @@ class VirtualIp:
         --vip-release-command (it runs it without this process)."""
         return self._argv(self._ip, "addr", "del", self.config.address.with_prefixlen, "dev", self.interface)
 
-    async def _run(self, argv: list[str], timeout_s: float, interrupt_after_s: float | None = None) -> oscmd.Completed:
+    async def _run(self, argv: list[str], timeout_s: float, interrupt_after_s: float | None = None) -> programs.Completed:
         try:
-            return await oscmd.run(argv, user=None, timeout_s=timeout_s, check=False, keep_caps=VIP_CAPABILITIES,
+            return await programs.run(argv, user=None, timeout_s=timeout_s, check=False, keep_caps=VIP_CAPABILITIES,
                                    interrupt_after_s=interrupt_after_s)
-        except oscmd.CommandFailed as error:  # could not start, or timed out
+        except programs.CommandFailed as error:  # could not start, or timed out
             raise VipError(f"{self._describe()}: {error}") from error
 
     def _describe(self) -> str:
@@ -205,10 +205,10 @@ class VirtualIp:
             return False
         finally:
             for task in probes:
-                task.cancel()  # a no-op for those done; kills a running arping otherwise (oscmd)
+                task.cancel()  # a no-op for those done; kills a running arping otherwise (programs.run)
             await asyncio.gather(*probes, return_exceptions=True)
 
-    def _dad_answered(self, done: oscmd.Completed) -> bool:
+    def _dad_answered(self, done: programs.Completed) -> bool:
         if done.returncode == 0:
             return False
         # Interrupted before arping set up its handler: it heard nothing.
@@ -365,7 +365,7 @@ class VirtualIp:
         each request is a separate `arping -U -c 1`, which sends at once; they
         overlap while each idles out its second."""
         argv = self._argv(self._arping, "-U", "-c", "1", "-I", self.interface, self.address)
-        sends: list[asyncio.Task[oscmd.Completed]] = []
+        sends: list[asyncio.Task[programs.Completed]] = []
         try:
             for i in range(self.arp_count):
                 if i:
@@ -374,7 +374,7 @@ class VirtualIp:
             results = await asyncio.gather(*sends, return_exceptions=True)
         finally:
             for task in sends:
-                task.cancel()  # a no-op for those done; kills arping otherwise (oscmd)
+                task.cancel()  # a no-op for those done; kills arping otherwise (programs.run)
             await asyncio.gather(*sends, return_exceptions=True)
         failures = [
             str(r) if isinstance(r, BaseException) else f"arping exit {r.returncode}: {(r.stderr or r.stdout).strip()[-200:]}"

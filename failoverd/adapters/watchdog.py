@@ -1,7 +1,7 @@
 """The fencing watchdog (safety property 5): a tiny process beside each
 supervisor that stops PostgreSQL when the supervisor cannot.
 
-    python -m failoverd.watchdog --data-dir D --pg-bin-dir B \
+    python -m failoverd.adapters.watchdog --data-dir D --pg-bin-dir B \
         [--vip-release-command '["/usr/sbin/ip", "addr", "del", ...]']
 
 Protocol: newline-delimited commands on stdin, one report per line on stdout.
@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from failoverd import procs
+from failoverd.adapters import processes
 
 if __name__ != "__main__":
     # Only WatchdogHandle, in the supervisor, needs these; the watchdog process
@@ -181,12 +181,12 @@ def _write_stdout(line: str) -> None:
 
 def stop_postmaster(data_dir: Path, grace_s: float = FENCE_GRACE_S) -> str:
     """Immediate shutdown of the postmaster of `data_dir`; returns what happened."""
-    pid = procs.read_postmaster_pid(data_dir)
+    pid = processes.read_postmaster_pid(data_dir)
     if pid is None:
         return "no postmaster (no readable postmaster.pid)"
-    if not procs.process_alive(pid):
+    if not processes.process_alive(pid):
         return f"no postmaster (pid {pid} from postmaster.pid is not running)"
-    if not procs.runs_in(pid, data_dir):
+    if not processes.runs_in(pid, data_dir):
         return f"no postmaster (pid {pid} from postmaster.pid is another process)"
     try:
         os.kill(pid, signal.SIGQUIT)
@@ -196,10 +196,10 @@ def stop_postmaster(data_dir: Path, grace_s: float = FENCE_GRACE_S) -> str:
         return f"postmaster {pid} could not be signalled: permission denied"
     end = time.monotonic() + grace_s
     while time.monotonic() < end:
-        if not procs.process_alive(pid):
+        if not processes.process_alive(pid):
             return f"postmaster {pid} stopped by SIGQUIT"
         time.sleep(POLL_INTERVAL_S)
-    children = procs.children_of(pid)
+    children = processes.children_of(pid)
     for victim in [pid, *children]:  # the postmaster first, so it forks no more
         try:
             os.kill(victim, signal.SIGKILL)
@@ -235,7 +235,7 @@ def _vip_command(text: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m failoverd.watchdog", description="The fencing watchdog.")
+    parser = argparse.ArgumentParser(prog="python -m failoverd.adapters.watchdog", description="The fencing watchdog.")
     parser.add_argument("--data-dir", type=Path, required=True)
     # Accepted for a pg_ctl fallback and kept in the interface, but fencing
     # signals the postmaster directly: no fork/exec between deadline and fence.
@@ -276,7 +276,7 @@ class WatchdogHandle:
         on_report: Callable[[str], None] | None = None,
         start_timeout_s: float = 10.0,
     ) -> None:
-        self.argv = [python, "-m", "failoverd.watchdog", "--data-dir", os.fspath(data_dir)]
+        self.argv = [python, "-m", "failoverd.adapters.watchdog", "--data-dir", os.fspath(data_dir)]
         if pg_bin_dir is not None:
             self.argv += ["--pg-bin-dir", os.fspath(pg_bin_dir)]
         if vip_release_command:
@@ -285,7 +285,7 @@ class WatchdogHandle:
         self.start_timeout_s = start_timeout_s
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._log = structlog.get_logger("failoverd.watchdog")
+        self._log = structlog.get_logger("failoverd.adapters.watchdog")
 
     @property
     def pid(self) -> int | None:

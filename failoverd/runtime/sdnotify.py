@@ -44,7 +44,7 @@ class Notifier:
     """A client of one notification socket; disabled (every call a no-op) without one."""
 
     def __init__(self, address: str | None, *, watchdog_interval_s: float | None = None, log: Any = None) -> None:
-        self.log = log or structlog.get_logger("failoverd.sdnotify")
+        self.log = log or structlog.get_logger("failoverd.runtime.sdnotify")
         self.address = address or None
         # Seconds between keep-alive pings (None: systemd expects none); see watchdog_interval().
         self.watchdog_interval_s = watchdog_interval_s

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from failoverd import __version__
-from failoverd.config import Config, NodeConfig
+from failoverd.config.load import Config, NodeConfig
 from failoverd.core.state import HistoryEntry, PgRole, Position
-from failoverd.supervisor import SupervisorCounters, SupervisorStatus
+from failoverd.runtime.supervisor import SupervisorCounters, SupervisorStatus
 
 _LAG_RE = re.compile(r"([0-9]{1,19})\s*(B|kB|MB|GB|TB)?")
 _UNITS = {None: 1, "B": 1, "kB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}

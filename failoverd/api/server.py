@@ -34,14 +34,14 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 
-from failoverd import apiviews as views
-from failoverd.apiclient import FORWARDED_HEADER, ApiClient, Unreachable, api_address
-from failoverd.apiviews import BadRequest
-from failoverd.config import Config, NodeConfig
+from failoverd.api import views
+from failoverd.api.client import FORWARDED_HEADER, ApiClient, Unreachable, api_address
+from failoverd.api.views import BadRequest
+from failoverd.config.load import Config, NodeConfig
 from failoverd.core import actions as act
 from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Resume, Switchover
-from failoverd.peers import PeerMetrics
-from failoverd.supervisor import ReinitRefused, SupervisorCounters, SupervisorStatus
+from failoverd.adapters.peers import PeerMetrics
+from failoverd.runtime.supervisor import ReinitRefused, SupervisorCounters, SupervisorStatus
 
 BODY_BYTES_MAX = 64 * 1024
 CHECKPOINT_TIMEOUT_S = 30.0
@@ -49,11 +49,11 @@ FORWARD_TIMEOUT_S = CHECKPOINT_TIMEOUT_S + 15.0  # the leader may checkpoint bef
 FAN_OUT_TIMEOUT_S = 1.0
 SCHEDULED_CHECKPOINT_AHEAD_S = 10.0
 SCHEDULE_POLL_S = 1.0
-log = structlog.get_logger("failoverd.api")
+log = structlog.get_logger("failoverd.api.server")
 
 
 class SupervisorLike(Protocol):
-    """What the API needs of the supervisor (failoverd.supervisor.Supervisor)."""
+    """What the API needs of the supervisor (failoverd.runtime.supervisor.Supervisor)."""
 
     counters: SupervisorCounters
 

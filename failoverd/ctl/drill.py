@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 if TYPE_CHECKING:
-    from failoverd.apiclient import ApiClient
-    from failoverd.config import Config
-    from failoverd.ctl import CtlContext
+    from failoverd.api.client import ApiClient
+    from failoverd.config.load import Config
+    from failoverd.ctl.commands import CtlContext
 
 TABLE = "failoverd_drill"
 CREATE_TABLE = f"CREATE TABLE IF NOT EXISTS {TABLE} (run bigint NOT NULL, id bigint NOT NULL, PRIMARY KEY (run, id))"
 _INSERT = f"INSERT INTO {TABLE} (run, id) VALUES ($1, $2)"
-# failoverd sets cluster_name to the member's name (pgsetup.node_conf_text),
+# failoverd sets cluster_name to the member's name (adapters/postgres/setup.py node_conf_text),
 # which tells the client which server acknowledged a row, also through a VIP.
 _WHO = "SELECT current_setting('cluster_name'), pg_is_in_recovery()"
 
@@ -229,7 +229,7 @@ class Watcher:
             await asyncio.sleep(max(0.0, POLL_S - (time.monotonic() - started)))
 
     async def _poll(self, name: str, address: Any) -> None:
-        from failoverd.apiclient import Unreachable
+        from failoverd.api.client import Unreachable
 
         try:
             answer = await self.client.call(address, "GET", "/health", timeout_s=1.0)
@@ -294,7 +294,7 @@ async def run_drill(ctl: CtlContext, *, target: str | None, writes_per_s: float,
                     timeout_s: float, confirm: Callable[[str], None]) -> DrillResult:
     """The whole drill: probe writes, the switchover, the checks, the note.
     Raises CtlError (nothing was switched over) when it cannot start."""
-    from failoverd.ctl import EXIT_REFUSED, EXIT_USAGE, CtlError
+    from failoverd.ctl.commands import EXIT_REFUSED, EXIT_USAGE, CtlError
 
     async with ctl.client(admin=True) as client:
         view = await ctl.cluster(client)
@@ -400,7 +400,7 @@ async def _phases(ctl: CtlContext, client: ApiClient, view: dict[str, Any], old:
 
 
 async def _elected_at(ctl: CtlContext, client: ApiClient, new: str, old_term: int) -> float | None:
-    from failoverd.ctl import CtlError
+    from failoverd.ctl.commands import CtlError
 
     try:
         _, answer = await ctl.ask(client, "GET", "/history", prefer=new)
@@ -412,7 +412,7 @@ async def _elected_at(ctl: CtlContext, client: ApiClient, new: str, old_term: in
 
 
 async def _promoted_at(ctl: CtlContext, client: ApiClient, new: str) -> float | None:
-    from failoverd.apiclient import Unreachable
+    from failoverd.api.client import Unreachable
 
     address = dict(ctl.members()).get(new)
     if address is None:
@@ -426,7 +426,7 @@ async def _promoted_at(ctl: CtlContext, client: ApiClient, new: str) -> float | 
 
 
 async def _record(ctl: CtlContext, client: ApiClient, note: str) -> bool:
-    from failoverd.ctl import CtlError
+    from failoverd.ctl.commands import CtlError
 
     try:
         await ctl.admin(client, "POST", "/history", {"reason": note})

@@ -27,8 +27,8 @@ import asyncio
 import shlex
 from typing import Any
 
-from failoverd import oscmd
-from failoverd.config import HooksConfig
+from failoverd.adapters import programs
+from failoverd.config.load import HooksConfig
 
 REPORT_QUEUE_LIMIT = 100  # events beyond this while a slow hook runs are dropped (and logged)
 
@@ -82,7 +82,7 @@ class HookRunner:
             return
         done, _ = await asyncio.wait({worker}, timeout=self.hooks.timeout_s)
         if not done:
-            worker.cancel()  # oscmd kills the hook's process group on cancellation
+            worker.cancel()  # programs.run kills the hook's process group on cancellation
             await asyncio.wait({worker})
 
     # ------------------------------------------------------------------ pre_promote
@@ -109,8 +109,8 @@ class HookRunner:
         if not argv:
             return self._failed(name, term, "empty command")
         try:
-            done = await oscmd.run(argv, user=None, timeout_s=self.hooks.timeout_s, env=env, check=False)
-        except oscmd.CommandFailed as error:
+            done = await programs.run(argv, user=None, timeout_s=self.hooks.timeout_s, env=env, check=False)
+        except programs.CommandFailed as error:
             why = f"timed out after {self.hooks.timeout_s} s" if error.timed_out else f"did not start: {error}"
             return self._failed(name, term, why)
         if done.returncode != 0:

@@ -9,7 +9,7 @@ Problems are collected rather than raised one at a time: a failover manager
 is often configured under pressure, and a fix-one-and-rerun loop wastes it.
 Unknown keys are problems too, because a misspelt key would otherwise fall
 back to its default without a word. The reader of one table that collects
-those problems, and the kinds of value it checks, are in `configcheck`.
+those problems, and the kinds of value it checks, are in `failoverd.config.check`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from failoverd.configcheck import (
+from failoverd.config.check import (
     _ABSENT,
     _BOOLEAN,
     _COMMAND_TIMEOUT,
@@ -258,8 +258,8 @@ def parse_config(text: str, *, source: str, node: str | None = None) -> Config:
     return _Reader(source).read(document, node)
 
 
-# --- value kinds for addresses (the rest are in configcheck): they use HostPort
-# and its checks, and configcheck must not import this module.
+# --- value kinds for addresses (the rest are in config/check.py): they use HostPort
+# and its checks, and config/check.py must not import this module.
 
 
 def _port(value: Any) -> int:

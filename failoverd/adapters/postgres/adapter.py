@@ -3,7 +3,7 @@ PostgreSQL actions (docs/design.md §2, §9) on a real PostgreSQL (15+).
 
 Thin on purpose: it decides nothing about *whether* to promote or follow, only
 *how*. Every method is bounded in time: programs by `command_timeout_s`
-(oscmd kills them when it passes), probes by `probe_timeout_s`.
+(failoverd.adapters.programs kills them when it passes), probes by `probe_timeout_s`.
 
 WAL positions (what `probe` reports; the core's safety argument rests on them
 being at least every commit the server holds, so they are exact, never a
@@ -55,9 +55,9 @@ drops member slots it kept from its own time as primary.
 The adapter is split by responsibility: `PostgresAdapter` (here) holds the
 configuration, the lifecycle (bootstrap, start, stop, promote) and the
 settings; the probe and the reads of positions and roles are the mixin
-`failoverd.pgprobe.PostgresProbe`; following, cloning, rewinding and what is
+`failoverd.adapters.postgres.probe.PostgresProbe`; following, cloning, rewinding and what is
 said to the upstream server are the mixin
-`failoverd.pgreplication.PostgresReplication`.
+`failoverd.adapters.postgres.replication.PostgresReplication`.
 """
 
 from __future__ import annotations
@@ -75,12 +75,13 @@ from typing import Any, Literal
 import asyncpg
 import structlog
 
-from failoverd import oscmd, procs
-from failoverd import pgsetup as setup
-from failoverd.config import Config, NodeConfig, PostgresNodeConfig
+from failoverd.adapters import programs
+from failoverd.adapters import processes
+from failoverd.adapters.postgres import setup
+from failoverd.config.load import Config, NodeConfig, PostgresNodeConfig
 from failoverd.core.state import PgRole, Position
-from failoverd.pgprobe import PROBE_RECONNECT_S, PostgresProbe
-from failoverd.pgreplication import UPSTREAM_CONNECT_TIMEOUT_S, PostgresError, PostgresReplication, _create_slot
+from failoverd.adapters.postgres.probe import PROBE_RECONNECT_S, PostgresProbe
+from failoverd.adapters.postgres.replication import UPSTREAM_CONNECT_TIMEOUT_S, PostgresError, PostgresReplication, _create_slot
 
 __all__ = [
     "IMMEDIATE_STOP_S", "KILL_WAIT_S", "PROBE_RECONNECT_S", "START_GRACE_S", "SYNC_APPLY_WAIT_S",
@@ -137,7 +138,7 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
         self.probe_timeout_s = defaults.probe_timeout_s if probe_timeout_s is None else probe_timeout_s
         self.command_timeout_s = defaults.command_timeout_s
         self.reclone_on_rewind_failure = defaults.reclone_on_rewind_failure
-        self.log = (log or structlog.get_logger("failoverd.postgres")).bind(node=node.name)
+        self.log = (log or structlog.get_logger("failoverd.adapters.postgres.adapter")).bind(node=node.name)
         self._password = setup.replication_password(secret)
         self._slot = setup.slot_name(node.name)
         self._bin_dir: Path | None = self.pg.bin_dir
@@ -261,7 +262,7 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
             return
         except PermissionError:  # not root and not the server's user: pg_ctl runs as that user
             argv = [str(await self._bin("pg_ctl")), "stop", "-D", str(self.data_dir), "-m", mode, "-W"]
-            await oscmd.run(argv, user=self.pg.os_user, timeout_s=10, check=False)
+            await programs.run(argv, user=self.pg.os_user, timeout_s=10, check=False)
         if not await self._postmaster_gone(wait_s):
             if mode == "fast":
                 raise PostgresError(f"fast shutdown did not finish within {wait_s} s")
@@ -346,7 +347,7 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
     def postmaster_pid(self) -> int | None:
         """The postmaster's pid from postmaster.pid, if that process is alive
         and serves this data directory."""
-        return procs.live_postmaster_pid(self.data_dir)
+        return processes.live_postmaster_pid(self.data_dir)
 
     # ------------------------------------------------------- building blocks
 
@@ -360,7 +361,7 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
             "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions",
         ]
         started = time.monotonic()
-        await oscmd.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s)
+        await programs.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s)
         hosts = [n.postgres.host for n in self.config.nodes if n.postgres is not None]
         hba = setup.hba_text(replication_user=self.pg.replication_user, database=self.pg.database, hosts=hosts)
         await asyncio.to_thread(setup.write_file, tmp / "pg_hba.conf", hba, owner=self._owner())
@@ -419,8 +420,8 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
         # looks every 100 ms): the old primary of a switchover restarts here.
         argv = [str(await self._bin("pg_ctl")), "start", "-D", str(self.data_dir), "-l", str(self.logfile), "-W"]
         try:
-            await oscmd.run(argv, user=self.pg.os_user, timeout_s=wait_s + 5)
-        except oscmd.CommandFailed as error:
+            await programs.run(argv, user=self.pg.os_user, timeout_s=wait_s + 5)
+        except programs.CommandFailed as error:
             raise PostgresError(f"could not start PostgreSQL (see {self.logfile}): {error}") from error
         if not await self._started(wait_s):
             # A standby that must stream WAL before it is consistent keeps
@@ -464,7 +465,7 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
     async def _stop_escalating(self) -> None:
         try:
             await self.stop("fast")
-        except (PostgresError, oscmd.CommandFailed) as error:
+        except (PostgresError, programs.CommandFailed) as error:
             self.log.warning("pg_fast_stop_failed", error=str(error)[:300])
             await self.stop("immediate")
 
@@ -472,7 +473,7 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
         pid = self.postmaster_pid()
         if pid is None:
             return
-        children = procs.children_of(pid)
+        children = processes.children_of(pid)
         # The postmaster first: it would restart children killed before it.
         for target in (pid, *children):
             with contextlib.suppress(ProcessLookupError):
@@ -504,7 +505,7 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
 
     async def _bin(self, program: str) -> Path:
         if self._bin_dir is None:
-            done = await oscmd.run(["pg_config", "--bindir"], user=None, timeout_s=10)
+            done = await programs.run(["pg_config", "--bindir"], user=None, timeout_s=10)
             self._bin_dir = Path(done.stdout.strip())
         path = self._bin_dir / program
         if not path.exists():
@@ -517,7 +518,7 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
     def _owner(self) -> tuple[int, int] | None:
         if os.geteuid() != 0:
             return None
-        who = oscmd.OsUser.lookup(self.pg.os_user)
+        who = programs.OsUser.lookup(self.pg.os_user)
         return (who.uid, who.gid)
 
     # --------------------------------------------------------- files (threads)

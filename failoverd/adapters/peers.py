@@ -45,7 +45,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from failoverd.config import HostPort
+from failoverd.config.load import HostPort
 from failoverd.core.messages import (
     MAX_MESSAGE_BYTES, Message, ProtocolError, decode_message_bytes, encode_message_bytes,
 )
@@ -60,7 +60,7 @@ _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 _ERROR_TEXT_MAX = 300
 
 OnMessage = Callable[[Message], "Awaitable[None] | None"]
-log = structlog.get_logger("failoverd.peers")
+log = structlog.get_logger("failoverd.adapters.peers")
 
 
 @dataclasses.dataclass(slots=True)

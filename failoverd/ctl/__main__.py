@@ -1,0 +1,3 @@
+from failoverd.ctl.commands import main
+
+main()
