@@ -13,16 +13,23 @@ Ordering contract (the caller MUST honour it; docs/design.md, "Actions"):
    every later moment at which the PostgreSQL could accept writes; the
    watchdog stops PostgreSQL by itself once that local monotonic deadline has
    passed, or when the supervisor's pipe to it closes while armed.
-5. `Fence`, `Demote`, `Promote`, `Follow` and `ConfigureSync` may take long;
-   the caller starts them and keeps feeding ticks and messages. The core
-   learns their outcome only from later `observe()` calls.
+5. `Fence`, `Demote`, `Promote`, `Follow`, `StartStandby`, `ConfigureSync`,
+   `Checkpoint` and `Rebuild` may take long; the caller starts them and keeps
+   feeding ticks and messages. The core learns their outcome from later
+   `observe()` calls, and from the outcome inputs where it waits for one
+   (`promotion_failed`, `checkpoint_done`, `rebuild_done`, `vip_result`).
+6. A `Fence` first drops every PostgreSQL action still queued and stops the
+   one running: nothing decided before the fence may restart or promote the
+   server behind it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Union
+import enum
+from typing import Union
 
+from failoverd.core.events import Event
 from failoverd.core.messages import Message
 from failoverd.core.state import PersistentState
 
@@ -85,6 +92,24 @@ class Follow:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """CHECKPOINT the local PostgreSQL (before a switchover, so that the
+    shutdown checkpoint, during which writes wait, has little left to do).
+    The caller reports the outcome with `checkpoint_done`."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rebuild:
+    """An operator's reinit: stop the local standby, keep its data directory
+    aside, clone it afresh from `leader`. The caller reports the outcome
+    with `rebuild_done`, also when a fence dropped it."""
+
+    leader: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StartStandby:
     """Start the stopped local PostgreSQL in recovery with no upstream yet, so that
     its WAL position is known and it can stand for election."""
@@ -116,25 +141,43 @@ class ProbeNow:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Emit:
-    """One structured log event (role change, vote, lease loss, ...)."""
+    """One structured event (role change, vote, lease loss, ...)."""
 
-    event: str
-    fields: tuple[tuple[str, Any], ...] = ()
+    event: Event
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.fields)
+
+class ReplyCode(enum.Enum):
+    OK = "ok"  # done, or started
+    REDIRECT = "redirect"  # another member must answer: `Reply.redirect` names it
+    UNAVAILABLE = "unavailable"  # nobody can answer now (no live leader); retry later
+    CONFLICT = "conflict"  # refused in the cluster's present state (paused, a switchover runs, ...)
+    INVALID = "invalid"  # refused whatever the state (not a member, may not lead, ...)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reply:
-    """The answer to an admin request."""
+    """The answer to an admin request. It may come in a later action list
+    than the request's (a switchover answers once its checkpoint is done)."""
 
     request_id: int
-    ok: bool
+    code: ReplyCode
     message: str
+    redirect: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, ReplyCode):
+            raise TypeError(f"code: {self.code!r} is not a ReplyCode")
+        if (self.code is ReplyCode.REDIRECT) != (self.redirect is not None):
+            raise ValueError("a redirect, and only a redirect, names the member to ask")
+
+    @property
+    def ok(self) -> bool:
+        return self.code is ReplyCode.OK
 
 
 Action = Union[
-    Persist, Send, ArmWatchdog, Fence, Demote, ConfigureSync, Promote, Follow, StartStandby,
-    PrepareVip, AcquireVip, ReleaseVip, ProbeNow, Emit, Reply,
+    Persist, Send, ArmWatchdog, Fence, Demote, ConfigureSync, Promote, Follow, StartStandby, Checkpoint,
+    Rebuild, PrepareVip, AcquireVip, ReleaseVip, ProbeNow, Emit, Reply,
 ]
+# The slow PostgreSQL work the caller queues and runs one at a time.
+PG_WORK = (Promote, Follow, StartStandby, Demote, ConfigureSync, Checkpoint, Rebuild)

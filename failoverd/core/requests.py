@@ -66,4 +66,13 @@ class RecordEvent:
     reason: str
 
 
-AdminRequest = Union[Switchover, CancelSwitchover, Failover, Pause, Resume, RecordEvent]
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reinit:
+    """Rebuild `member`'s standby from the primary (a fresh clone; the old data
+    directory is kept aside). Only that member carries it out."""
+
+    request_id: int
+    member: str
+
+
+AdminRequest = Union[Switchover, CancelSwitchover, Failover, Pause, Resume, RecordEvent, Reinit]

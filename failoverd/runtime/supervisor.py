@@ -237,7 +237,7 @@ class Supervisor:
         if leading and lead is not None and lead.primary_ready and node.pg is not None:
             primary_position = node.pg.position
         elif leader_live and node.leader_primary_ready:
-            primary_position = node.last_primary_position
+            primary_position = node.ctx.last_primary_position
         return SupervisorStatus(
             name=node.name,
             role=node.role.value,
@@ -406,7 +406,7 @@ class Supervisor:
             elif isinstance(a, act.Send):
                 self.peers.send(a.to, a.message)
             elif isinstance(a, act.Emit):
-                self.log.info(a.event, **a.as_dict())
+                self.log.info(a.event.NAME, **a.event.fields())
                 self._count(a)
                 self._call_hooks(a)
             elif isinstance(a, act.ArmWatchdog):
@@ -454,26 +454,28 @@ class Supervisor:
 
     def _call_hooks(self, event: act.Emit) -> None:
         hooks = self.hooks
-        if hooks is None or event.event not in ("role_changed", "vip_acquired", "vip_released"):
+        name = event.event.NAME
+        if hooks is None or name not in ("role_changed", "vip_acquired", "vip_released"):
             return
-        fields = event.as_dict()
+        fields = event.event.fields()
         term = int(fields.get("term", self.node.term))
         reason = str(fields.get("reason", ""))
-        if event.event == "role_changed":
+        if name == "role_changed":
             hooks.role_changed(term=term, role=str(fields.get("role")), previous=str(fields.get("previous")),
                                reason=reason)
         else:
-            hooks.vip_changed(term=term, action=event.event.removeprefix("vip_"), reason=reason or "promoted")
+            hooks.vip_changed(term=term, action=name.removeprefix("vip_"), reason=reason or "promoted")
 
     def _count(self, event: act.Emit) -> None:
         counters = self.counters
-        counters.events[event.event] += 1
-        fields = event.as_dict()
-        if event.event == "role_changed" and fields.get("role") == "leader":
+        name = event.event.NAME
+        counters.events[name] += 1
+        fields = event.event.fields()
+        if name == "role_changed" and fields.get("role") == "leader":
             self._elected_reason = str(fields.get("reason", "election"))
             counters.elected[self._elected_reason] += 1
             self._heard_before_election, self._leader_heard_at = self._leader_heard_at, None
-        elif event.event == "promoted":
+        elif name == "promoted":
             reason = self._elected_reason or "election"
             counters.promotions[reason] += 1
             if reason == "bootstrap":

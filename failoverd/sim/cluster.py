@@ -306,8 +306,7 @@ class SimCluster:
             elif isinstance(a, act.ProbeNow):
                 self.at(self.now + 0.002, lambda h=host: self._probe(h))
             elif isinstance(a, act.Emit):
-                fields = " ".join(f"{k}={v}" for k, v in a.fields if k != "node")
-                self.log(f"{host.name} {a.event} {fields}")
+                self.log(f"{host.name} {a.event.describe()}")
 
     def _arm_watchdog(self, host: Host, deadline: float | None) -> None:
         host.watchdog_deadline = deadline

@@ -101,7 +101,7 @@ def first_index(actions: list[act.Action], cls: type) -> int:
 
 
 def events(actions: Iterable[act.Action]) -> list[str]:
-    return [a.event for a in actions if isinstance(a, act.Emit)]
+    return [a.event.NAME for a in actions if isinstance(a, act.Emit)]
 
 
 # --------------------------------------------------------------------- wire
@@ -198,5 +198,5 @@ class Wire:
         """
         self.observe_data(now, at=now if obs_at is None else obs_at, lsn=lsn)
         node = self.nodes[name]
-        assert now >= node.election_deadline and now >= node.promise_until, "elect() too early"
+        assert now >= node.ctx.election_deadline and now >= node.ctx.promise_until, "elect() too early"
         return self.tick(name, now)

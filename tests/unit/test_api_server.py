@@ -25,7 +25,7 @@ from failoverd.api import server as api_module
 from failoverd.api.server import ApiServer
 from failoverd.api.client import ApiClient, client_ssl_context, server_ssl_context
 from failoverd.config.load import parse_config
-from failoverd.core.actions import Reply
+from failoverd.core.actions import Reply, ReplyCode
 from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Resume, Switchover
 from failoverd.core.state import HistoryEntry, PgObservation, PgRole, Position, StateStamp
 from failoverd.adapters.peers import PeerMetrics
@@ -89,7 +89,7 @@ class FakeSupervisor:
         self.st = st
         self.counters = SupervisorCounters()
         self.calls: list[tuple[str, Any]] = []
-        self.reply = (True, "done")
+        self.reply = (ReplyCode.OK, "done")
         self.checkpoint_error: Exception | None = None
         self.reinit_refusal: str | None = None
         self.on_request: Any = None  # called with each request after it is recorded
@@ -445,7 +445,7 @@ async def test_pause_resume_and_notes_on_the_leader(cluster: Cluster) -> None:
 
 
 async def test_a_refusal_by_the_core_is_409_with_its_reason(cluster: Cluster) -> None:
-    cluster.fakes["a"].reply = (False, "b lags by 99999 bytes (limit 16777216)")
+    cluster.fakes["a"].reply = (ReplyCode.CONFLICT, "b lags by 99999 bytes (limit 16777216)")
     code, body, _ = await cluster.call("a", "POST", "/switchover", body={"to": "b"}, headers=AUTH)
     assert code == 409 and body == {"ok": False, "error": "b lags by 99999 bytes (limit 16777216)", "member": "a"}
 

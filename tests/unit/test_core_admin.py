@@ -93,7 +93,7 @@ def test_second_schedule_and_immediate_switchover_refused_while_one_is_scheduled
 def test_cancel_scheduled_switchover():
     w = scheduled()
     out = request(w, "a", CancelSwitchover(5), 2.3)
-    assert reply_of(out["a"]) == act.Reply(5, True, "scheduled switchover cancelled")
+    assert reply_of(out["a"]) == act.Reply(5, act.ReplyCode.OK, "scheduled switchover cancelled")
     assert w["a"].state.switchover_at is None and w["b"].state.switchover_at is None
     assert not reply_of(w["a"].request(CancelSwitchover(6), 2.31)).ok
 
@@ -126,7 +126,7 @@ def test_failover_on_leader_is_allowed_while_paused_and_ignores_lag_bound():
     w.tick("a", 2.31)  # a heartbeat round: a learns b's position
     assert not reply_of(w["a"].request(Switchover(2, "b"), 2.32)).ok  # paused
     out = request(w, "a", Failover(3, "b"), 2.33)
-    assert reply_of(out["a"]) == act.Reply(3, True, "failover to b started")
+    assert reply_of(out["a"]) == act.Reply(3, act.ReplyCode.OK, "failover to b started")
     assert of_type(out["a"], act.Demote) == [act.Demote("switchover")]
     assert w["a"].lead.transfer.reason == "operator failover"
 
@@ -166,7 +166,7 @@ def paused_with_dead_leader(lsn_b=1000, lsn_c=1000) -> tuple[Wire, float]:
 def test_failover_at_target_without_live_leader_campaigns_even_when_paused():
     w, now = paused_with_dead_leader()
     out = request(w, "b", Failover(7, "b"), now)
-    assert reply_of(out["b"]) == act.Reply(7, True, "b is campaigning for term 2")
+    assert reply_of(out["b"]) == act.Reply(7, act.ReplyCode.OK, "b is campaigning for term 2")
     b = w["b"]
     assert b.role is Role.LEADER and b.term == 2
     assert b.state.history[-1].reason == "operator failover"
@@ -181,7 +181,7 @@ def test_failover_without_data_loss_cannot_elect_a_member_behind_a_voter():
     out = request(w, "b", Failover(8, "b"), now)
     assert reply_of(out["b"]).ok  # the campaign started ...
     assert w["b"].role is not Role.LEADER  # ... but c refused: its WAL is ahead
-    assert any("behind mine" in e.as_dict().get("reason", "") for e in of_type(out["c"], act.Emit))
+    assert any("behind mine" in e.event.fields().get("reason", "") for e in of_type(out["c"], act.Emit))
 
 
 def test_failover_with_data_loss_allowed_elects_and_promotes_a_member_behind():

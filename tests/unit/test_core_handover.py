@@ -11,6 +11,7 @@ from core_helpers import T, Wire, events, make_spec, messages, obs, of_type, pos
 from test_core_leader import elected, promoted, ready_for_switchover
 
 from failoverd.core import actions as act
+from failoverd.core import candidacy
 from failoverd.core.messages import Heartbeat, HeartbeatAck, TimeoutNow, VoteRequest
 from failoverd.core.node import Role
 from failoverd.core.requests import Switchover
@@ -44,8 +45,8 @@ def test_follower_does_not_report_again_once_fresh():
 def test_no_report_to_a_leader_of_an_older_term():
     w = promoted()
     c = w["c"]
-    c.term += 1  # c moved on (e.g. voted in a later term) since it acknowledged a's heartbeat
-    c.leader = None
+    c.ctx.term += 1  # c moved on (e.g. voted in a later term) since it acknowledged a's heartbeat
+    c.ctx.leader = None
     out = c.observe(obs(at=2.25, lsn=1100), 2.25)
     assert sends(out, HeartbeatAck) == []
 
@@ -61,7 +62,7 @@ def test_stopped_leader_heartbeats_at_once_with_its_final_position():
     out = w.deliver("a", a.observe(obs(PgRole.STOPPED, at=2.4, lsn=1200), 2.4), 2.4)
     (hb,) = messages(out["a"], Heartbeat, to="c")
     assert not hb.primary_ready and hb.primary_position == pos(1200)
-    assert w["c"].handover == (1, pos(1200)) and a.handover == (1, pos(1200))
+    assert w["c"].ctx.handover == (1, pos(1200)) and a.ctx.handover == (1, pos(1200))
     # The target probes on it; a probe that shows more WAL is reported at once.
     assert of_type(out["b"], act.ProbeNow)
     assert a.role is Role.LEADER
@@ -74,7 +75,7 @@ def test_stopped_leader_heartbeats_at_once_with_its_final_position():
 def test_target_of_a_scheduled_switchover_does_not_probe_on_every_heartbeat():
     w = ready_for_switchover()
     a = w["a"]
-    a.wall_time = 1000.0
+    a.ctx.wall_time = 1000.0
     w.deliver("a", a.request(Switchover(2, "b", at=5000.0), 2.3), 2.3)
     assert w["b"].state.switchover_to == "b" and w["b"].state.switchover_at == 5000.0
     out = w.tick("a", 2.4)
@@ -113,7 +114,7 @@ def test_voters_stream_from_the_switchover_target_while_it_campaigns():
     for n in ("a", "c"):  # the old primary (stopped) and the other standby
         follows = [f for f in of_type(w.log[n], act.Follow) if f.leader == "b"]
         assert follows == [act.Follow("b", 2)], (n, follows)
-        evs = [e.as_dict() for e in of_type(w.log[n], act.Emit) if e.event == "follow"]
+        evs = [e.event.fields() for e in of_type(w.log[n], act.Emit) if e.event.NAME == "follow"]
         assert evs[-1]["before_promotion"] is True
     # Once b is writable, a follower already streaming from it needs no Follow;
     # one that is not streaming yet gets one (not held back as a repeat).
@@ -128,7 +129,7 @@ def test_no_early_follow_when_the_target_is_behind_the_final_position():
     # stale view), but a voter must not point its server at a shorter WAL.
     w = ready_for_switchover()
     c = w["c"]
-    c.handover = (1, pos(1200))
+    c.ctx.handover = (1, pos(1200))
     out = c.receive(VoteRequest(cluster="pgc", sender="b", term=2, position=pos(1100), stamp=c.state.stamp,
                                 transfer_from="a"), 2.5)
     assert of_type(out, act.Follow) == []
@@ -150,12 +151,12 @@ def test_no_early_follow_from_another_timeline_or_without_a_final_position():
     w = ready_for_switchover()
     c = w["c"]
     req = VoteRequest(cluster="pgc", sender="b", term=2, position=pos(1200), stamp=c.state.stamp, transfer_from="a")
-    c.state = c.state.next_version(1, switchover_to="b")
-    assert c.handover is None
+    c.ctx.state = c.state.next_version(1, switchover_to="b")
+    assert c.ctx.handover is None
     assert of_type(c.receive(req, 2.5), act.Follow) == []  # no final position heard
     d = ready_for_switchover()["c"]
-    d.state = d.state.next_version(1, switchover_to="b")
-    d.handover = (1, pos(1200))
+    d.ctx.state = d.state.next_version(1, switchover_to="b")
+    d.ctx.handover = (1, pos(1200))
     d.observe(obs(at=2.45, lsn=900, timeline=2, following="a"), 2.45)  # not on the final position's timeline
     assert of_type(d.receive(req, 2.5), act.Follow) == []
 
@@ -163,8 +164,8 @@ def test_no_early_follow_from_another_timeline_or_without_a_final_position():
 def test_handover_position_of_an_older_term_is_not_used():
     w = ready_for_switchover()
     c = w["c"]
-    c.state = c.state.next_version(1, switchover_to="b")
-    c.handover = (0, pos(1200))  # heard in term 0, not from the leader handing over now
+    c.ctx.state = c.state.next_version(1, switchover_to="b")
+    c.ctx.handover = (0, pos(1200))  # heard in term 0, not from the leader handing over now
     req = VoteRequest(cluster="pgc", sender="b", term=2, position=pos(1200), stamp=c.state.stamp, transfer_from="a")
     assert of_type(c.receive(req, 2.5), act.Follow) == []
 
@@ -231,8 +232,8 @@ def test_old_primary_restarts_once_streaming_from_the_successor():
     assert of_type(out["a"], act.StartStandby) == []
     out = v.observe("a", obs(PgRole.STOPPED, at=2.45 + T.election_timeout_min_s, lsn=1200), 2.45 + T.election_timeout_min_s)
     assert of_type(out["a"], act.StartStandby) == [act.StartStandby()]
-    assert v["a"].start_standby_after == 2.45 + T.election_timeout_min_s
-    assert a.start_standby_after == 2.45 + T.election_timeout_min_s
+    assert v["a"].ctx.start_standby_after == 2.45 + T.election_timeout_min_s
+    assert a.ctx.start_standby_after == 2.45 + T.election_timeout_min_s
 
 
 def test_a_probe_begun_before_the_demote_does_not_make_the_leader_writable_again():
@@ -282,9 +283,9 @@ def test_no_take_over_outside_a_handover():
     b, c = w["b"], w["c"]
     w.observe("c", obs(at=3.9, lsn=1400, following=None), 3.9)
     w.observe("b", obs(at=3.9, lsn=1300, following=None), 3.9)
-    b.promise_until = c.promise_until = 3.9  # a's lease has run out on both
-    b._start_election(4.0, transfer_from=None)
-    out = w.deliver("b", b._flush(), 4.0)
+    b.ctx.promise_until = c.ctx.promise_until = 3.9  # a's lease has run out on both
+    candidacy.start_election(b.ctx, 4.0, transfer_from=None)
+    out = w.deliver("b", b.ctx.flush(), 4.0)
     assert "vote_refused" in events(out["c"]) and "handover_taken_over" not in events(out["c"])
     assert c.role is Role.FOLLOWER and c.term == 2 and c.voted_for is None
 
@@ -294,7 +295,7 @@ def test_the_next_leader_ends_the_release():
     b's promise to c."""
     w, _ = _dead_primary_hands_over_on_stale_positions()
     b = w["b"]
-    assert b.leader == "c" and b.released_by is None and b.promise_until > 2.4
+    assert b.leader == "c" and b.ctx.released_by is None and b.ctx.promise_until > 2.4
     out = b.receive(VoteRequest(cluster=b.spec.name, sender="a", term=4, position=pos(2000), stamp=b.state.stamp,
                                 transfer_from="a"), 2.41)
     (resp,) = messages(out, type(out[-1].message))

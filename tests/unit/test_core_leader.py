@@ -82,7 +82,7 @@ def test_winner_writes_and_persists_a_new_cluster_state_version():
     for n in ("b", "c"):
         assert w[n].state == a.state and w[n].leader == "a"
         assert any(p.state.state == a.state for p in of_type(w.log[n], act.Persist))
-    assert a.commit_version == 1
+    assert a.ctx.commit_version == 1
 
 
 def test_new_leader_gives_up_without_a_first_quorum_of_acks():
@@ -103,7 +103,7 @@ def test_no_promote_before_state_committed_even_with_lease():
     a = w["a"]
     a.observe(obs(at=2.05), 2.05)
     out = a.receive(ack("b", 1, accepted=StateStamp(0, 0)), 2.06)  # lease yes, commit no
-    assert a.lead.lease_ever and a.commit_version == 0
+    assert a.lead.lease_ever and a.ctx.commit_version == 0
     assert of_type(out, act.Promote) == [] and a.lead.blocked_reason.startswith("cluster state")
     out = a.receive(ack("b", 1), 2.07)
     assert of_type(out, act.Promote) == [act.Promote(1)]
@@ -114,7 +114,7 @@ def test_no_promote_without_a_current_lease():
     a = w["a"]
     a.observe(obs(at=2.05), 2.05)
     out = a.receive(ack("b", 1), 2.0 + T.lease_s + 0.05)  # acknowledges a heartbeat sent at 2.0: lease ended
-    assert a.role is Role.LEADER and a.commit_version == 1 and a.lead.lease_until == pytest.approx(2.0 + T.lease_s)
+    assert a.role is Role.LEADER and a.ctx.commit_version == 1 and a.lead.lease_until == pytest.approx(2.0 + T.lease_s)
     assert of_type(out, act.Promote) == [] and a.lead.blocked_reason == "no lease"
 
 
@@ -215,7 +215,7 @@ def test_promotion_not_seen_in_time_steps_down_and_fences():
     assert w["a"].role is Role.LEADER
     run(w, 2.1 + T.promote_timeout_s, 2.1 + T.promote_timeout_s + 0.25)
     assert w["a"].role is Role.FOLLOWER
-    assert "promotion timed out" in [e.as_dict().get("reason") for e in of_type(w.log["a"], act.Emit)]
+    assert "promotion timed out" in [e.event.fields().get("reason") for e in of_type(w.log["a"], act.Emit)]
     assert of_type(w.log["a"], act.Fence) and of_type(w.log["a"], act.AcquireVip) == []
 
 
@@ -299,7 +299,7 @@ def test_paused_leader_does_not_step_down_when_postgres_stops():
 def test_leader_hands_over_to_a_peer_with_more_wal():
     w = Wire(make_spec())
     w.elect("a", now=2.0, lsn={"a": 1000, "b": 1500, "c": 1000})
-    assert any(e.event == "role_changed" and e.as_dict().get("role") == "leader" and e.as_dict()["term"] == 1
+    assert any(e.event.NAME == "role_changed" and e.event.fields().get("role") == "leader" and e.event.fields()["term"] == 1
                for e in of_type(w.log["a"], act.Emit))
     assert of_type(w.log["a"], act.Promote) == [] and of_type(w.log["a"], act.Fence) == []
     assert [m.term for m in messages(w.log["a"], TimeoutNow, to="b")] == [1]
@@ -319,7 +319,7 @@ def _follower_of(leader="a", name="b", term=1, now=2.0):
 def test_timeout_now_makes_target_campaign_with_transfer_from():
     b = _follower_of("a")
     out = b.receive(TimeoutNow(**env("a", 1)), 2.1)
-    assert b.role is Role.CANDIDATE and b.term == 2 and b.transfer_from == "a"
+    assert b.role is Role.CANDIDATE and b.term == 2 and b.ctx.candidacy.transfer_from == "a"
     reqs = messages(out, VoteRequest)
     assert len(reqs) == 2 and all(r.transfer_from == "a" and r.term == 2 for r in reqs)
     assert first_index(out, act.Persist) < first_index(out, act.Send)
@@ -365,7 +365,7 @@ def test_switchover_refused_when_paused():
     w = ready_for_switchover()
     w.deliver("a", w["a"].request(Pause(1), 2.3), 2.3)
     out = w["a"].request(Switchover(2, "b"), 2.3)
-    assert of_type(out, act.Reply) == [act.Reply(2, False, "the cluster is paused")]
+    assert of_type(out, act.Reply) == [act.Reply(2, act.ReplyCode.CONFLICT, "the cluster is paused")]
     assert of_type(out, act.Demote) == [] and w["a"].lead.transfer is None
 
 
@@ -439,7 +439,7 @@ def test_switchover_long_after_promotion_is_not_aborted_as_promotion_timeout():
     out = w.deliver("a", a.request(Switchover(9, "b"), now + 0.01), now + 0.01)
     assert of_type(out["a"], act.Reply)[0].ok
     out = w.tick("a", now + 0.1, hold=(TimeoutNow,))
-    assert a.role is Role.LEADER, [e.as_dict() for e in of_type(out["a"], act.Emit)]  # waits for PG to stop
+    assert a.role is Role.LEADER, [e.event.fields() for e in of_type(out["a"], act.Emit)]  # waits for PG to stop
     # b already acknowledged a position at or past the final one, so seeing the
     # server stopped completes the hand-over at once.
     out = w.deliver("a", a.observe(obs(PgRole.STOPPED, at=now + 0.2), now + 0.2), now + 0.2, hold=(TimeoutNow,))
@@ -471,15 +471,15 @@ def test_pause_and_resume_write_state_versions_and_reply():
     v = a.state.stamp.version
     out = a.request(Pause(1), 2.2)
     assert a.state.paused and a.state.stamp == StateStamp(1, v + 1)
-    assert act.Reply(1, True, "paused") in out
+    assert act.Reply(1, act.ReplyCode.OK, "paused") in out
     assert first_index(out, act.Persist) < first_index(out, act.Send)
     assert all(m.state.paused for m in messages(out, Heartbeat))
     w.deliver("a", out, 2.2)
-    assert w["b"].state.paused and w["c"].state.paused and a.commit_version == v + 1
+    assert w["b"].state.paused and w["c"].state.paused and a.ctx.commit_version == v + 1
     out = a.request(Pause(2), 2.25)  # already paused: no new version
-    assert out == [act.Reply(2, True, "paused")] and a.state.stamp.version == v + 1
+    assert out == [act.Reply(2, act.ReplyCode.OK, "paused")] and a.state.stamp.version == v + 1
     out = a.request(Resume(3), 2.3)
-    assert not a.state.paused and a.state.stamp.version == v + 2 and act.Reply(3, True, "resumed") in out
+    assert not a.state.paused and a.state.stamp.version == v + 2 and act.Reply(3, act.ReplyCode.OK, "resumed") in out
 
 
 def test_pause_on_non_leader_is_refused():

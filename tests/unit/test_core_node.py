@@ -30,8 +30,8 @@ def pre_candidate(name="a", spec=None, now=2.0):
 
 
 def snapshot(node) -> dict:
-    state = {k: copy.deepcopy(v) for k, v in vars(node).items() if k not in ("rng", "spec", "timing", "me")}
-    state["rng"] = node.rng.getstate()
+    state = {k: copy.deepcopy(v) for k, v in vars(node.ctx).items() if k not in ("rng", "spec", "timing", "me")}
+    state["rng"] = node.ctx.rng.getstate()
     return state
 
 
@@ -45,7 +45,7 @@ def test_unknown_safeguard_name_raises_value_error():
 
 def test_known_safeguards_are_accepted():
     node = make_node(make_spec(), "a", disabled=["lease", "lsn-check", "persist-vote"])
-    assert node.disabled == {"lease", "lsn-check", "persist-vote"}
+    assert node.ctx.disabled == {"lease", "lsn-check", "persist-vote"}
 
 
 def test_non_member_name_raises_value_error():
@@ -142,7 +142,7 @@ def test_of_two_simultaneous_pre_candidates_the_weaker_claim_steps_back():
     out = a.receive(PreVoteRequest(**env("b", 1), position=pos(1200)), 2.0)
     (resp,) = messages(out, PreVoteResponse, to="b")
     assert resp.granted and a.role is Role.FOLLOWER and "pre_vote_yielded" in events(out)
-    assert a.election_deadline > 2.0 + T.election_timeout_min_s - 1e-9
+    assert a.ctx.election_deadline > 2.0 + T.election_timeout_min_s - 1e-9
     # Grants that arrive for its own pre-vote start nothing now.
     out = a.receive(PreVoteResponse(**env("c", 0), granted=True, vouches_wal=True), 2.01)
     assert a.role is Role.FOLLOWER and messages(out, VoteRequest) == [] and a.term == 0
@@ -222,7 +222,7 @@ def test_candidate_refuses_rival_in_its_own_term():
 def test_voter_refuses_during_leader_promise_and_does_not_adopt_the_term():
     b = voter("b")
     b.receive(Heartbeat(**env("a", 1), seq=1), 2.0)  # promise until 3.0
-    assert b.promise_until == pytest.approx(2.0 + T.election_timeout_min_s)
+    assert b.ctx.promise_until == pytest.approx(2.0 + T.election_timeout_min_s)
     before = b.persistent_state()
     out = b.receive(vote_req("c", 2), 2.9)
     (resp,) = messages(out, VoteResponse)
@@ -256,11 +256,11 @@ def test_stale_vote_request_is_refused_without_state_change():
 
 def test_stale_heartbeat_is_rejected_and_does_not_renew_promise_or_leader():
     b = voter("b", persisted=PersistentState(term=5))
-    promise = b.promise_until
+    promise = b.ctx.promise_until
     out = b.receive(Heartbeat(**env("a", 4), seq=9, primary_ready=True), 2.0)
     (ack,) = messages(out, HeartbeatAck, to="a")
     assert not ack.success and ack.reason == "stale term" and ack.term == 5 and ack.seq == 9
-    assert b.leader is None and b.promise_until == promise and b.term == 5
+    assert b.leader is None and b.ctx.promise_until == promise and b.term == 5
     assert of_type(out, act.Follow) == []
 
 
@@ -269,7 +269,7 @@ def test_stale_vote_response_is_ignored_by_candidate():
     a.receive(PreVoteResponse(**env("b", 0), granted=True, vouches_wal=True), 2.0)
     a.receive(VoteResponse(**env("b", 0), granted=True, vouches_wal=True), 2.0)
     a.receive(VoteResponse(**env("c", 0), granted=True, vouches_wal=True), 2.0)
-    assert a.role is Role.CANDIDATE and a.grants == {"a": True}
+    assert a.role is Role.CANDIDATE and a.ctx.candidacy.grants == {"a": True}
 
 
 def test_data_voter_with_more_wal_refuses():
@@ -356,7 +356,7 @@ def test_three_data_k1_without_second_voucher_loses():
     a.receive(PreVoteResponse(**env("b", 0), granted=True, vouches_wal=False), 2.0)
     out = a.receive(PreVoteResponse(**env("c", 0), granted=False, reason="behind"), 2.0)
     assert a.role is Role.FOLLOWER and a.term == 0 and "election_lost" in events(out)
-    assert a.election_deadline > 2.0
+    assert a.ctx.election_deadline > 2.0
 
 
 def test_two_data_plus_witness_needs_only_the_candidate_to_vouch():
@@ -433,22 +433,22 @@ def test_paused_cluster_does_not_campaign():
 def test_restarted_node_does_not_campaign_before_its_promise_ends():
     node = make_node(make_spec(), "a", now=100.0)
     node.observe(obs(at=100.9), 100.9)
-    node.election_deadline = 100.0  # even an expired deadline waits for the promise
+    node.ctx.election_deadline = 100.0  # even an expired deadline waits for the promise
     assert sends(node.tick(100.9)) == [] and node.role is Role.FOLLOWER
-    node.election_deadline = 100.0
+    node.ctx.election_deadline = 100.0
     assert sends(node.tick(101.0)) and node.role is Role.PRE_CANDIDATE
 
 
 def test_election_timeouts_stay_within_configured_bounds():
     for seed in range(100):
         node = make_node(make_spec(), "b", seed=seed)
-        assert T.election_timeout_min_s <= node.election_deadline <= T.election_timeout_max_s
+        assert T.election_timeout_min_s <= node.ctx.election_deadline <= T.election_timeout_max_s
 
 
 def test_priority_biases_election_timeouts():
     spec = make_spec(priorities={"a": 300, "b": 200, "c": 100})
     means = {
-        name: statistics.mean(make_node(spec, name, seed=seed).election_deadline for seed in range(300))
+        name: statistics.mean(make_node(spec, name, seed=seed).ctx.election_deadline for seed in range(300))
         for name in "abc"
     }
     assert means["a"] < means["b"] < means["c"]
@@ -458,8 +458,8 @@ def test_candidate_election_timeout_returns_to_pre_vote():
     a, _ = pre_candidate("a")
     a.receive(PreVoteResponse(**env("b", 0), granted=True, vouches_wal=True), 2.0)
     assert a.role is Role.CANDIDATE
-    a.observe(obs(at=a.election_deadline), a.election_deadline)
-    out = a.tick(a.election_deadline)
+    a.observe(obs(at=a.ctx.election_deadline), a.ctx.election_deadline)
+    out = a.tick(a.ctx.election_deadline)
     assert "election_timed_out" in events(out) and a.role is Role.PRE_CANDIDATE and a.term == 1
     assert all(r.term == 2 for r in messages(out, PreVoteRequest))
 
@@ -510,7 +510,7 @@ def test_heartbeat_with_newer_state_is_persisted_before_ack():
     b = voter("b")
     state = ClusterState(stamp=StateStamp(1, 1), primary="a")
     out = b.receive(Heartbeat(**env("a", 1), seq=1, state=state, commit_version=1), 2.0)
-    assert b.state == state and b.commit_version == 1
+    assert b.state == state and b.ctx.commit_version == 1
     assert of_type(out, act.Persist)[-1].state.state == state
     ack_i = next(i for i, x in enumerate(out) if isinstance(x, act.Send))
     assert max(i for i, x in enumerate(out) if isinstance(x, act.Persist)) < ack_i

@@ -22,6 +22,7 @@ from test_api_server import TOKEN, Cluster, config_text, leader_status, status, 
 from test_api_wiring import tls_files  # noqa: F401 (a fixture)
 
 from failoverd.ctl import drill
+from failoverd.core.actions import ReplyCode
 from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Resume, Switchover
 from failoverd.core.state import HistoryEntry, Position
 from failoverd.ctl.commands import failoverctl_main
@@ -224,10 +225,10 @@ def test_switchover_waits_for_the_new_primary(served: Served) -> None:
 
 
 def test_switchover_refused_or_not_completing(served: Served) -> None:
-    served.fake("a").reply = (False, "the cluster is paused")
+    served.fake("a").reply = (ReplyCode.CONFLICT, "the cluster is paused")
     result = served.ctl("switchover", "--force")
     assert result.exit_code == 1 and "refused: the cluster is paused" in result.output
-    served.fake("a").reply = (True, "switchover to c started")
+    served.fake("a").reply = (ReplyCode.OK, "switchover to c started")
     result = served.ctl("switchover", "--to", "c", "--force", "--wait-timeout", "1.5")
     assert result.exit_code == 1 and "no new primary within 1.5 s (primary now: a)" in result.output
 

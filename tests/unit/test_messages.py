@@ -635,14 +635,14 @@ def make_node(setup: str) -> Node:
     if setup == "leader":
         node.receive(VoteResponse(cluster=CLUSTER, sender="db2", term=6, granted=True, vouches_wal=True), now=2.0)
         assert node.role is Role.LEADER
-    node._flush()
+    node.ctx.flush()
     return node
 
 
 def snapshot(node: Node) -> dict[str, Any]:
     """Every attribute of the node (deep-copied), the rng's state included."""
-    snap = {k: copy.deepcopy(v) for k, v in vars(node).items() if k != "rng"}
-    snap["rng"] = node.rng.getstate()
+    snap = {k: copy.deepcopy(v) for k, v in vars(node.ctx).items() if k != "rng"}
+    snap["rng"] = node.ctx.rng.getstate()
     snap["persistent_state()"] = node.persistent_state()
     return snap
 

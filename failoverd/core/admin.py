@@ -1,0 +1,98 @@
+"""Operators' requests (failoverd.core.requests): which member answers each,
+and the leader's answers. Every request gets exactly one `Reply` with a code
+(`actions.ReplyCode`): the API turns codes into HTTP statuses and follows
+redirects; it decides nothing itself (docs/design.md §13)."""
+
+from __future__ import annotations
+
+from failoverd.core import actions as act
+from failoverd.core import candidacy, heartbeats, switchover
+from failoverd.core import events as ev
+from failoverd.core.actions import ReplyCode
+from failoverd.core.context import Context
+from failoverd.core.requests import (
+    AdminRequest,
+    CancelSwitchover,
+    Failover,
+    Pause,
+    RecordEvent,
+    Resume,
+    Switchover,
+)
+from failoverd.core.state import HistoryEntry, Role
+
+
+def request(ctx: Context, req: AdminRequest, now: float) -> None:
+    if ctx.role is Role.LEADER:
+        leader_request(ctx, req, now)
+    elif isinstance(req, Failover) and req.target == ctx.name:
+        candidacy.operator_failover(ctx, req, now)
+    else:
+        ctx.out.append(act.Reply(req.request_id, ReplyCode.CONFLICT,
+                                 f"{ctx.name} is not the leader (leader: {ctx.leader})"))
+
+
+def leader_request(ctx: Context, req: AdminRequest, now: float) -> None:
+    lead = ctx.leading()
+
+    def reply(code: ReplyCode, message: str) -> None:
+        ctx.out.append(act.Reply(req.request_id, code, message))
+
+    if isinstance(req, (Pause, Resume)):
+        paused = isinstance(req, Pause)
+        if ctx.state.paused != paused:
+            heartbeats.commit_state(ctx, now, paused=paused)
+            ctx.emit(ev.Paused if paused else ev.Resumed)
+        return reply(ReplyCode.OK, "paused" if paused else "resumed")
+    if isinstance(req, Switchover):
+        due_now = req.at is None or ctx.wall_time is None or req.at <= ctx.wall_time
+        if not due_now:
+            refused = switchover.schedule_refusal(ctx, req.target)
+            if refused is not None:
+                return reply(_code(ctx, req.target), refused)
+            heartbeats.commit_state(ctx, now, switchover_to=req.target, switchover_at=float(req.at or 0))
+            ctx.emit(ev.SwitchoverScheduled, target=req.target, at=req.at)
+            return reply(ReplyCode.OK, f"switchover to {req.target or 'the best standby'} scheduled")
+        if ctx.state.switchover_at is not None:
+            return reply(ReplyCode.CONFLICT, "a switchover is already scheduled; cancel it first")
+        refused = switchover.refusal(ctx, req.target, now)
+        if refused is not None:
+            return reply(_code(ctx, req.target), refused)
+        target = req.target or heartbeats.best_successor(ctx, now)
+        if target is None:
+            return reply(ReplyCode.CONFLICT, "no healthy standby to switch over to")
+        switchover.begin(ctx, target, now, "switchover")
+        return reply(ReplyCode.OK, f"switchover to {target} started")
+    if isinstance(req, CancelSwitchover):
+        if ctx.state.switchover_at is None:
+            running = lead.transfer
+            return reply(ReplyCode.CONFLICT, f"a switchover to {running.target} is running and cannot be cancelled"
+                         if running is not None else "no switchover is scheduled")
+        heartbeats.commit_state(ctx, now, switchover_to=None, switchover_at=None)
+        ctx.emit(ev.SwitchoverCancelled)
+        return reply(ReplyCode.OK, "scheduled switchover cancelled")
+    if isinstance(req, Failover):
+        if req.target == ctx.name:
+            return reply(ReplyCode.INVALID, f"{ctx.name} is already the leader")
+        refused = switchover.refusal(ctx, req.target, now, operator_failover=True)
+        if refused is not None:
+            return reply(_code(ctx, req.target), refused)
+        switchover.begin(ctx, req.target, now, "operator failover")
+        return reply(ReplyCode.OK, f"failover to {req.target} started")
+    if isinstance(req, RecordEvent):
+        if not isinstance(req.reason, str) or not 1 <= len(req.reason) <= 200:
+            return reply(ReplyCode.INVALID, "a history note is 1 to 200 characters")
+        entry = HistoryEntry(term=ctx.term, from_node=ctx.name, to_node=ctx.name, reason=req.reason,
+                             position=ctx.my_position(), wall_time=ctx.wall_time)
+        heartbeats.commit_state(ctx, now, history=ctx.state.with_history(entry))
+        return reply(ReplyCode.OK, "recorded")
+    return reply(ReplyCode.INVALID, f"unknown request {type(req).__name__}")
+
+
+def _code(ctx: Context, target: str | None) -> ReplyCode:
+    """A refusal about the target itself (not a member, may never lead, is
+    us) is INVALID whatever the state; any other is a CONFLICT with it."""
+    if target is not None and (not ctx.spec.has_member(target) or target == ctx.name
+                               or not ctx.spec.member(target).can_lead):
+        return ReplyCode.INVALID
+    return ReplyCode.CONFLICT

@@ -1,0 +1,150 @@
+"""Standing for election: whether we may, the pre-vote, the election itself,
+and counting the answers (docs/design.md §5)."""
+
+from __future__ import annotations
+
+from failoverd.core import actions as act
+from failoverd.core import events as ev
+from failoverd.core import leader
+from failoverd.core.context import Context
+from failoverd.core.messages import PreVoteRequest, PreVoteResponse, VoteRequest, VoteResponse
+from failoverd.core.quorum import Tally, vote_tally
+from failoverd.core.requests import Failover
+from failoverd.core.roles import Candidacy
+from failoverd.core.state import PgRole, Position, Role
+
+
+def vouches(ctx: Context, position: Position | None, waived: bool = False) -> bool:
+    """Whether our WAL check of a candidate counts towards the data quorum.
+
+    An unknown position (PostgreSQL unresponsive) vouches for nothing; an
+    empty data directory vouches only for another empty one (bootstrap),
+    since a wiped member no longer holds the commits it acknowledged.
+    """
+    if not ctx.me.is_data:
+        return False
+    if "lsn-check" in ctx.disabled or waived:
+        return True
+    if ctx.pg is None:
+        return False
+    mine = ctx.pg.position
+    if mine is None:
+        return ctx.pg.role is PgRole.ABSENT and position is None
+    return position is not None and position >= mine
+
+
+def may_campaign(ctx: Context, now: float, transfer: bool = False) -> bool:
+    if not ctx.me.can_lead or ctx.pg is None:
+        return False
+    if ctx.state.paused and not transfer:
+        return False
+    if now < ctx.promise_until and not transfer and "lease" not in ctx.disabled:
+        return False
+    if now - ctx.pg.observed_at > ctx.timing.election_timeout_max_s:
+        return False  # we know too little of our own PostgreSQL
+    if ctx.pg.role is PgRole.STANDBY:
+        return True
+    # An uninitialised cluster: the first leader bootstraps with initdb.
+    return ctx.pg.role is PgRole.ABSENT and ctx.state.primary is None
+
+
+def start_pre_vote(ctx: Context, now: float) -> None:
+    ctx.role = Role.PRE_CANDIDATE
+    mine = ctx.my_position()
+    ctx.candidacy = Candidacy(pre=True, grants={ctx.name: True}, vouchers={ctx.name} if vouches(ctx, mine) else set())
+    ctx.election_deadline = now + ctx.random_timeout()
+    ctx.emit(ev.PreVoteStarted, position=mine)
+    request = PreVoteRequest(cluster=ctx.spec.name, sender=ctx.name, term=ctx.term + 1, position=mine,
+                             stamp=ctx.state.stamp)
+    for peer in ctx.others:
+        ctx.send(peer, request)
+
+
+def start_election(ctx: Context, now: float, transfer_from: str | None, operator: Failover | None = None) -> None:
+    ctx.term += 1
+    ctx.voted_for = ctx.name
+    ctx.role = Role.CANDIDATE
+    ctx.leader = None
+    ctx.leader_primary_ready = False
+    waive = operator is not None and operator.allow_data_loss
+    mine = ctx.my_position()
+    ctx.candidacy = Candidacy(pre=False, grants={ctx.name: True},
+                              vouchers={ctx.name} if vouches(ctx, mine, waive) else set(),
+                              transfer_from=transfer_from, operator_failover=operator)
+    ctx.election_deadline = now + ctx.random_timeout()
+    ctx.persist()
+    ctx.emit(ev.ElectionStarted, transfer_from=transfer_from, position=mine, waive_wal_check=waive)
+    request = VoteRequest(**ctx.envelope(), position=mine, stamp=ctx.state.stamp, transfer_from=transfer_from,
+                          waive_wal_check=waive)
+    for peer in ctx.others:
+        ctx.send(peer, request)
+
+
+def on_vote_response(ctx: Context, m: PreVoteResponse | VoteResponse, now: float) -> None:
+    if m.term > ctx.term and not m.granted:
+        ctx.become_follower(m.term, now, reason=f"{m.sender} is in a later term")
+        return
+    pre = isinstance(m, PreVoteResponse)
+    if (pre and ctx.role is not Role.PRE_CANDIDATE) or (not pre and ctx.role is not Role.CANDIDATE):
+        return
+    if not pre and m.term != ctx.term:
+        return
+    candidacy = ctx.candidacy
+    if candidacy is None:
+        return
+    candidacy.grants[m.sender] = m.granted
+    if m.granted and m.vouches_wal:
+        candidacy.vouchers.add(m.sender)
+    tally = vote_tally(ctx.voters, ctx.data_voters, candidacy.grants, candidacy.vouchers, ctx.data_votes_needed())
+    if tally is Tally.WON:
+        if pre:
+            start_election(ctx, now, transfer_from=None)
+        else:
+            leader.become_leader(ctx, now)
+    elif tally is Tally.LOST:
+        ctx.emit(ev.ElectionLost, pre_vote=pre, grants=candidacy.granted())
+        ctx.role = Role.FOLLOWER
+        ctx.candidacy = None
+        ctx.election_deadline = now + ctx.random_timeout()
+
+
+def timed_out(ctx: Context, now: float) -> None:
+    """The election deadline passed: give up a running candidacy, and stand
+    (pre-vote first) if we may."""
+    if ctx.role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
+        ctx.emit(ev.ElectionTimedOut, role=ctx.role.value)
+        ctx.role = Role.FOLLOWER
+        ctx.candidacy = None
+    if may_campaign(ctx, now):
+        start_pre_vote(ctx, now)
+    else:
+        ctx.election_deadline = now + ctx.random_timeout()
+
+
+def operator_failover(ctx: Context, req: Failover, now: float) -> None:
+    """The operator names us to take over and no leader is alive: campaign
+    now, skipping the pre-vote and, while paused, the pause. The lease
+    promise still holds here and on every voter, so a leader that is in
+    fact alive keeps its term and its lease."""
+    def refuse(code: act.ReplyCode, why: str) -> None:
+        ctx.out.append(act.Reply(req.request_id, code, why))
+
+    if not ctx.me.can_lead:
+        return refuse(act.ReplyCode.INVALID, f"{ctx.name} may not become primary (witness or nofailover)")
+    if now < ctx.promise_until and "lease" not in ctx.disabled:
+        # Heartbeats renew this promise, so a leader heard within
+        # election_timeout_min is alive as far as we know.
+        wait = ctx.promise_until - now
+        if ctx.leader is not None:
+            return refuse(act.ReplyCode.CONFLICT,
+                          f"{ctx.leader} was heard {ctx.timing.election_timeout_min_s - wait:.1f} s ago "
+                          f"and may hold a lease: send the failover to the leader, or retry in {wait:.1f} s")
+        return refuse(act.ReplyCode.CONFLICT, f"a leader's lease may still be valid; retry in {wait:.1f} s")
+    pg = ctx.pg
+    if pg is None or now - pg.observed_at > ctx.timing.election_timeout_max_s:
+        return refuse(act.ReplyCode.CONFLICT, f"{ctx.name} has no recent probe of its PostgreSQL")
+    if pg.role is not PgRole.STANDBY:
+        return refuse(act.ReplyCode.CONFLICT, f"{ctx.name}'s PostgreSQL is {pg.role.value}, not a standby")
+    ctx.emit(ev.OperatorFailover, allow_data_loss=req.allow_data_loss)
+    start_election(ctx, now, transfer_from=None, operator=req)
+    ctx.out.append(act.Reply(req.request_id, act.ReplyCode.OK, f"{ctx.name} is campaigning for term {ctx.term}"))
