@@ -64,7 +64,7 @@ from failoverd.ctl.drill import CREATE_TABLE, ProbeWriter, missing_acks  # noqa:
 GOAL_MEDIAN_S = 0.5
 # (label, member: "old" or "new" or "other", event, extra condition on the event)
 PHASES = [
-    ("checkpoint_done", "old", "pg_checkpoint_done", None),
+    ("checkpoint_done", "old", "pg_action_done", lambda e: e.get("action") == "Checkpoint"),
     ("demote_requested", "old", "switchover_started", None),
     ("old_stopped", "old", "pg_stopped", lambda e: e.get("mode") == "fast"),
     ("caught_up", "old", "switchover_caught_up", None),
@@ -95,9 +95,9 @@ def phase_times(cluster: LocalCluster, old: str, new: str, since_wall: float, un
                  if e.get("event") in events and (cond is None or cond(e))
                  and (who != "other" or e.get("upstream") == new)]
         out[label] = min(found) if found else None
-    checkpoint = next((e for e in logs[old] if e.get("event") == "pg_checkpoint_done"), None)
-    # The API checkpoints as soon as the request arrives; the event says how long that took.
-    out["request_received"] = None if checkpoint is None else parse_ts(checkpoint["timestamp"]) - checkpoint["seconds"]
+    # The leader's core asks for the CHECKPOINT as soon as it accepts the request.
+    accepted = next((e for e in logs[old] if e.get("event") == "checkpoint"), None)
+    out["request_received"] = None if accepted is None else parse_ts(accepted["timestamp"])
     return out
 
 

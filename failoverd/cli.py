@@ -11,6 +11,7 @@ import click
 from failoverd import __version__
 from failoverd.config.load import Config, ConfigError, load_config
 from failoverd.core.spec import ClusterSpec, ReplicationMode, Timing
+from failoverd.sim.command import simulate_command
 
 
 EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus= stops restarts on it
@@ -168,12 +169,6 @@ def _timing_lines(t: Timing) -> list[str]:
     ]
 
 
-def _register_commands() -> None:
-    # The simulator lives in its own package; registered here so `failoverd
-    # --help` lists it beside the daemon's commands.
-    from failoverd.sim.command import simulate_command
-
-    failoverd_main.add_command(simulate_command)
-
-
-_register_commands()
+# The simulator lives in its own package; registered here so that `failoverd
+# --help` lists it beside the daemon's commands.
+failoverd_main.add_command(simulate_command)

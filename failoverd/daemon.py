@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import structlog
 
+from failoverd.adapters import programs
 from failoverd.api.server import ApiServer
 from failoverd.api.client import ApiClient, bind_address, client_ssl_context, load_token, server_ssl_context
 from failoverd.runtime import sdnotify
@@ -237,6 +239,7 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
     client = PeerClient(config.spec.name, secret, others, timeout_s=_peer_timeout_s(config),
                         metrics=peer_metrics, ssl_context=peer_client_tls)
     hooks = HookRunner(config.hooks, cluster=config.spec.name, node=local.name,
+                       run=functools.partial(programs.run, user=None, check=False),
                        vip=None if config.vip is None else str(config.vip.address), log=log)
     supervisor = Supervisor(
         node,

@@ -279,6 +279,16 @@ class VirtualIp:
         if self.acquire_error is not None:
             raise VipError(self.acquire_error)
 
+    async def acquisition_result(self) -> str | None:
+        """Wait for the acquisition started by the last acquire(): None when
+        the address is ours, else why not (logged already)."""
+        task = self._acquiring
+        if task is not None:
+            await asyncio.wait([task])  # neither cancels it nor raises its cancellation
+            if task.cancelled():
+                return "cancelled"
+        return self.acquire_error
+
     async def _acquire_reported(self) -> None:
         started = time.monotonic()
         try:

@@ -8,21 +8,19 @@ the cluster view, metrics, and admin requests. docs/api.md is the reference.
   compared in constant time and never logged.
 * Every error is JSON `{"error": "..."}`: 400 for a malformed request (with
   the reason), never a traceback (500 says only "internal error" and logs).
-* Admin requests are carried out by the leader's core. Any member accepts
-  them and forwards them to the leader's API with the caller's credentials
-  (all members share the configuration and the token); a forwarded request is
-  never forwarded again. A failover with no live leader goes to its target,
-  which campaigns; a reinit goes to the member to rebuild.
-* A switchover due now is preceded, on the leader, by a CHECKPOINT, so that
-  the shutdown checkpoint during which writes wait has little left to do. A
-  scheduled one gets its CHECKPOINT shortly before it is due.
+* Admin requests go to this member's core, which answers, or names the
+  member that must (REDIRECT: the leader; a failover's target when no leader
+  is alive; the member a reinit rebuilds). The API forwards such a request
+  there once, with the caller's credentials (all members share the
+  configuration and the token); a forwarded request is never forwarded
+  again. It decides nothing itself: reply codes map to HTTP statuses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import dataclasses
 import hmac
 import itertools
 import json
@@ -39,17 +37,37 @@ from failoverd.api.client import FORWARDED_HEADER, ApiClient, Unreachable, api_a
 from failoverd.api.views import BadRequest
 from failoverd.config.load import Config, NodeConfig
 from failoverd.core import actions as act
-from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Resume, Switchover
-from failoverd.adapters.peers import PeerMetrics
-from failoverd.runtime.supervisor import ReinitRefused, SupervisorCounters, SupervisorStatus
+from failoverd.core.actions import ReplyCode
+from failoverd.core.requests import (
+    AdminRequest,
+    CancelSwitchover,
+    Failover,
+    Pause,
+    RecordEvent,
+    Reinit,
+    Resume,
+    Switchover,
+)
+from failoverd.core.status import MemberStatus
+from failoverd.runtime.supervisor import REPLY_TIMEOUT_S, SupervisorCounters
 
 BODY_BYTES_MAX = 64 * 1024
-CHECKPOINT_TIMEOUT_S = 30.0
-FORWARD_TIMEOUT_S = CHECKPOINT_TIMEOUT_S + 15.0  # the leader may checkpoint before it answers
+FORWARD_TIMEOUT_S = REPLY_TIMEOUT_S + 5.0  # the leader answers a switchover after its checkpoint
 FAN_OUT_TIMEOUT_S = 1.0
-SCHEDULED_CHECKPOINT_AHEAD_S = 10.0
-SCHEDULE_POLL_S = 1.0
-log = structlog.get_logger("failoverd.api.server")
+log = structlog.get_logger("failoverd.api")
+
+
+class PeerCounts(Protocol):
+    """The peer server's counters (failoverd.adapters.peers.PeerMetrics), for /metrics."""
+
+    received: int
+    rejected: collections.Counter[str]
+
+
+@dataclasses.dataclass
+class _NoPeers:
+    received: int = 0
+    rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
 class SupervisorLike(Protocol):
@@ -57,10 +75,8 @@ class SupervisorLike(Protocol):
 
     counters: SupervisorCounters
 
-    def status(self) -> SupervisorStatus: ...
-    async def request(self, req: Any) -> act.Reply: ...
-    async def checkpoint(self, timeout_s: float) -> None: ...
-    async def reinit(self) -> str: ...
+    def status(self) -> MemberStatus: ...
+    async def request(self, req: AdminRequest) -> act.Reply: ...
 
 
 class _Refused(Exception):
@@ -85,7 +101,7 @@ class ApiServer:
         host: str,
         port: int,
         token: str | None,
-        peer_metrics: PeerMetrics | None = None,
+        peer_metrics: PeerCounts | None = None,
         ssl_context: Any = None,
         client: ApiClient | None = None,
         wall_clock: Callable[[], float] = time.time,
@@ -95,7 +111,7 @@ class ApiServer:
         self.supervisor = supervisor
         self.host, self._port = host, port
         self._token = None if token is None else token.encode()
-        self.peer_metrics = peer_metrics or PeerMetrics()
+        self.peer_metrics: PeerCounts = peer_metrics or _NoPeers()
         self._ssl_context = ssl_context
         # Calls to other members carry our own token: with health_auth their read endpoints need it too.
         self.client = client or ApiClient(token=token)
@@ -104,8 +120,6 @@ class ApiServer:
         self.rejected: collections.Counter[str] = collections.Counter()
         self._nodes = {n.name: n for n in config.nodes}
         self._runner: web.AppRunner | None = None
-        self._scheduler: asyncio.Task | None = None
-        self._checkpointed_for: float | None = None
 
     @property
     def port(self) -> int:
@@ -138,16 +152,10 @@ class ApiServer:
             await self._runner.cleanup()
             self._runner = None
             raise
-        self._scheduler = asyncio.create_task(self._scheduled_checkpoints(), name="api-scheduled-checkpoint")
         log.info("api_listening", node=self.member.name, host=self.host, port=self.port,
                  tls=self._ssl_context is not None, admin=self._token is not None)
 
     async def close(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler
-            self._scheduler = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -232,7 +240,7 @@ class ApiServer:
         self._authorize(request, admin=False)
         self._query(request)
         status = self.supervisor.status()
-        return self._check(status, views.writable(status))
+        return self._check(status, status.writable)
 
     async def _replica(self, request: web.Request) -> web.Response:
         self._authorize(request, admin=False)
@@ -244,22 +252,22 @@ class ApiServer:
         self._authorize(request, admin=False)
         lag_max = self._lag_bound(request)
         status = self.supervisor.status()
-        return self._check(status, views.writable(status) or self._replica_ok(status, lag_max))
+        return self._check(status, status.writable or self._replica_ok(status, lag_max))
 
     def _lag_bound(self, request: web.Request) -> int | None:
         query = self._query(request, ("lag",))
         return None if "lag" not in query else views.parse_lag(query["lag"])
 
     @staticmethod
-    def _replica_ok(status: SupervisorStatus, lag_max: int | None) -> bool:
-        if not views.streaming_standby(status):
+    def _replica_ok(status: MemberStatus, lag_max: int | None) -> bool:
+        if not status.streaming_standby:
             return False
         if lag_max is None:
             return True
         lag = views.lag_bytes(status.primary_position, status.pg.position)
         return lag is not None and lag <= lag_max
 
-    def _check(self, status: SupervisorStatus, ok: bool) -> web.Response:
+    def _check(self, status: MemberStatus, ok: bool) -> web.Response:
         body = views.member_view(status, self.member, str(api_address(self.config, self.member)))
         return web.json_response(body, status=200 if ok else 503)
 
@@ -313,80 +321,58 @@ class ApiServer:
     async def _switchover(self, request: web.Request) -> web.Response:
         args, raw = await self._admin_body(request, optional={"to": str, "at": (int, float, str)})
         to = None if args["to"] is None else views.member_name(self.config, args["to"], "to")
-        now = self._wall_clock()
-        at = None if args["at"] is None else views.parse_time(args["at"], now)
-        due_now = at is None or at <= now
-        return await self._on_leader(request, raw, lambda rid: Switchover(rid, to, at),
-                                     before=self._checkpoint_first if due_now else None)
+        at = None if args["at"] is None else views.parse_time(args["at"], self._wall_clock())
+        return await self._submit(request, raw, Switchover(next(_request_ids), to, at))
 
     async def _cancel_switchover(self, request: web.Request) -> web.Response:
         _, raw = await self._admin_body(request)
-        return await self._on_leader(request, raw, CancelSwitchover)
+        return await self._submit(request, raw, CancelSwitchover(next(_request_ids)))
 
     async def _pause(self, request: web.Request) -> web.Response:
         _, raw = await self._admin_body(request)
-        return await self._on_leader(request, raw, Pause)
+        return await self._submit(request, raw, Pause(next(_request_ids)))
 
     async def _resume(self, request: web.Request) -> web.Response:
         _, raw = await self._admin_body(request)
-        return await self._on_leader(request, raw, Resume)
+        return await self._submit(request, raw, Resume(next(_request_ids)))
 
     async def _note(self, request: web.Request) -> web.Response:
         args, raw = await self._admin_body(request, required={"reason": str})
         reason = args["reason"]
         if not 1 <= len(reason) <= 200:
             raise BadRequest("reason: 1 to 200 characters")
-        return await self._on_leader(request, raw, lambda rid: RecordEvent(rid, reason))
+        return await self._submit(request, raw, RecordEvent(next(_request_ids), reason))
 
     async def _failover(self, request: web.Request) -> web.Response:
         args, raw = await self._admin_body(request, required={"to": str}, optional={"allow_data_loss": bool})
         to = views.member_name(self.config, args["to"], "to")
-        make = lambda rid: Failover(rid, to, bool(args["allow_data_loss"]))  # noqa: E731
-        status = self.supervisor.status()
-        forwarded = FORWARDED_HEADER in request.headers
-        if status.role == "leader" or (status.leader_live and status.leader is not None and not forwarded):
-            return await self._on_leader(request, raw, make)
-        if to == self.member.name:
-            return await self._submit(make)  # no live leader: we are asked to campaign
-        if forwarded:
-            raise _Refused(503, "no_leader", f"{self.member.name} knows no live leader and is not {to}")
-        return await self._forward(request, to, raw)
+        return await self._submit(request, raw, Failover(next(_request_ids), to, bool(args["allow_data_loss"])))
 
     async def _reinit(self, request: web.Request) -> web.Response:
         args, raw = await self._admin_body(request, required={"node": str})
         name = views.member_name(self.config, args["node"], "node")
-        if name != self.member.name:
-            if FORWARDED_HEADER in request.headers:
-                raise _Refused(409, "misrouted", f"this is {self.member.name}, not {name}")
-            return await self._forward(request, name, raw)
-        try:
-            message = await self.supervisor.reinit()
-        except ReinitRefused as refused:
-            return web.json_response({"ok": False, "error": str(refused), "member": self.member.name}, status=409)
-        return web.json_response({"ok": True, "message": message, "member": self.member.name}, status=202)
+        return await self._submit(request, raw, Reinit(next(_request_ids), name), accepted=202)
 
     # -------------------------------------------------------------- routing
 
-    async def _on_leader(self, request: web.Request, raw: bytes, make: Callable[[int], Any],
-                         before: Callable[[SupervisorStatus], Awaitable[None]] | None = None) -> web.Response:
-        status = self.supervisor.status()
-        if status.role == "leader":
-            if before is not None:
-                await before(status)
-            return await self._submit(make)
-        if FORWARDED_HEADER in request.headers:
-            raise _Refused(503, "not_leader", f"{self.member.name} is not the leader (leader: {status.leader})")
-        if status.leader is None or not status.leader_live:
-            raise _Refused(503, "no_leader", f"{self.member.name} knows no live leader; retry shortly")
-        return await self._forward(request, status.leader, raw)
-
-    async def _submit(self, make: Callable[[int], Any]) -> web.Response:
-        reply = await self.supervisor.request(make(next(_request_ids)))
+    async def _submit(self, request: web.Request, raw: bytes, req: AdminRequest, accepted: int = 200) -> web.Response:
+        """Hand the request to our core and say what it answered; when the
+        core names another member to ask (REDIRECT), forward it there once."""
+        try:
+            reply = await self.supervisor.request(req)
+        except TimeoutError:
+            return _error(504, f"{self.member.name} did not answer in time; the request may have been carried out")
+        if reply.code is ReplyCode.REDIRECT and reply.redirect is not None:
+            if FORWARDED_HEADER in request.headers:
+                raise _Refused(503, "misrouted", f"{self.member.name}: {reply.message} (not forwarded twice); "
+                               "retry shortly")
+            return await self._forward(request, reply.redirect, raw)
+        if reply.code is ReplyCode.UNAVAILABLE:
+            raise _Refused(503, "no_leader", reply.message)
         if reply.ok:
-            return web.json_response({"ok": True, "message": reply.message, "member": self.member.name})
-        # Lost the leadership between the check and the request: the caller may retry.
-        code = 503 if self.supervisor.status().role != "leader" and "not the leader" in reply.message else 409
-        return web.json_response({"ok": False, "error": reply.message, "member": self.member.name}, status=code)
+            return web.json_response({"ok": True, "message": reply.message, "member": self.member.name},
+                                     status=accepted)
+        return web.json_response({"ok": False, "error": reply.message, "member": self.member.name}, status=409)
 
     async def _forward(self, request: web.Request, target: str, raw: bytes) -> web.Response:
         node = self._nodes[target]
@@ -404,36 +390,6 @@ class ApiServer:
         if not isinstance(answer.body, dict):
             return _error(502, f"{target} answered HTTP {answer.status} without JSON")
         return web.json_response({**answer.body, "forwarded_by": self.member.name}, status=answer.status)
-
-    # ---------------------------------------------------------- checkpoints
-
-    async def _checkpoint_first(self, status: SupervisorStatus) -> None:
-        if status.paused or not status.primary_ready:
-            return  # the core refuses this switchover; no point in the I/O
-        await self._checkpoint("switchover")
-
-    async def _checkpoint(self, why: str) -> None:
-        try:
-            await self.supervisor.checkpoint(CHECKPOINT_TIMEOUT_S)
-        except Exception as error:  # noqa: BLE001 - the switchover goes on; its shutdown checkpoint does the work
-            log.warning("pg_checkpoint_failed", node=self.member.name, term=self.supervisor.status().term,
-                        why=why, error=f"{type(error).__name__}: {error}"[:300])
-
-    async def _scheduled_checkpoints(self) -> None:
-        """On the leader, CHECKPOINT once shortly before a scheduled switchover is due."""
-        while True:
-            await asyncio.sleep(SCHEDULE_POLL_S)
-            try:
-                status = self.supervisor.status()
-            except Exception:  # a bug elsewhere; the API goes on serving
-                log.exception("api_schedule_check_failed", node=self.member.name)
-                continue
-            at = status.switchover_at
-            if at is None or status.role != "leader" or not status.primary_ready or at == self._checkpointed_for:
-                continue
-            if 0 <= at - self._wall_clock() <= SCHEDULED_CHECKPOINT_AHEAD_S:
-                self._checkpointed_for = at
-                await self._checkpoint("scheduled switchover")
 
 
 def _error(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -13,8 +13,9 @@ from typing import Any
 
 from failoverd import __version__
 from failoverd.config.load import Config, NodeConfig
-from failoverd.core.state import HistoryEntry, PgRole, Position
-from failoverd.runtime.supervisor import SupervisorCounters, SupervisorStatus
+from failoverd.core.state import HistoryEntry, PgRole, Position, Role
+from failoverd.core.status import MemberStatus
+from failoverd.runtime.supervisor import SupervisorCounters
 
 _LAG_RE = re.compile(r"([0-9]{1,19})\s*(B|kB|MB|GB|TB)?")
 _UNITS = {None: 1, "B": 1, "kB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
@@ -117,23 +118,7 @@ def lag_bytes(primary: Position | None, mine: Position | None) -> int | None:
     return max(0, primary.lsn - mine.lsn)
 
 
-def writable(status: SupervisorStatus) -> bool:
-    """A leader holding a valid lease whose PostgreSQL it has seen writable."""
-    return (
-        status.role == "leader"
-        and status.primary_ready
-        and (status.lease_remaining_s or 0.0) > 0.0
-        and status.pg is not None
-        and status.pg.role is PgRole.PRIMARY
-    )
-
-
-def streaming_standby(status: SupervisorStatus) -> bool:
-    pg = status.pg
-    return status.role != "leader" and pg is not None and pg.role is PgRole.STANDBY and pg.following is not None
-
-
-def member_view(status: SupervisorStatus, node: NodeConfig, api: str) -> dict[str, Any]:
+def member_view(status: MemberStatus, node: NodeConfig, api: str) -> dict[str, Any]:
     """This member, as GET /health reports it."""
     pg = status.pg
     postgres = None
@@ -147,30 +132,36 @@ def member_view(status: SupervisorStatus, node: NodeConfig, api: str) -> dict[st
             "lsn": None if position is None else lsn_text(position.lsn),
             "lsn_bytes": None if position is None else position.lsn,
             "following": None if pg is None else pg.following,
-            "streaming": streaming_standby(status),
+            "streaming": status.streaming_standby,
             "observed_s_ago": None if status.pg_age_s is None else round(status.pg_age_s, 3),
         }
-    reinit = status.reinit
+    rebuild = status.rebuild
+    failover = status.last_failover
     return {
         "name": status.name,
         "kind": node.kind.value,
         "api": api,
-        "role": status.role,
+        "role": status.role.value,
         "term": status.term,
         "leader": status.leader,
         "leader_live": status.leader_live,
-        "writable": writable(status),
+        "writable": status.writable,
         "primary_ready": status.primary_ready,
         "lease_remaining_s": None if status.lease_remaining_s is None else round(status.lease_remaining_s, 3),
         "postgres": postgres,
         "lag_bytes": lag_bytes(status.primary_position, None if pg is None else pg.position),
         "vip_held": status.vip_held,
+        "vip_error": status.vip_error,
         "paused": status.paused,
         "switchover": switchover_view(status.switchover_to, status.switchover_at),
         "state_version": [status.state_stamp.written_term, status.state_stamp.version],
-        "reinit": None if reinit is None else {
-            "from": reinit.leader, "started": iso(reinit.started_at), "finished": iso(reinit.finished_at),
-            "running": reinit.finished_at is None, "error": reinit.error,
+        "reinit": None if rebuild is None else {
+            "from": rebuild.leader, "started": iso(rebuild.started_at), "finished": iso(rebuild.finished_at),
+            "running": rebuild.running, "error": rebuild.error,
+        },
+        "last_failover": None if failover is None else {
+            "term": failover.term, "reason": failover.reason, "duration_s": failover.outage_s,
+            "wall_time": failover.wall_time, "time": iso(failover.wall_time),
         },
         "version": __version__,
     }
@@ -268,13 +259,14 @@ def _number(value: float) -> str:
 ROLES = ("follower", "pre_candidate", "candidate", "leader")
 
 
-def metrics_text(status: SupervisorStatus, counters: SupervisorCounters, *, node: NodeConfig,
+def metrics_text(status: MemberStatus, counters: SupervisorCounters, *, node: NodeConfig,
                  peer_received: int, peer_rejected: Mapping[str, int], api_rejected: Mapping[str, int]) -> str:
     m = Metrics(status.name)
     m.one("info", "gauge", "Always 1; labels carry the version.", 1, version=__version__)
-    m.family("role", "gauge", "1 for the member's protocol role.", [({"role": r}, r == status.role) for r in ROLES])
+    m.family("role", "gauge", "1 for the member's protocol role.",
+             [({"role": r}, r == status.role.value) for r in ROLES])
     m.one("primary", "gauge", "1 while this member is the writable primary (what GET /primary reports).",
-          writable(status))
+          status.writable)
     m.one("term", "gauge", "Current term.", status.term)
     m.one("lease_remaining_seconds", "gauge", "Leader only: time left on the lease.", status.lease_remaining_s)
     m.one("paused", "gauge", "1 while the cluster is paused.", status.paused)
@@ -288,7 +280,7 @@ def metrics_text(status: SupervisorStatus, counters: SupervisorCounters, *, node
             m.one("timeline", "gauge", "Timeline of the local PostgreSQL's WAL position.", position.timeline)
             m.one("wal_position_bytes", "gauge", "LSN of the local PostgreSQL's WAL position.", position.lsn)
         m.one("replication_lag_bytes", "gauge", "Standby: bytes of WAL behind the primary as known here.",
-              None if status.role == "leader" else lag_bytes(status.primary_position, position))
+              None if status.role is Role.LEADER else lag_bytes(status.primary_position, position))
     events = counters.events
     m.one("elections_started_total", "counter", "Elections this member started.", events["election_started"])
     m.one("elections_won_total", "counter", "Elections this member won.", sum(counters.elected.values()))
@@ -296,11 +288,12 @@ def metrics_text(status: SupervisorStatus, counters: SupervisorCounters, *, node
              [({"reason": r}, n) for r, n in sorted(counters.promotions.items())])
     m.one("failovers_total", "counter", "Promotions here that replaced another primary (not the bootstrap).",
           counters.failovers)
+    failover = status.last_failover
     m.one("last_failover_duration_seconds", "gauge",
           "Last failover to this member: last heartbeat of the previous leader to PostgreSQL seen writable.",
-          counters.last_failover_duration_s)
+          None if failover is None else failover.outage_s)
     m.one("last_failover_timestamp_seconds", "gauge", "When the last failover to this member completed (epoch).",
-          counters.last_failover_wall_time)
+          None if failover is None else failover.wall_time)
     m.one("fences_total", "counter", "Fences of the local PostgreSQL asked for by the core.", events["fence"])
     m.one("leases_lost_total", "counter", "Leases this member lost while leading.", events["lease_lost"])
     m.one("votes_granted_total", "counter", "Votes granted.", events["vote_granted"])

@@ -149,7 +149,7 @@ class Emit:
 class ReplyCode(enum.Enum):
     OK = "ok"  # done, or started
     REDIRECT = "redirect"  # another member must answer: `Reply.redirect` names it
-    UNAVAILABLE = "unavailable"  # nobody can answer now (no live leader); retry later
+    UNAVAILABLE = "unavailable"  # nothing was done: nobody can answer now (no live leader); retry later
     CONFLICT = "conflict"  # refused in the cluster's present state (paused, a switchover runs, ...)
     INVALID = "invalid"  # refused whatever the state (not a member, may not lead, ...)
 

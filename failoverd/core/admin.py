@@ -16,20 +16,67 @@ from failoverd.core.requests import (
     Failover,
     Pause,
     RecordEvent,
+    Reinit,
     Resume,
     Switchover,
 )
-from failoverd.core.state import HistoryEntry, Role
+from failoverd.core.state import HistoryEntry, PgRole, Role
+from failoverd.core.status import RebuildStatus
 
 
 def request(ctx: Context, req: AdminRequest, now: float) -> None:
-    if ctx.role is Role.LEADER:
+    """Answer `req` here, or say who should (REDIRECT), or that nobody can now
+    (UNAVAILABLE). Most requests are the leader's; a failover with no live
+    leader is its target's, which campaigns; a reinit is the rebuilt member's."""
+    if isinstance(req, Reinit):
+        reinit(ctx, req, now)
+    elif ctx.role is Role.LEADER:
         leader_request(ctx, req, now)
+    elif ctx.leader is not None and ctx.leader_live(now):
+        ctx.reply(req.request_id, ReplyCode.REDIRECT, f"{ctx.name} is not the leader; {ctx.leader} is",
+                  redirect=ctx.leader)
     elif isinstance(req, Failover) and req.target == ctx.name:
         candidacy.operator_failover(ctx, req, now)
+    elif isinstance(req, Failover) and ctx.spec.has_member(req.target):
+        ctx.reply(req.request_id, ReplyCode.REDIRECT, f"no live leader: the failover goes to {req.target}",
+                  redirect=req.target)
     else:
-        ctx.out.append(act.Reply(req.request_id, ReplyCode.CONFLICT,
-                                 f"{ctx.name} is not the leader (leader: {ctx.leader})"))
+        ctx.reply(req.request_id, ReplyCode.UNAVAILABLE, f"{ctx.name} knows no live leader; retry shortly")
+
+
+def reinit(ctx: Context, req: Reinit, now: float) -> None:
+    """Rebuild our standby from the live primary: only a follower's standby,
+    never a primary, never without a primary to clone from, one at a time."""
+    def refuse(code: ReplyCode, why: str) -> None:
+        ctx.reply(req.request_id, code, why)
+
+    if req.member != ctx.name:
+        if not ctx.spec.has_member(req.member):
+            return refuse(ReplyCode.INVALID, f"{req.member} is not a member")
+        ctx.reply(req.request_id, ReplyCode.REDIRECT, f"{req.member} rebuilds itself", redirect=req.member)
+        return
+    if not ctx.me.is_data:
+        return refuse(ReplyCode.INVALID, f"{ctx.name} is a witness: it has no PostgreSQL")
+    if ctx.role is not Role.FOLLOWER:
+        return refuse(ReplyCode.CONFLICT, f"{ctx.name} is {ctx.role.value}: only a follower's standby can be rebuilt")
+    if ctx.pg is not None and ctx.pg.role is PgRole.PRIMARY:
+        return refuse(ReplyCode.CONFLICT, f"{ctx.name}'s PostgreSQL is a primary")
+    if ctx.leader is None or not ctx.leader_primary_ready or not ctx.leader_live(now):
+        return refuse(ReplyCode.CONFLICT, f"{ctx.name} knows no live primary to clone from")
+    if ctx.rebuild is not None and ctx.rebuild.running:
+        return refuse(ReplyCode.CONFLICT, f"a rebuild of {ctx.name} from {ctx.rebuild.leader} is already running")
+    ctx.rebuild = RebuildStatus(leader=ctx.leader, started_at=ctx.wall_time)
+    ctx.out.append(act.Rebuild(ctx.leader))
+    ctx.emit(ev.RebuildStarted, leader=ctx.leader)
+    ctx.reply(req.request_id, ReplyCode.OK, f"rebuilding {ctx.name} from {ctx.leader}")
+
+
+def rebuild_done(ctx: Context, error: str | None) -> None:
+    rebuild = ctx.rebuild
+    if rebuild is None or not rebuild.running:
+        return
+    ctx.rebuild = RebuildStatus(rebuild.leader, rebuild.started_at, False, ctx.wall_time, error)
+    ctx.emit(ev.RebuildFinished, leader=rebuild.leader, error=error)
 
 
 def leader_request(ctx: Context, req: AdminRequest, now: float) -> None:
@@ -61,8 +108,8 @@ def leader_request(ctx: Context, req: AdminRequest, now: float) -> None:
         target = req.target or heartbeats.best_successor(ctx, now)
         if target is None:
             return reply(ReplyCode.CONFLICT, "no healthy standby to switch over to")
-        switchover.begin(ctx, target, now, "switchover")
-        return reply(ReplyCode.OK, f"switchover to {target} started")
+        switchover.prepare(ctx, req.request_id, target, now)  # answered when it starts
+        return None
     if isinstance(req, CancelSwitchover):
         if ctx.state.switchover_at is None:
             running = lead.transfer
@@ -72,6 +119,8 @@ def leader_request(ctx: Context, req: AdminRequest, now: float) -> None:
         ctx.emit(ev.SwitchoverCancelled)
         return reply(ReplyCode.OK, "scheduled switchover cancelled")
     if isinstance(req, Failover):
+        if not ctx.spec.has_member(req.target):
+            return reply(ReplyCode.INVALID, f"{req.target} is not a member")
         if req.target == ctx.name:
             return reply(ReplyCode.INVALID, f"{ctx.name} is already the leader")
         refused = switchover.refusal(ctx, req.target, now, operator_failover=True)

@@ -17,9 +17,10 @@ from failoverd.core.state import PgRole, Position, Role
 def vouches(ctx: Context, position: Position | None, waived: bool = False) -> bool:
     """Whether our WAL check of a candidate counts towards the data quorum.
 
-    An unknown position (PostgreSQL unresponsive) vouches for nothing; an
-    empty data directory vouches only for another empty one (bootstrap),
-    since a wiped member no longer holds the commits it acknowledged.
+    An unknown position (PostgreSQL unresponsive) vouches for nothing. An
+    empty data directory that never held data vouches for anyone (it
+    acknowledged nothing); one that did (wiped) only for another empty one
+    (the bootstrap), since it no longer holds the commits it acknowledged.
     """
     if not ctx.me.is_data:
         return False
@@ -29,7 +30,7 @@ def vouches(ctx: Context, position: Position | None, waived: bool = False) -> bo
         return False
     mine = ctx.pg.position
     if mine is None:
-        return ctx.pg.role is PgRole.ABSENT and position is None
+        return ctx.pg.role is PgRole.ABSENT and (position is None or not ctx.held_data)
     return position is not None and position >= mine
 
 
@@ -44,8 +45,9 @@ def may_campaign(ctx: Context, now: float, transfer: bool = False) -> bool:
         return False  # we know too little of our own PostgreSQL
     if ctx.pg.role is PgRole.STANDBY:
         return True
-    # An uninitialised cluster: the first leader bootstraps with initdb.
-    return ctx.pg.role is PgRole.ABSENT and ctx.state.primary is None
+    # An uninitialised cluster: the first leader bootstraps with initdb. A first
+    # leader that died before its initdb finished leaves it uninitialised.
+    return ctx.pg.role is PgRole.ABSENT and not ctx.state.initialized
 
 
 def start_pre_vote(ctx: Context, now: float) -> None:

@@ -20,12 +20,14 @@ from failoverd.core.messages import Message, TimeoutNow
 from failoverd.core.roles import Candidacy, Leadership
 from failoverd.core.spec import ClusterSpec, ReplicationMode
 from failoverd.core.state import ClusterState, PersistentState, PgObservation, PgRole, Position, Role
+from failoverd.core.status import FailoverRecord, RebuildStatus
 
 # The safety mechanisms the simulator may switch off one at a time, to show
 # it catches what each prevents (failoverd simulate --disable-safeguard).
 SAFEGUARDS = frozenset({"lease", "lsn-check", "persist-vote", follow.SAFEGUARD})
 PG_ACTION_RETRY_S = 5.0
 FENCE_RETRY_S = 1.0
+VIP_RETRY_S = 2.0  # a failed acquisition of the VIP is tried again this often while we should hold it
 
 
 class Rng(Protocol):
@@ -73,6 +75,7 @@ class Context:
             initial_k = spec.replication.sync_count if spec.replication.mode is ReplicationMode.QUORUM else 0
             self.state = ClusterState(sync_count=initial_k)
         self.commit_version = persisted.commit_version
+        self.held_data = persisted.held_data
         self.durable = persisted  # what a crash would leave us with
 
         # The role, and the state only that role has.
@@ -114,10 +117,15 @@ class Context:
         self.pg_unresponsive_since: float | None = None
         self.watchdog_armed = False
         self.vip_held = False
+        self.vip_error: str | None = None  # why the address could not be added, while we should hold it
+        self.vip_retry_at: float | None = None
         self.fence_requested_at: float | None = None
         self.pg_action_requested: tuple[str, float] | None = None
 
-        self.wall_time: float | None = None  # labels history entries only
+        self.rebuild: RebuildStatus | None = None  # an operator's reinit of our standby
+        self.last_failover: FailoverRecord | None = None
+
+        self.wall_time: float | None = None  # labels history entries and status only
         self.out: list[act.Action] = []
 
     # ------------------------------------------------------------- outputs
@@ -132,13 +140,14 @@ class Context:
         return {"cluster": self.spec.name, "sender": self.name, "term": self.term}
 
     def persistent_state(self) -> PersistentState:
-        return PersistentState(self.term, self.voted_for, self.state, self.commit_version)
+        return PersistentState(self.term, self.voted_for, self.state, self.commit_version, self.held_data)
 
     def persist(self) -> None:
         current = self.persistent_state()
         if "persist-vote" in self.disabled:
             # Safeguard test only: term and vote never reach the disk.
-            current = PersistentState(self.durable.term, self.durable.voted_for, self.state, self.commit_version)
+            current = PersistentState(self.durable.term, self.durable.voted_for, self.state, self.commit_version,
+                                      self.held_data)
         self.durable = current
         self.out.append(act.Persist(current))
 
@@ -146,11 +155,18 @@ class Context:
         out, self.out = self.out, []
         return out
 
-    def fence(self, now: float, reason: str) -> None:
+    def release_vip(self, reason: str) -> None:
         if self.vip_held:
             self.vip_held = False
+            self.vip_error = self.vip_retry_at = None
             self.out.append(act.ReleaseVip(reason))
             self.emit(ev.VipReleased, reason=reason)
+
+    def reply(self, request_id: int, code: act.ReplyCode, message: str, redirect: str | None = None) -> None:
+        self.out.append(act.Reply(request_id, code, message, redirect))
+
+    def fence(self, now: float, reason: str) -> None:
+        self.release_vip(reason)
         self.fence_requested_at = now
         self.out.append(act.Fence(reason))
         self.emit(ev.FenceRequested, reason=reason)
@@ -171,6 +187,15 @@ class Context:
         if self.role is not Role.LEADER or lead is None:
             raise InvariantViolation(f"{self.name} acts as leader in role {self.role.value}")
         return lead
+
+    def leader_live(self, now: float) -> bool:
+        """We lead, or heard the leader we know within election_timeout_max."""
+        if self.leader is None:
+            return False
+        if self.role is Role.LEADER:
+            return True
+        heard = self.leader_heard_at
+        return heard is not None and now - heard < self.timing.election_timeout_max_s
 
     def my_position(self) -> Position | None:
         return None if self.pg is None else self.pg.position
@@ -198,6 +223,11 @@ class Context:
 
     def claim(self, name: str, position: Position | None) -> tuple[bool, Position, int, str]:
         return standing(position, self.spec.member(name).priority, name)
+
+    def holds_nothing(self) -> bool:
+        """Our data directory is empty and never held data: we acknowledged
+        no commit, so no candidate can lack one of ours."""
+        return self.pg is not None and self.pg.role is PgRole.ABSENT and not self.held_data
 
     def position_fresh(self) -> bool:
         """A position counts for the leader's WAL check only if it was probed
@@ -250,6 +280,9 @@ class Context:
             self.out.append(act.ArmWatchdog(now))  # expire now: the watchdog backs the fence up
         self.election_deadline = max(now, self.promise_until) + self.random_timeout()
         self.emit(ev.RoleChanged, role="follower", previous="leader", reason=reason, transfer_to=transfer_to)
+        if lead is not None and lead.pending is not None:
+            self.reply(lead.pending.request_id, act.ReplyCode.UNAVAILABLE,
+                       f"{self.name} lost the leadership ({reason}) before the switchover started; retry")
         if transfer_to is not None:
             self.send(transfer_to, TimeoutNow(**self.envelope()))
             if lead is not None and lead.transfer is not None and lead.transfer.stopped_seen:

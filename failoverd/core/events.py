@@ -242,9 +242,10 @@ class VipReleased(Event):
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class VipAcquireFailed(Event):
     """The address could not be added (another host answers, a command
-    failed); retried every `retry_s` while we should hold it."""
+    failed; the adapter logged how as `vip_acquire_failed`): tried again in
+    `retry_s`, and so on while we should hold it."""
 
-    NAME: ClassVar[str] = "vip_acquire_failed"
+    NAME: ClassVar[str] = "vip_acquire_retry"
     error: str
     retry_s: float
 

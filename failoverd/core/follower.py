@@ -64,6 +64,7 @@ def acknowledge(ctx: Context, leader: str, seq: int) -> None:
             accepted=ctx.state.stamp,
             position=position,
             position_fresh=fresh,
+            holds_nothing=fresh and ctx.holds_nothing(),
             pg_healthy=pg is not None and pg.running,
             following_leader=pg is not None and pg.role is PgRole.STANDBY and pg.following == leader,
         ),

@@ -7,11 +7,12 @@ from __future__ import annotations
 from failoverd.core import actions as act
 from failoverd.core import events as ev
 from failoverd.core import heartbeats, switchover
-from failoverd.core.context import Context
+from failoverd.core.context import VIP_RETRY_S, Context
 from failoverd.core.messages import HeartbeatAck
 from failoverd.core.roles import Leadership
 from failoverd.core.spec import ReplicationMode
 from failoverd.core.state import HistoryEntry, PgRole, Position, Role
+from failoverd.core.status import FailoverRecord
 
 
 def become_leader(ctx: Context, now: float) -> None:
@@ -75,6 +76,8 @@ def tick(ctx: Context, now: float) -> None:
     switchover.maybe_start_scheduled(ctx, now)
     if ctx.lead is None:
         return
+    switchover.checkpoint_ahead(ctx, now)
+    retry_vip(ctx, now)
     maybe_promote(ctx, now)
 
 
@@ -83,7 +86,38 @@ def next_wakeup(ctx: Context) -> float:
     wake = lead.next_heartbeat_at
     if lead.lease_ever and "lease" not in ctx.disabled:
         wake = min(wake, lead.lease_until)
+    if ctx.vip_retry_at is not None:
+        wake = min(wake, ctx.vip_retry_at)
+    if lead.pending is not None:
+        wake = min(wake, lead.pending.asked_at + switchover.CHECKPOINT_WAIT_S)
     return wake
+
+
+def checkpoint_done(ctx: Context, error: str | None, now: float) -> None:
+    """Our CHECKPOINT finished (or failed: the switchover goes on anyway; its
+    shutdown checkpoint then does the work)."""
+    if ctx.role is Role.LEADER and ctx.lead is not None and ctx.lead.pending is not None:
+        switchover.start_prepared(ctx, now)
+
+
+def vip_result(ctx: Context, term: int, error: str | None, now: float) -> None:
+    """How the background acquisition of the VIP ended (None: added). A
+    failure is tried again every VIP_RETRY_S while we should hold it: the
+    primary stays correct and reachable through the DSN meanwhile."""
+    if not ctx.vip_held or term != ctx.term or ctx.role is not Role.LEADER:
+        return
+    if error is None:
+        ctx.vip_error = ctx.vip_retry_at = None
+        return
+    ctx.vip_error = error
+    ctx.vip_retry_at = now + VIP_RETRY_S
+    ctx.emit(ev.VipAcquireFailed, error=error[:300], retry_s=VIP_RETRY_S)
+
+
+def retry_vip(ctx: Context, now: float) -> None:
+    if ctx.vip_held and ctx.vip_retry_at is not None and now >= ctx.vip_retry_at:
+        ctx.vip_retry_at = None
+        ctx.out.append(act.AcquireVip(ctx.term))
 
 
 def on_heartbeat_ack(ctx: Context, m: HeartbeatAck, now: float) -> None:
@@ -133,10 +167,10 @@ def wal_blocker(ctx: Context, mine: Position | None) -> str | None:
             continue
         # A member ahead of us is no evidence either way (a fenced old
         # primary holds WAL nobody acknowledged); it just does not vouch.
-        # A fresh empty position (empty data directory) vouches only while
-        # we have no WAL either: the bootstrap.
+        # A fresh empty position (empty data directory) vouches while we
+        # have no WAL either (the bootstrap), or when it never held data.
         if view.position is None:
-            if mine is None:
+            if mine is None or view.holds_nothing:
                 vouched += 1
         elif mine is not None and view.position <= mine:
             vouched += 1
@@ -222,10 +256,16 @@ def observe(ctx: Context, now: float) -> None:
         lead.primary_ready = True
         outage = None if lead.previous_heard_at is None else max(0.0, now - lead.previous_heard_at)
         ctx.emit(ev.Promoted, position=pg.position, reason=lead.reason, outage_s=outage)
+        if lead.reason != "bootstrap":
+            ctx.last_failover = FailoverRecord(ctx.term, lead.reason, outage, ctx.wall_time)
         acquire_vip(ctx, now)
         # Followers start following us when a heartbeat says we are
-        # writable; in quorum mode our first commits wait for that.
-        heartbeats.send_heartbeats(ctx, now)
+        # writable; in quorum mode our first commits wait for that. The
+        # first primary of the cluster also records it is initialised.
+        if ctx.state.initialized:
+            heartbeats.send_heartbeats(ctx, now)
+        else:
+            heartbeats.commit_state(ctx, now, initialized=True)
     check_pg_health(ctx, now)
     if ctx.lead is not None:
         switchover.advance(ctx, now)

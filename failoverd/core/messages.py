@@ -116,6 +116,9 @@ class HeartbeatAck(Envelope):
     # True when `position` was probed after this follower first heard from the
     # current leader, so it cannot move on because of an older primary.
     position_fresh: bool = False
+    # position None because the data directory is empty and never held data:
+    # this member acknowledged nothing, so it confirms any leader's WAL.
+    holds_nothing: bool = False
     pg_healthy: bool = False
     following_leader: bool = False
     reason: str = ""
@@ -142,10 +145,15 @@ MESSAGE_TYPES: dict[str, type] = {
 
 
 def encode_message(msg: Message) -> dict[str, Any]:
-    """The JSON-ready form of a message."""
+    """The JSON-ready form of a message. A field still at its default is left
+    out (the envelope never is): a member of an older version, which refuses
+    fields it does not know, understands a newer one until a new feature is
+    in use."""
     out: dict[str, Any] = {"type": msg.TYPE}
     for field in dataclasses.fields(msg):
         value = getattr(msg, field.name)
+        if field.name not in ("cluster", "sender", "term") and value == field.default:
+            continue
         if isinstance(value, (Position, StateStamp)):
             value = value.to_wire()
         elif isinstance(value, ClusterState):
@@ -169,7 +177,7 @@ def decode_message_bytes(body: bytes) -> Message:
 
 
 _BOOL_FIELDS = {"granted", "vouches_wal", "success", "position_fresh", "pg_healthy", "following_leader", "primary_ready",
-                "waive_wal_check"}
+                "waive_wal_check", "holds_nothing"}
 _STR_FIELDS = {"reason"}
 _NAME_OR_NONE_FIELDS = {"transfer_from"}
 

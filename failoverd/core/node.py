@@ -35,6 +35,7 @@ from failoverd.core.requests import AdminRequest
 from failoverd.core.roles import Leadership
 from failoverd.core.spec import ClusterSpec, Member, Timing
 from failoverd.core.state import ClusterState, PersistentState, PgObservation, PgRole, Role
+from failoverd.core.status import MemberStatus
 
 __all__ = ["SAFEGUARDS", "InvariantViolation", "Node", "Role"]
 
@@ -94,6 +95,9 @@ class Node:
         if ctx.pg is not None and pg.observed_at < ctx.pg.observed_at:
             return ctx.flush()  # an older probe finished late; keep the newer one
         ctx.pg = pg
+        if pg.role is not PgRole.ABSENT and not ctx.held_data:
+            ctx.held_data = True
+            ctx.persist()
         if pg.role is PgRole.UNRESPONSIVE:
             if ctx.pg_unresponsive_since is None:
                 ctx.pg_unresponsive_since = pg.observed_at
@@ -114,6 +118,43 @@ class Node:
         """The supervisor could not carry out our `Promote`: see leader.promotion_failed."""
         leader.promotion_failed(self.ctx, term, reason, now)
         return self.ctx.flush()
+
+    def checkpoint_done(self, error: str | None, now: float) -> list[act.Action]:
+        """Our `Checkpoint` finished (error None) or failed."""
+        leader.checkpoint_done(self.ctx, error, now)
+        return self.ctx.flush()
+
+    def rebuild_done(self, error: str | None, now: float) -> list[act.Action]:
+        """Our `Rebuild` finished (error None), failed, or was dropped by a fence."""
+        admin.rebuild_done(self.ctx, error)
+        return self.ctx.flush()
+
+    def vip_result(self, term: int, error: str | None, now: float) -> list[act.Action]:
+        """How an `AcquireVip` of `term` ended in the background (error None: the address is ours)."""
+        leader.vip_result(self.ctx, term, error, now)
+        return self.ctx.flush()
+
+    def status(self, now: float) -> MemberStatus:
+        """This member as the API reports it; liveness judged here, not by the caller."""
+        ctx = self.ctx
+        lead = ctx.lead
+        leading = ctx.role is Role.LEADER and lead is not None
+        live = ctx.leader_live(now)
+        primary_position = None
+        if leading and lead is not None and lead.primary_ready and ctx.pg is not None:
+            primary_position = ctx.pg.position
+        elif live and ctx.leader_primary_ready:
+            primary_position = ctx.last_primary_position
+        return MemberStatus(
+            name=ctx.name, role=ctx.role, term=ctx.term, leader=ctx.leader, leader_live=live,
+            pg=ctx.pg, pg_age_s=None if ctx.pg is None else max(0.0, now - ctx.pg.observed_at),
+            lease_remaining_s=None if lead is None or not lead.lease_ever else max(0.0, lead.lease_until - now),
+            primary_ready=bool(lead is not None and lead.primary_ready),
+            vip_held=ctx.vip_held, vip_error=ctx.vip_error, paused=ctx.state.paused,
+            primary_position=primary_position, switchover_to=ctx.state.switchover_to,
+            switchover_at=ctx.state.switchover_at, state_stamp=ctx.state.stamp, history=ctx.state.history,
+            rebuild=ctx.rebuild, last_failover=ctx.last_failover,
+        )
 
     def shutdown(self, now: float) -> list[act.Action]:
         """The supervisor is stopping: a leader fences and hands over to its best follower."""

@@ -35,6 +35,7 @@ class FollowerView:
 
     position: Position | None
     position_fresh: bool
+    holds_nothing: bool  # empty and never held data: confirms any WAL
     pg_healthy: bool
     following: bool
     heard_at: float
@@ -50,6 +51,16 @@ class Transfer:
     demote_at: float | None = None  # set when our PostgreSQL was asked to stop
     stopped_seen: bool = False  # a probe since demote_at showed our PostgreSQL stopped
     final: Position | None = None  # its end of WAL then: everything it ever wrote
+
+
+@dataclasses.dataclass(slots=True)
+class PendingSwitchover:
+    """A switchover accepted and waiting for its CHECKPOINT (or for
+    CHECKPOINT_WAIT_S) before the demotion; its request is answered then."""
+
+    request_id: int
+    target: str
+    asked_at: float
 
 
 @dataclasses.dataclass(slots=True)
@@ -72,4 +83,6 @@ class Leadership:
     confirm_failed: bool = False  # the WAL check itself (not timing) blocks promotion
     bootstrapping: bool = False  # the promotion is an initdb of a new cluster
     transfer: Transfer | None = None
+    pending: PendingSwitchover | None = None
+    checkpointed_for: float | None = None  # the scheduled switchover (its `at`) we checkpointed ahead of
     wal_check_waived: bool = False  # won an operator's failover with allow_data_loss

@@ -172,6 +172,10 @@ class ClusterState:
     # epoch). Wall time only decides *when* to start a switchover, which is
     # as safe at any moment as an operator's request; no safety rule uses it.
     switchover_at: float | None = None
+    # The first leader's initdb finished: it saw its new server writable. Until
+    # then members with an empty data directory may stand (the bootstrap);
+    # after it, never (an empty directory is a member to clone, not a cluster).
+    initialized: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.stamp, StateStamp):
@@ -182,6 +186,8 @@ class ClusterState:
             raise TypeError("paused: not a boolean")
         _name_or_none("switchover_to", self.switchover_to)
         _epoch_or_none("switchover_at", self.switchover_at)
+        if not isinstance(self.initialized, bool):
+            raise TypeError("initialized: not a boolean")
         if len(self.history) > MAX_HISTORY:
             raise ValueError(f"history: more than {MAX_HISTORY} entries")
 
@@ -202,13 +208,16 @@ class ClusterState:
             "switchover_to": self.switchover_to,
             "history": [h.to_wire() for h in self.history],
             "switchover_at": self.switchover_at,
+            "initialized": self.initialized,
         }
 
     @classmethod
     def from_wire(cls, value: Any) -> ClusterState:
         keys = {"stamp", "primary", "sync_count", "paused", "switchover_to", "history"}
-        # switchover_at is optional so that state files written before it existed still load.
-        if not isinstance(value, dict) or set(value) - {"switchover_at"} != keys:
+        # switchover_at and initialized are optional so that state files written
+        # before they existed still load; a cluster that had a primary then was
+        # initialised under the rule of that time.
+        if not isinstance(value, dict) or set(value) - {"switchover_at", "initialized"} != keys:
             raise TypeError("state: wrong shape")
         history = value["history"]
         if not isinstance(history, list) or len(history) > MAX_HISTORY:
@@ -221,6 +230,7 @@ class ClusterState:
             switchover_to=value["switchover_to"],
             history=tuple(HistoryEntry.from_wire(h) for h in history),
             switchover_at=value.get("switchover_at"),
+            initialized=value.get("initialized", value["primary"] is not None),
         )
 
 
@@ -232,6 +242,11 @@ class PersistentState:
     voted_for: str | None = None
     state: ClusterState = ClusterState()
     commit_version: int = 0
+    # This member's PostgreSQL has had a data directory: from then on it may
+    # have acknowledged commits, and if its directory is ever empty again
+    # (wiped), it vouches for nobody's WAL. A member that never held data
+    # acknowledged nothing: it may vouch for any candidate (docs/design.md §7).
+    held_data: bool = False
 
     def __post_init__(self) -> None:
         _int("term", self.term, 0, 2**62)
@@ -239,6 +254,8 @@ class PersistentState:
         if not isinstance(self.state, ClusterState):
             raise TypeError("state: not a ClusterState")
         _int("commit_version", self.commit_version, 0, 2**62)
+        if not isinstance(self.held_data, bool):
+            raise TypeError("held_data: not a boolean")
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -246,17 +263,22 @@ class PersistentState:
             "voted_for": self.voted_for,
             "state": self.state.to_wire(),
             "commit_version": self.commit_version,
+            "held_data": self.held_data,
         }
 
     @classmethod
     def from_wire(cls, value: Any) -> PersistentState:
-        if not isinstance(value, dict) or set(value) != {"term", "voted_for", "state", "commit_version"}:
+        keys = {"term", "voted_for", "state", "commit_version"}
+        # A state file from before held_data existed says nothing either way:
+        # it is read as "held data", which vouches no more than it did then.
+        if not isinstance(value, dict) or set(value) - {"held_data"} != keys:
             raise TypeError("persistent state: wrong shape")
         return cls(
             term=value["term"],
             voted_for=value["voted_for"],
             state=ClusterState.from_wire(value["state"]),
             commit_version=value["commit_version"],
+            held_data=value.get("held_data", True),
         )
 
 

@@ -8,8 +8,14 @@ from failoverd.core import actions as act
 from failoverd.core import events as ev
 from failoverd.core import heartbeats
 from failoverd.core.context import Context
-from failoverd.core.roles import Transfer
+from failoverd.core.roles import PendingSwitchover, Transfer
 from failoverd.core.state import HistoryEntry, PgRole
+
+# How long a switchover waits for its CHECKPOINT before it demotes anyway
+# (the shutdown checkpoint then does the work, with writes waiting).
+CHECKPOINT_WAIT_S = 30.0
+# A scheduled switchover gets its CHECKPOINT this long before it is due.
+CHECKPOINT_AHEAD_S = 10.0
 
 
 def refusal(ctx: Context, target: str | None, now: float, operator_failover: bool = False) -> str | None:
@@ -21,6 +27,8 @@ def refusal(ctx: Context, target: str | None, now: float, operator_failover: boo
         return "this leader's PostgreSQL is not yet a primary"
     if lead.transfer is not None:
         return f"a transfer to {lead.transfer.target} is already in progress"
+    if lead.pending is not None:
+        return f"a switchover to {lead.pending.target} is being prepared (checkpoint)"
     if target is None:
         target = heartbeats.best_successor(ctx, now)
         if target is None:
@@ -64,17 +72,51 @@ def schedule_refusal(ctx: Context, target: str | None) -> str | None:
     return None
 
 
+def prepare(ctx: Context, request_id: int, target: str, now: float) -> None:
+    """Accepted: CHECKPOINT first, so that the shutdown checkpoint during
+    which writes wait has little left to do; `start_prepared` demotes once it
+    is done (checkpoint_done) or after CHECKPOINT_WAIT_S, and answers."""
+    lead = ctx.leading()
+    lead.pending = PendingSwitchover(request_id, target, now)
+    ctx.out.append(act.Checkpoint("switchover"))
+    ctx.emit(ev.CheckpointRequested, reason=f"switchover to {target}")
+
+
+def start_prepared(ctx: Context, now: float) -> None:
+    lead = ctx.leading()
+    pending, lead.pending = lead.pending, None
+    if pending is None:
+        return
+    why = refusal(ctx, pending.target, now)
+    if why is not None:
+        ctx.emit(ev.SwitchoverDropped, target=pending.target, reason=why)
+        ctx.reply(pending.request_id, act.ReplyCode.CONFLICT, why)
+        return
+    begin(ctx, pending.target, now, "switchover")
+    ctx.reply(pending.request_id, act.ReplyCode.OK, f"switchover to {pending.target} started")
+
+
+def checkpoint_ahead(ctx: Context, now: float) -> None:
+    """CHECKPOINT once, shortly before a scheduled switchover is due."""
+    lead = ctx.leading()
+    at = ctx.state.switchover_at
+    if at is None or ctx.wall_time is None or not lead.primary_ready or lead.checkpointed_for == at:
+        return
+    if 0 <= at - ctx.wall_time <= CHECKPOINT_AHEAD_S:
+        lead.checkpointed_for = at
+        ctx.out.append(act.Checkpoint("scheduled switchover"))
+        ctx.emit(ev.CheckpointRequested, reason="scheduled switchover")
+
+
 def begin(ctx: Context, target: str, now: float, reason: str) -> None:
     lead = ctx.leading()
     lead.transfer = Transfer(target=target, started_at=now, reason=reason, demote_at=now)
     ctx.state = ctx.state.next_version(ctx.term, switchover_to=target, switchover_at=None)
     lead.accepted[ctx.name] = ctx.state.stamp.version
     ctx.persist()
-    if ctx.vip_held:
-        ctx.vip_held = False
-        ctx.out.append(act.ReleaseVip("switchover"))
-        ctx.emit(ev.VipReleased, reason="switchover")
+    ctx.release_vip("switchover")
     ctx.out.append(act.Demote("switchover"))
+    ctx.emit(ev.DemoteRequested, reason=reason)
     lead.primary_ready = False
     ctx.emit(ev.SwitchoverStarted, target=target, reason=reason)
     ctx.out.append(act.ProbeNow())
@@ -103,9 +145,12 @@ def maybe_start_scheduled(ctx: Context, now: float) -> None:
 
 
 def advance(ctx: Context, now: float) -> None:
-    """Move a running switchover on: time out, see the demoted server stop,
-    and hand over once the target holds all of its WAL."""
+    """Move a switchover on: start a prepared one whose checkpoint is overdue;
+    time out, see the demoted server stop, and hand over once the target
+    holds all of its WAL."""
     lead = ctx.leading()
+    if lead.pending is not None and now >= lead.pending.asked_at + CHECKPOINT_WAIT_S:
+        start_prepared(ctx, now)
     transfer = lead.transfer
     if transfer is None:
         return

@@ -10,7 +10,8 @@ records a one-line result in the replicated history.
 
 Where each time comes from (docs/api.md, "failoverctl drill"): the client's
 own clock for the request and the probe writes; members' wall clocks for
-the election (GET /history) and the promotion (GET /metrics); polls of every
+the election (GET /history) and the promotion (GET /health's
+last_failover, recorded by the new primary's core); polls of every
 member's GET /health every 50 ms for the old primary's stop (the time its
 supervisor's probe found it stopped) and the VIP. When the target caught up
 is not exposed by the API, and the drill says so instead of guessing.
@@ -22,17 +23,15 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 
-if TYPE_CHECKING:
-    from failoverd.api.client import ApiClient
-    from failoverd.config.load import Config
-    from failoverd.ctl.commands import CtlContext
+from failoverd.api.client import ApiClient, Unreachable
+from failoverd.config.load import Config
+from failoverd.ctl.context import EXIT_REFUSED, EXIT_USAGE, CtlContext, CtlError
 
 TABLE = "failoverd_drill"
 CREATE_TABLE = f"CREATE TABLE IF NOT EXISTS {TABLE} (run bigint NOT NULL, id bigint NOT NULL, PRIMARY KEY (run, id))"
@@ -48,7 +47,6 @@ AFTER_ACKS = 10  # and the new one after it, before the drill stops writing
 STEADY_S = 1.0  # and at least this long of writing, before and after
 WARM_UP_TIMEOUT_S = 10.0  # probe writes that do not succeed this long: no switchover
 NOTE_MAX = 200  # a history note's length limit (core.requests.RecordEvent)
-_METRIC_RE = re.compile(r"^failoverd_last_failover_timestamp_seconds(?:\{[^}]*\})?\s+(\S+)$", re.MULTILINE)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -229,7 +227,6 @@ class Watcher:
             await asyncio.sleep(max(0.0, POLL_S - (time.monotonic() - started)))
 
     async def _poll(self, name: str, address: Any) -> None:
-        from failoverd.api.client import Unreachable
 
         try:
             answer = await self.client.call(address, "GET", "/health", timeout_s=1.0)
@@ -294,7 +291,6 @@ async def run_drill(ctl: CtlContext, *, target: str | None, writes_per_s: float,
                     timeout_s: float, confirm: Callable[[str], None]) -> DrillResult:
     """The whole drill: probe writes, the switchover, the checks, the note.
     Raises CtlError (nothing was switched over) when it cannot start."""
-    from failoverd.ctl.commands import EXIT_REFUSED, EXIT_USAGE, CtlError
 
     async with ctl.client(admin=True) as client:
         view = await ctl.cluster(client)
@@ -375,7 +371,7 @@ async def _phases(ctl: CtlContext, client: ApiClient, view: dict[str, Any], old:
         return None if t is None else round(t - sent_wall, 3)
 
     elected = await _elected_at(ctl, client, new, view["term"])
-    promoted = await _promoted_at(ctl, client, new)
+    promoted = await _promoted_at(ctl, client, new, view["term"])
     phases = [
         Phase("switchover requested", 0.0, "failoverctl's clock"),
         Phase(f"{old} stopped", wall(watcher.stopped.get(old)),
@@ -385,7 +381,7 @@ async def _phases(ctl: CtlContext, client: ApiClient, view: dict[str, Any], old:
         Phase(f"{new} elected", wall(elected), f"GET /history, {new}'s wall clock at its last tick before it"
               if elected else "no entry for it in GET /history"),
         Phase(f"{new} promoted", wall(promoted) if promoted else wall(watcher.writable.get(new)),
-              f"GET /metrics last_failover_timestamp_seconds, {new}'s wall clock" if promoted
+              f"GET /health last_failover of {new}, its wall clock" if promoted
               else f"the first GET /health poll showing {new} writable"),
     ]
     if ctl.config.vip is None:
@@ -400,7 +396,6 @@ async def _phases(ctl: CtlContext, client: ApiClient, view: dict[str, Any], old:
 
 
 async def _elected_at(ctl: CtlContext, client: ApiClient, new: str, old_term: int) -> float | None:
-    from failoverd.ctl.commands import CtlError
 
     try:
         _, answer = await ctl.ask(client, "GET", "/history", prefer=new)
@@ -411,22 +406,25 @@ async def _elected_at(ctl: CtlContext, client: ApiClient, new: str, old_term: in
     return float(won[0]["wall_time"]) if won else None
 
 
-async def _promoted_at(ctl: CtlContext, client: ApiClient, new: str) -> float | None:
-    from failoverd.api.client import Unreachable
-
+async def _promoted_at(ctl: CtlContext, client: ApiClient, new: str, term: int) -> float | None:
+    """When `new` saw its PostgreSQL writable in a term after `term`, by its own
+    wall clock (its core records the last failover it made)."""
     address = dict(ctl.members()).get(new)
     if address is None:
         return None
     try:
-        answer = await client.call(address, "GET", "/metrics", timeout_s=2.0)
+        answer = await client.call(address, "GET", "/health", timeout_s=2.0)
     except Unreachable:
         return None
-    match = _METRIC_RE.search(answer.text) if answer.status == 200 else None
-    return None if match is None else float(match[1])
+    body = answer.body if answer.status in (200, 503) and isinstance(answer.body, dict) else {}
+    failover = body.get("last_failover")
+    if not isinstance(failover, dict) or not isinstance(failover.get("term"), int) or failover["term"] <= term:
+        return None
+    wall = failover.get("wall_time")
+    return float(wall) if isinstance(wall, (int, float)) else None
 
 
 async def _record(ctl: CtlContext, client: ApiClient, note: str) -> bool:
-    from failoverd.ctl.commands import CtlError
 
     try:
         await ctl.admin(client, "POST", "/history", {"reason": note})

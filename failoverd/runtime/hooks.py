@@ -27,15 +27,17 @@ import asyncio
 import shlex
 from typing import Any
 
-from failoverd.adapters import programs
 from failoverd.config.load import HooksConfig
+from failoverd.runtime.ports import ProgramRunner
 
 REPORT_QUEUE_LIMIT = 100  # events beyond this while a slow hook runs are dropped (and logged)
 
 
 class HookRunner:
-    def __init__(self, hooks: HooksConfig, *, cluster: str, node: str, vip: str | None, log: Any) -> None:
+    def __init__(self, hooks: HooksConfig, *, cluster: str, node: str, vip: str | None, log: Any,
+                 run: ProgramRunner) -> None:
         self.hooks = hooks
+        self.run = run  # the daemon's: failoverd.adapters.programs.run, as the daemon's user, no capabilities
         self.cluster = cluster
         self.node = node
         self.vip = vip
@@ -82,7 +84,7 @@ class HookRunner:
             return
         done, _ = await asyncio.wait({worker}, timeout=self.hooks.timeout_s)
         if not done:
-            worker.cancel()  # programs.run kills the hook's process group on cancellation
+            worker.cancel()  # the runner kills the hook's process group on cancellation
             await asyncio.wait({worker})
 
     # ------------------------------------------------------------------ pre_promote
@@ -109,9 +111,12 @@ class HookRunner:
         if not argv:
             return self._failed(name, term, "empty command")
         try:
-            done = await programs.run(argv, user=None, timeout_s=self.hooks.timeout_s, env=env, check=False)
-        except programs.CommandFailed as error:
-            why = f"timed out after {self.hooks.timeout_s} s" if error.timed_out else f"did not start: {error}"
+            done = await self.run(argv, timeout_s=self.hooks.timeout_s, env=env)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - ProgramRunner: timed out, or could not start
+            timed_out = getattr(error, "timed_out", False)
+            why = f"timed out after {self.hooks.timeout_s} s" if timed_out else f"did not start: {error}"
             return self._failed(name, term, why)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip()[-300:]

@@ -7,6 +7,7 @@ tests wire in their own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from failoverd.core.messages import Message
@@ -47,8 +48,21 @@ class StatePort(Protocol):
 
 
 class VipPort(Protocol):
-    acquire_error: str | None  # why the last background acquisition failed, if it did
-
-    def precheck(self) -> None: ...
-    async def acquire(self) -> None: ...
+    def precheck(self) -> None: ...  # start duplicate address detection early; adds nothing
+    async def acquire(self) -> None: ...  # start adding the address in the background
+    async def acquisition_result(self) -> str | None: ...  # how the last acquire() ended: None, or why it failed
     async def release(self) -> None: ...
+
+
+class ProgramResult(Protocol):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class ProgramRunner(Protocol):
+    """Runs a program without a shell (hooks). Raises an exception whose
+    `timed_out` attribute, if any, says that it ran out of time; any other
+    exception means it could not start."""
+
+    async def __call__(self, argv: Sequence[str], *, timeout_s: float, env: Mapping[str, str]) -> ProgramResult: ...

@@ -228,10 +228,10 @@ def _status_text(status: Callable[[], str] | None, notifier: Notifier) -> str | 
 
 
 def status_line(status: Any) -> str:
-    """One line for `systemctl status` from a `SupervisorStatus`, e.g.
+    """One line for `systemctl status` from a `MemberStatus`, e.g.
     "leader, term 7; PostgreSQL primary; VIP held" or
     "follower of db1, term 7; PostgreSQL standby following db1"."""
-    role = str(status.role)
+    role = str(getattr(status.role, "value", status.role))
     who = role if role == "leader" or status.leader is None else f"{role} of {status.leader}"
     if role != "leader" and status.leader is None:
         who = f"{role}, no leader known"

@@ -1,16 +1,23 @@
-"""The asyncio loop around the protocol core.
+"""The one executor of the protocol core's actions.
 
-It feeds the core ticks, peer messages and probe results and carries out the
-returned actions in the documented order (docs/design.md §2):
+It feeds the core ticks, peer messages, probe results and the outcomes the
+core waits for, and carries out the returned actions in the documented order
+(docs/design.md §2). The same code runs in the daemon and, on virtual time
+with simulated ports, in `failoverd simulate`:
 
 * Core calls are serialised by one lock; each call's action list is executed
   before the next call starts, so the ordering contract holds across inputs.
 * `Persist` is written and fsynced inline, before anything after it runs.
 * `Fence` is awaited inline (bounded), so a hand-over message is only sent
-  once PostgreSQL cannot write any more.
-* Slow PostgreSQL work (promote, follow, start, clean stop, sync settings)
-  runs one at a time in a background worker, so ticks, heartbeats and probes
-  go on while it runs; a fence cancels queued work first.
+  once PostgreSQL cannot write any more. It first drops queued PostgreSQL
+  work and cancels the running one.
+* Slow PostgreSQL work (promote, follow, start, clean stop, sync settings,
+  checkpoint, rebuild) runs one at a time in a background worker, so ticks,
+  heartbeats and probes go on while it runs. A Promote or a Follow drops
+  queued Follow/StartStandby work (the latest decision wins).
+
+It decides nothing: every judgement (liveness, routing of requests, the
+reinit policy, retries of the VIP) is the core's.
 """
 
 from __future__ import annotations
@@ -22,22 +29,30 @@ import dataclasses
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import structlog
 
 from failoverd.core import actions as act
-from failoverd.core.messages import Heartbeat, Message
-from failoverd.core.node import Node, Role
-from failoverd.core.state import HistoryEntry, PersistentState, PgObservation, PgRole, Position, StateStamp
+from failoverd.core import events as ev
+from failoverd.core.messages import Message
+from failoverd.core.node import Node
+from failoverd.core.requests import AdminRequest
+from failoverd.core.state import PersistentState, Role
+from failoverd.core.status import MemberStatus
 from failoverd.runtime.ports import HooksPort, PeersPort, PostgresPort, StatePort, VipPort, WatchdogPort
 
 PG_ACTION_TIMEOUT_S = 600.0  # a clone of a large database may take long; fences never wait on this
+CHECKPOINT_TIMEOUT_S = 30.0
 FENCE_TIMEOUT_S = 5.0
 PROMOTING_PROBE_S = 0.02  # probe interval while a promotion runs
 SHUTDOWN_GRACE_S = 2.0
-VIP_RETRY_S = 2.0  # a failed VIP acquisition is tried again this often while we should hold it
+REPLY_TIMEOUT_S = CHECKPOINT_TIMEOUT_S + 15.0  # a switchover answers once its checkpoint is done
+# The executor's own safeguard (the core has the others): switched off, a fence
+# leaves queued PostgreSQL work in place and the running one going.
+FENCE_DROPS_QUEUE = "fence-drops-queue"
+SAFEGUARDS = frozenset({FENCE_DROPS_QUEUE})
 
 
 class PromotionVetoed(Exception):
@@ -45,62 +60,22 @@ class PromotionVetoed(Exception):
 
 
 @dataclasses.dataclass
-class ReinitStatus:
-    """The last rebuild of this member's standby asked for through the API."""
-
-    leader: str
-    started_at: float  # wall clock, for display
-    finished_at: float | None = None
-    error: str | None = None  # None while running or when it succeeded
-
-
-@dataclasses.dataclass
-class SupervisorStatus:
-    """What the REST API and the CLI report about this member (read-only snapshot)."""
-
-    name: str
-    role: str
-    term: int
-    leader: str | None
-    pg: PgObservation | None
-    lease_remaining_s: float | None
-    primary_ready: bool
-    vip_held: bool
-    paused: bool
-    leader_live: bool = False  # leader heard within election_timeout_max (or we are it)
-    # The primary's WAL position as last known here: our own on a primary-ready
-    # leader, else the one the live leader's heartbeats carry.
-    primary_position: Position | None = None
-    pg_age_s: float | None = None  # how old the PostgreSQL observation is
-    switchover_to: str | None = None
-    switchover_at: float | None = None
-    state_stamp: StateStamp = StateStamp(0, 0)
-    history: tuple[HistoryEntry, ...] = ()
-    reinit: ReinitStatus | None = None
-
-
-@dataclasses.dataclass
 class SupervisorCounters:
-    """Counted from the core's Emit actions, for the metrics endpoint.
-
-    A *failover* here is a promotion of this member's PostgreSQL that replaced
-    another primary (any election but the bootstrap, switchovers included).
-    Its *duration* runs from the last heartbeat this member heard from the
-    previous leader to the first probe showing its own PostgreSQL writable:
-    the write outage as this member saw it (unknown, and left alone, when it
-    never heard a previous leader, e.g. after its own restart).
-    """
+    """Counted from the core's events, for the metrics endpoint."""
 
     events: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     elected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # by reason
     promotions: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # by reason
     failovers: int = 0
-    last_failover_duration_s: float | None = None
-    last_failover_wall_time: float | None = None
 
-
-class ReinitRefused(Exception):
-    """This member cannot rebuild its standby now; the message says why."""
+    def count(self, event: ev.Event) -> None:
+        self.events[event.NAME] += 1
+        if isinstance(event, ev.RoleChanged) and event.role == "leader":
+            self.elected[event.reason] += 1
+        elif isinstance(event, ev.Promoted):
+            self.promotions[event.reason] += 1
+            if event.reason != "bootstrap":
+                self.failovers += 1
 
 
 class Supervisor:
@@ -116,9 +91,14 @@ class Supervisor:
         members: dict[str, Any],
         probe_interval_s: float,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         log: Any = None,
         hooks: HooksPort | None = None,
+        disabled_safeguards: Iterable[str] = (),
     ) -> None:
+        disabled = frozenset(disabled_safeguards)
+        if disabled - SAFEGUARDS:
+            raise ValueError(f"unknown safeguard(s) {sorted(disabled - SAFEGUARDS)}")
         self.node = node
         self.hooks = hooks
         self.state = state
@@ -126,26 +106,26 @@ class Supervisor:
         self.postgres = postgres
         self.watchdog = watchdog
         self.vip = vip
-        self.members = members  # name -> NodeConfig, for Follow's upstream
+        self.members = members  # name -> the member's configuration, for Follow's upstream
         self.probe_interval_s = probe_interval_s
         self.clock = clock
+        self.wall_clock = wall_clock
         self.log = log or structlog.get_logger("failoverd")
+        self.disabled = disabled
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._probe_now = asyncio.Event()
-        self._pg_queue: asyncio.Queue[act.Action] = asyncio.Queue()
-        self._pg_busy: asyncio.Task | None = None
+        self._pg_queue: collections.deque[act.Action] = collections.deque()
+        self._pg_queued = asyncio.Event()
+        self._pg_busy: asyncio.Task[None] | None = None
         self._pg_running: act.Action | None = None  # the action _pg_busy runs
-        self._tasks: list[asyncio.Task] = []
+        self._replies: dict[int, asyncio.Future[act.Reply]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._vip_watch: asyncio.Task[None] | None = None
         self.failed = asyncio.Event()  # set when a loop died; the daemon then exits non-zero
         self.failure: BaseException | None = None
         self.counters = SupervisorCounters()
-        self._leader_heard_at: float | None = None  # last heartbeat from the leader we follow
-        self._heard_before_election: float | None = None
-        self._elected_reason: str | None = None
-        self._reinit: ReinitStatus | None = None
         self.last_tick_at: float | None = None  # for the systemd watchdog's health check
-        self._vip_retry_at = 0.0
 
     @property
     def _promoting(self) -> bool:
@@ -155,13 +135,13 @@ class Supervisor:
     # ------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        loops = [self._ticker()]
+        loops: list[Coroutine[Any, Any, None]] = [self._ticker()]
         if self.postgres is not None:
             loops += [self._prober(), self._pg_worker()]
         self._tasks = [asyncio.create_task(self._guard(loop), name=loop.__name__) for loop in loops]
         self.log.info("supervisor_started", node=self.node.name, term=self.node.term)
 
-    async def _guard(self, loop) -> None:
+    async def _guard(self, loop: Coroutine[Any, Any, None]) -> None:
         """A loop that dies must take the supervisor down with it, loudly: a
         member that silently stopped ticking or probing is worse than a restart
         (the watchdog fences a leader whose supervisor is gone)."""
@@ -186,10 +166,13 @@ class Supervisor:
                                   error=repr(exc)[:300])
         if self.node.role is Role.FOLLOWER and self.watchdog is not None and not self.node.watchdog_armed:
             await self.watchdog.disarm()
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._vip_watch] if self._vip_watch is not None else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             await asyncio.wait({task}, timeout=SHUTDOWN_GRACE_S)
+        for future in self._replies.values():
+            future.cancel()
         self.log.info("supervisor_stopped", node=self.node.name, term=self.node.term)
 
     # ---------------------------------------------------------------- inputs
@@ -197,11 +180,7 @@ class Supervisor:
     async def on_message(self, msg: Message) -> None:
         """Peer input; ProtocolError propagates to the peer server (answered 400)."""
         async with self._lock:
-            now = self.clock()
-            actions = self.node.receive(msg, now)
-            if isinstance(msg, Heartbeat) and self.node.leader == msg.sender and self.node.term == msg.term:
-                self._leader_heard_at = now
-            await self._execute(actions)
+            await self._execute(self.node.receive(msg, self.clock()))
         self._wake.set()
 
     async def retime(self, timing: Any) -> None:
@@ -214,89 +193,30 @@ class Supervisor:
                       heartbeat_interval_s=timing.heartbeat_interval_s, lease_s=timing.lease_s,
                       election_timeout_min_s=timing.election_timeout_min_s)
 
-    async def request(self, req: Any) -> act.Reply:
-        async with self._lock:
-            actions = self.node.request(req, self.clock())
-            await self._execute(actions)
-        self._wake.set()
-        for a in actions:
-            if isinstance(a, act.Reply):
-                return a
-        raise RuntimeError("core returned no reply")  # a core bug, not a user error
+    async def request(self, req: AdminRequest, timeout_s: float = REPLY_TIMEOUT_S) -> act.Reply:
+        """The core's answer to an operator's request. It may come after
+        other inputs (a switchover answers once its checkpoint is done).
+        TimeoutError when none came in `timeout_s`: the request may have
+        been carried out."""
+        future: asyncio.Future[act.Reply] = asyncio.get_running_loop().create_future()
+        self._replies[req.request_id] = future
+        try:
+            async with self._lock:
+                await self._execute(self.node.request(req, self.clock()))
+            self._wake.set()
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._replies.pop(req.request_id, None)
 
-    def status(self) -> SupervisorStatus:
-        node = self.node
-        now = self.clock()
-        lead = node.lead
-        leading = node.role is Role.LEADER
-        heard = self._leader_heard_at
-        leader_live = node.leader is not None and (
-            leading or (heard is not None and now - heard < node.timing.election_timeout_max_s)
-        )
-        primary_position = None
-        if leading and lead is not None and lead.primary_ready and node.pg is not None:
-            primary_position = node.pg.position
-        elif leader_live and node.leader_primary_ready:
-            primary_position = node.ctx.last_primary_position
-        return SupervisorStatus(
-            name=node.name,
-            role=node.role.value,
-            term=node.term,
-            leader=node.leader,
-            pg=node.pg,
-            lease_remaining_s=None if lead is None or not lead.lease_ever else max(0.0, lead.lease_until - now),
-            primary_ready=bool(lead is not None and lead.primary_ready),
-            vip_held=node.vip_held,
-            paused=node.state.paused,
-            leader_live=leader_live,
-            primary_position=primary_position,
-            pg_age_s=None if node.pg is None else max(0.0, now - node.pg.observed_at),
-            switchover_to=node.state.switchover_to,
-            switchover_at=node.state.switchover_at,
-            state_stamp=node.state.stamp,
-            history=node.state.history,
-            reinit=None if self._reinit is None else dataclasses.replace(self._reinit),
-        )
-
-    async def checkpoint(self, timeout_s: float) -> None:
-        """CHECKPOINT the local PostgreSQL (before a switchover, so that the
-        shutdown checkpoint, which writes are paused for, has little left to do)."""
-        if self.postgres is None:
-            raise RuntimeError(f"{self.node.name} runs no PostgreSQL")
-        started = self.clock()
-        await self.postgres.checkpoint(timeout_s)
-        self.log.info("pg_checkpoint_done", node=self.node.name, term=self.node.term,
-                      seconds=round(self.clock() - started, 3))
-
-    async def reinit(self) -> str:
-        """Queue a rebuild of this member's standby from the primary (a fresh
-        clone; the old data directory is kept aside). Runs in the PostgreSQL
-        worker, so it never overlaps another PostgreSQL action; a fence drops it."""
-        async with self._lock:
-            node = self.node
-            pg = node.pg
-            if self.postgres is None:
-                raise ReinitRefused(f"{node.name} is a witness: it has no PostgreSQL")
-            if node.role is not Role.FOLLOWER:
-                raise ReinitRefused(f"{node.name} is {node.role.value}: only a follower's standby can be rebuilt")
-            if pg is not None and pg.role is PgRole.PRIMARY:
-                raise ReinitRefused(f"{node.name}'s PostgreSQL is a primary")
-            if node.leader is None or not node.leader_primary_ready or not self.status().leader_live:
-                raise ReinitRefused(f"{node.name} knows no live primary to clone from")
-            if self._reinit is not None and self._reinit.finished_at is None:
-                raise ReinitRefused(f"a rebuild of {node.name} from {self._reinit.leader} is already running")
-            self._reinit = ReinitStatus(leader=node.leader, started_at=time.time())
-            self._pg_queue.put_nowait(Reinit(node.leader))
-            self.log.info("reinit_queued", node=node.name, term=node.term, leader=node.leader)
-            return f"rebuilding {node.name} from {node.leader}"
+    def status(self) -> MemberStatus:
+        return self.node.status(self.clock())
 
     # ----------------------------------------------------------------- loops
 
     async def _ticker(self) -> None:
         while True:
             async with self._lock:
-                await self._execute(self.node.tick(self.clock(), wall_time=time.time()))
-                await self._retry_vip()
+                await self._execute(self.node.tick(self.clock(), wall_time=self.wall_clock()))
                 delay = max(0.0, min(self.node.next_wakeup() - self.clock(), self.probe_interval_s))
                 self.last_tick_at = self.clock()
             self._wake.clear()
@@ -305,12 +225,14 @@ class Supervisor:
                     await self._wake.wait()
 
     async def _prober(self) -> None:
+        postgres = self.postgres
+        if postgres is None:
+            return
         while True:
             # Cleared before the probe, not after: a ProbeNow asked for while
             # a probe runs wants one that starts later (e.g. "since the election").
             self._probe_now.clear()
-            observed_at = self.clock()
-            obs = await self.postgres.probe(observed_at)
+            obs = await postgres.probe(self.clock())
             async with self._lock:
                 await self._execute(self.node.observe(obs, self.clock()))
             self._wake.set()
@@ -324,7 +246,10 @@ class Supervisor:
 
     async def _pg_worker(self) -> None:
         while True:
-            action = await self._pg_queue.get()
+            while not self._pg_queue:
+                self._pg_queued.clear()
+                await self._pg_queued.wait()
+            action = self._pg_queue.popleft()
             # Each action runs as a task of its own so that a fence can cancel
             # it without cancelling the worker. The worker waits with
             # asyncio.wait, which never swallows the worker's own cancellation
@@ -334,6 +259,8 @@ class Supervisor:
             if self._promoting:
                 self._probe_now.set()
             started = self.clock()
+            name = type(action).__name__
+            self.log.info("pg_action_started", node=self.node.name, term=self.node.term, action=name)
             try:
                 await asyncio.wait({task})
             except asyncio.CancelledError:
@@ -341,33 +268,48 @@ class Supervisor:
                 raise
             finally:
                 self._pg_busy = self._pg_running = None
-            name = type(action).__name__
+            error = None
             if task.cancelled():
+                error = "cancelled"
                 self.log.info("pg_action_cancelled", node=self.node.name, term=self.node.term, action=name)
             elif task.exception() is not None:
+                error = str(task.exception())[:500] or type(task.exception()).__name__
                 self.log.error("pg_action_failed", node=self.node.name, term=self.node.term, action=name,
-                               error=str(task.exception())[:500])
-                if isinstance(action, act.Promote):
-                    # Give up leadership now rather than after promote_timeout.
-                    async with self._lock:
-                        await self._execute(self.node.promotion_failed(action.term, str(task.exception())[:200],
-                                                                       self.clock()))
-                    self._wake.set()
+                               error=error)
             else:
                 self.log.info("pg_action_done", node=self.node.name, term=self.node.term, action=name,
                               seconds=round(self.clock() - started, 3))
+            await self._report_outcome(action, error)
             self._probe_now.set()
+
+    async def _report_outcome(self, action: act.Action, error: str | None) -> None:
+        """Tell the core how an action it waits for ended."""
+        now = self.clock
+        if isinstance(action, act.Promote) and error is not None and error != "cancelled":
+            outcome = lambda: self.node.promotion_failed(action.term, error[:200], now())  # noqa: E731
+        elif isinstance(action, act.Checkpoint):
+            outcome = lambda: self.node.checkpoint_done(error, now())  # noqa: E731
+        elif isinstance(action, act.Rebuild):
+            outcome = lambda: self.node.rebuild_done(error, now())  # noqa: E731
+        else:
+            return
+        async with self._lock:
+            await self._execute(outcome())
+        self._wake.set()
 
     async def _run_pg_action_bounded(self, action: act.Action) -> None:
         # The adapter's own events (clone, rewind, start, ...) carry the term
         # and member they were done for, without the adapter knowing the core.
         term = getattr(action, "term", self.node.term)
+        timeout_s = CHECKPOINT_TIMEOUT_S if isinstance(action, act.Checkpoint) else PG_ACTION_TIMEOUT_S
         with structlog.contextvars.bound_contextvars(node=self.node.name, term=term):
-            async with asyncio.timeout(PG_ACTION_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 await self._run_pg_action(action)
 
     async def _run_pg_action(self, action: act.Action) -> None:
         pg = self.postgres
+        if pg is None:
+            return
         if isinstance(action, act.Promote):
             if self.hooks is not None:
                 veto = await self.hooks.pre_promote(action.term)
@@ -382,20 +324,10 @@ class Supervisor:
             await pg.stop("fast")
         elif isinstance(action, act.ConfigureSync):
             await pg.configure_sync(action.sync_count, action.standbys)
-        elif isinstance(action, Reinit):
-            await self._run_reinit(action)
-
-    async def _run_reinit(self, action: Reinit) -> None:
-        record = self._reinit
-        try:
-            await self.postgres.reinit(self.members[action.leader])
-        except BaseException as exc:
-            if record is not None:
-                record.error = "cancelled (fenced)" if isinstance(exc, asyncio.CancelledError) else str(exc)[:300]
-            raise
-        finally:
-            if record is not None:
-                record.finished_at = time.time()
+        elif isinstance(action, act.Checkpoint):
+            await pg.checkpoint(CHECKPOINT_TIMEOUT_S)
+        elif isinstance(action, act.Rebuild):
+            await pg.reinit(self.members[action.leader])
 
     # --------------------------------------------------------------- actions
 
@@ -406,9 +338,7 @@ class Supervisor:
             elif isinstance(a, act.Send):
                 self.peers.send(a.to, a.message)
             elif isinstance(a, act.Emit):
-                self.log.info(a.event.NAME, **a.event.fields())
-                self._count(a)
-                self._call_hooks(a)
+                self._on_event(a.event)
             elif isinstance(a, act.ArmWatchdog):
                 if self.watchdog is not None:
                     if a.deadline is None:
@@ -420,21 +350,32 @@ class Supervisor:
             elif isinstance(a, act.PrepareVip):
                 if self.vip is not None:
                     self.vip.precheck()  # overlaps confirmation and promotion (adapters/vip.py)
-            elif isinstance(a, (act.ReleaseVip, act.AcquireVip)):
-                await self._move_vip(a)
+            elif isinstance(a, act.AcquireVip):
+                await self._acquire_vip(a.term)
+            elif isinstance(a, act.ReleaseVip):
+                await self._release_vip()
             elif isinstance(a, act.ProbeNow):
                 self._probe_now.set()
             elif isinstance(a, act.Reply):
-                pass  # returned to the caller of request()
-            elif isinstance(a, (act.Promote, act.Follow, act.StartStandby, act.Demote, act.ConfigureSync)):
-                if self.postgres is not None:
-                    if isinstance(a, (act.Promote, act.Follow)):
-                        # The latest decision wins over queued or stuck work for an older one.
-                        self._drop_queued((act.Follow, act.StartStandby), type(a).__name__.lower())
-                        self._cancel_follow_asking_upstream(a)
-                    self._pg_queue.put_nowait(a)
+                future = self._replies.get(a.request_id)
+                if future is not None and not future.done():
+                    future.set_result(a)
+            elif isinstance(a, act.PG_WORK):
+                self._queue_pg_work(a)
             else:
                 raise TypeError(f"unknown action {a!r}")
+
+    def _queue_pg_work(self, a: act.Action) -> None:
+        if self.postgres is None:
+            return
+        if isinstance(a, (act.Promote, act.Follow)):
+            # The latest decision wins over queued or stuck work for an older one.
+            self._drop_queued((act.Follow, act.StartStandby), type(a).__name__.lower())
+            self._cancel_follow_asking_upstream(a)
+        self._pg_queue.append(a)
+        self._pg_queued.set()
+        self.log.info("pg_action_queued", node=self.node.name, term=self.node.term, action=type(a).__name__,
+                      queued=len(self._pg_queue))
 
     def _save(self, state: PersistentState) -> None:
         """Persist, fsynced, before anything after it runs. A state file that
@@ -452,75 +393,71 @@ class Supervisor:
                 self.failed.set()
             raise
 
-    def _call_hooks(self, event: act.Emit) -> None:
+    def _on_event(self, event: ev.Event) -> None:
+        self.log.info(event.NAME, **event.fields())
+        self.counters.count(event)
         hooks = self.hooks
-        name = event.event.NAME
-        if hooks is None or name not in ("role_changed", "vip_acquired", "vip_released"):
+        if hooks is None:
             return
-        fields = event.event.fields()
-        term = int(fields.get("term", self.node.term))
-        reason = str(fields.get("reason", ""))
-        if name == "role_changed":
-            hooks.role_changed(term=term, role=str(fields.get("role")), previous=str(fields.get("previous")),
-                               reason=reason)
-        else:
-            hooks.vip_changed(term=term, action=name.removeprefix("vip_"), reason=reason or "promoted")
+        if isinstance(event, ev.RoleChanged):
+            hooks.role_changed(term=event.term, role=event.role, previous=event.previous, reason=event.reason)
+        elif self.vip is None:
+            return  # no [vip]: nothing moves
+        elif isinstance(event, ev.VipAcquired):
+            hooks.vip_changed(term=event.term, action="acquired", reason="promoted")
+        elif isinstance(event, ev.VipReleased):
+            hooks.vip_changed(term=event.term, action="released", reason=event.reason)
 
-    def _count(self, event: act.Emit) -> None:
-        counters = self.counters
-        name = event.event.NAME
-        counters.events[name] += 1
-        fields = event.event.fields()
-        if name == "role_changed" and fields.get("role") == "leader":
-            self._elected_reason = str(fields.get("reason", "election"))
-            counters.elected[self._elected_reason] += 1
-            self._heard_before_election, self._leader_heard_at = self._leader_heard_at, None
-        elif name == "promoted":
-            reason = self._elected_reason or "election"
-            counters.promotions[reason] += 1
-            if reason == "bootstrap":
-                return
-            counters.failovers += 1
-            if self._heard_before_election is not None:
-                counters.last_failover_duration_s = max(0.0, self.clock() - self._heard_before_election)
-                counters.last_failover_wall_time = time.time()
-                self._heard_before_election = None
-
-    async def _move_vip(self, action: act.Action) -> None:
-        """VIP trouble (another host answers, a command fails) is logged, never
-        fatal: the primary stays correct and reachable through the DSN, and the
-        watchdog removes the address when the lease ends."""
-        if self.vip is None:
-            return
-        acquire = isinstance(action, act.AcquireVip)
-        try:
-            await (self.vip.acquire() if acquire else self.vip.release())
-        except Exception as exc:  # noqa: BLE001 - reported, see docstring
-            self.log.error("vip_acquire_failed" if acquire else "vip_release_failed",
-                           node=self.node.name, term=self.node.term, error=str(exc)[:300])
-
-    async def _retry_vip(self) -> None:
-        """The core hands the VIP out once per leadership; an acquisition that
-        failed in the background (another host answered, a command failed) is
-        retried every VIP_RETRY_S for as long as the core still wants it held."""
+    async def _acquire_vip(self, term: int) -> None:
+        """Start taking the address and report how that ends to the core, which
+        retries a failure. VIP trouble is never fatal: the primary stays
+        correct and reachable through the DSN, and the watchdog removes the
+        address when the lease ends."""
         vip = self.vip
-        if vip is None or not self.node.vip_held or vip.acquire_error is None:
+        if vip is None:
             return
-        now = self.clock()
-        if now - self._vip_retry_at < VIP_RETRY_S:
+        try:
+            await vip.acquire()
+        except Exception as exc:  # noqa: BLE001 - reported to the core below
+            await self._vip_outcome(term, str(exc) or type(exc).__name__)
             return
-        self._vip_retry_at = now
-        self.log.info("vip_acquire_retry", node=self.node.name, term=self.node.term, error=vip.acquire_error[:300])
-        await self._move_vip(act.AcquireVip(self.node.term))
+        if self._vip_watch is not None:
+            self._vip_watch.cancel()
+        self._vip_watch = asyncio.create_task(self._watch_vip(term), name="vip-acquisition")
 
-    def _cancel_follow_asking_upstream(self, superseded_by: act.Promote | act.Follow) -> None:
+    async def _watch_vip(self, term: int) -> None:
+        vip = self.vip
+        if vip is None:
+            return
+        error = await vip.acquisition_result()
+        async with self._lock:
+            await self._execute(self.node.vip_result(term, error, self.clock()))
+
+    async def _vip_outcome(self, term: int, error: str) -> None:
+        # Called inside _execute, under the lock: the core's answer joins the list being run.
+        await self._execute(self.node.vip_result(term, error, self.clock()))
+
+    async def _release_vip(self) -> None:
+        vip = self.vip
+        if vip is None:
+            return
+        watch, self._vip_watch = self._vip_watch, None
+        if watch is not None:
+            watch.cancel()
+        try:
+            await vip.release()
+        except Exception as exc:  # noqa: BLE001 - the watchdog removes it at the lease deadline
+            self.log.error("vip_release_failed", node=self.node.name, term=self.node.term, error=str(exc)[:300])
+
+    def _cancel_follow_asking_upstream(self, superseded_by: act.Action) -> None:
         """A new leader's Promote, or a Follow of the new leader, must not wait
         for a running Follow of the old leader that still waits for it to
         answer (up to the connect timeout, when it can send but not receive).
         Only cancelled before it changed anything locally
         (PostgresPort.waiting_on_upstream)."""
         task, running = self._pg_busy, self._pg_running
-        if task is None or not isinstance(running, act.Follow) or not self.postgres.waiting_on_upstream:
+        postgres = self.postgres
+        if task is None or not isinstance(running, act.Follow) or postgres is None or not postgres.waiting_on_upstream:
             return
         if isinstance(superseded_by, act.Follow) and superseded_by.leader == running.leader:
             return
@@ -528,27 +465,32 @@ class Supervisor:
                       leader=running.leader, reason=type(superseded_by).__name__.lower())
         task.cancel()
 
-    def _drop_queued(self, kinds: tuple[type, ...], reason: str) -> None:
+    def _drop_queued(self, kinds: tuple[type, ...], reason: str) -> list[act.Action]:
         """Remove queued (not running) PostgreSQL work of these kinds: a new
         leader's Promote must not wait behind a Follow of the old leader."""
-        kept = []
-        while not self._pg_queue.empty():
-            queued = self._pg_queue.get_nowait()
+        kept: collections.deque[act.Action] = collections.deque()
+        dropped = []
+        for queued in self._pg_queue:
             if isinstance(queued, kinds):
+                dropped.append(queued)
                 self.log.info("pg_action_dropped", node=self.node.name, term=self.node.term,
                               action=type(queued).__name__, reason=reason)
             else:
                 kept.append(queued)
-        for queued in kept:
-            self._pg_queue.put_nowait(queued)
+        self._pg_queue = kept
+        return dropped
 
     async def _fence(self, reason: str) -> None:
-        """Stop PostgreSQL immediately; queued PostgreSQL work is dropped first so
-        nothing restarts or promotes it behind the fence."""
-        self._drop_queued((object,), "fence")
-        busy = self._pg_busy
-        if busy is not None and not busy.done():
-            busy.cancel()
+        """Stop PostgreSQL immediately; queued PostgreSQL work is dropped first
+        and the running action cancelled, so nothing restarts or promotes the
+        server behind the fence."""
+        if FENCE_DROPS_QUEUE not in self.disabled:
+            for dropped in self._drop_queued((object,), "fence"):
+                if isinstance(dropped, (act.Checkpoint, act.Rebuild)):
+                    await self._report_dropped(dropped)
+            busy = self._pg_busy
+            if busy is not None and not busy.done():
+                busy.cancel()
         if self.postgres is None:
             return
         started = self.clock()
@@ -562,14 +504,13 @@ class Supervisor:
                       seconds=round(self.clock() - started, 3))
         self._probe_now.set()
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reinit:
-    """Supervisor-made PostgreSQL work (not a core action): rebuild the standby from `leader`."""
-
-    leader: str
+    async def _report_dropped(self, action: act.Action) -> None:
+        # Under the lock already (inside _execute): run the core's answer inline.
+        if isinstance(action, act.Checkpoint):
+            await self._execute(self.node.checkpoint_done("dropped by a fence", self.clock()))
+        elif isinstance(action, act.Rebuild):
+            await self._execute(self.node.rebuild_done("dropped by a fence", self.clock()))
 
 
 def new_rng() -> random.Random:
     return random.Random(int.from_bytes(os.urandom(8), "big"))
-

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import click
 
-from failoverd.core.node import SAFEGUARDS
+from failoverd.config.load import ConfigError, load_config
+from failoverd.core.node import SAFEGUARDS as CORE_SAFEGUARDS
+from failoverd.runtime.supervisor import SAFEGUARDS as EXECUTOR_SAFEGUARDS
 from failoverd.core.spec import ClusterSpec, SpecError
 from failoverd.sim.runner import (
     LIVENESS_BOUND_S,
@@ -40,7 +42,7 @@ from failoverd.sim.runner import (
                    "every shape, one summary line each.")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Processes to use (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--disable-safeguard", "disabled", multiple=True, type=click.Choice(sorted(SAFEGUARDS)), hidden=True,
+@click.option("--disable-safeguard", "disabled", multiple=True, type=click.Choice(sorted(CORE_SAFEGUARDS | EXECUTOR_SAFEGUARDS)), hidden=True,
               help="Switch off one safety mechanism to show the simulator catches the result.")
 def simulate_command(seed_count: int, first_seed: int, seed: int | None, data_nodes: int, witness: bool,
                      sync_count: int, config_file: Path | None, shapes: tuple[str, ...], workers: int | None,
@@ -108,9 +110,12 @@ def _run_matrix(names: list[str], seeds: list[int], workers: int | None, as_json
 
 def _spec(config_file: Path | None, data_nodes: int, witness: bool, sync_count: int) -> ClusterSpec:
     if config_file is not None:
-        from failoverd.cli import load_config_or_exit
-
-        return load_config_or_exit(config_file, None, exit_code=2).spec
+        try:
+            return load_config(config_file, None).spec
+        except ConfigError as error:
+            for problem in error.problems:
+                click.echo(f"{error.source}: {problem}", err=True)
+            sys.exit(2)
     try:
         return preset_spec(data_nodes=data_nodes, witness=witness, sync_count=sync_count)
     except SpecError as error:

@@ -43,10 +43,8 @@ class SimPostgres:
     flush_acks: dict[str, int] = dataclasses.field(default_factory=dict)  # standby -> flushed LSN (primary side)
     pending: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (lsn, write_id) awaiting sync acks
     write_ids: set[int] = dataclasses.field(default_factory=set)
-    busy_until: float = 0.0  # an action (promote/follow/stop) is in flight until then
     replication_stalled_until: float = 0.0
     probe_hung_until: float = 0.0  # probes time out (UNRESPONSIVE, position unknown) but the server works
-    slow_until: float = 0.0  # every start, stop, promotion and follow step takes much longer until then
     # Counts stops: a promotion asked of one run of the server is void once it
     # stops (PostgreSQL removes a leftover promote signal file at start-up).
     stops: int = 0
@@ -105,8 +103,8 @@ class SimPostgres:
             self.role = SimRole.STOPPED
         return lost
 
-    def observation(self, observed_at: float, following: str | None, hung: bool = False) -> PgObservation:
-        if (hung and self.running) or self.role is SimRole.STOPPING:
+    def observation(self, observed_at: float, following: str | None) -> PgObservation:
+        if self.role is SimRole.STOPPING:
             return PgObservation(role=PgRole.UNRESPONSIVE, observed_at=observed_at, position=None)
         role = {
             SimRole.ABSENT: PgRole.ABSENT,

@@ -78,7 +78,7 @@ async def test_drill_switches_over_measures_and_records(cluster: LocalCluster) -
         for what in (f"{target} elected", f"{target} promoted", f"last write on {old}", f"first write on {target}"):
             assert phases[what]["at_s"] is not None, (what, phases)
         assert "GET /history" in phases[f"{target} elected"]["source"]
-        assert "GET /metrics" in phases[f"{target} promoted"]["source"]
+        assert "GET /health last_failover" in phases[f"{target} promoted"]["source"]
         first, last = phases[f"first write on {target}"]["at_s"], phases[f"last write on {old}"]["at_s"]
         assert first - last == pytest.approx(result["write_pause_s"], abs=0.002)
         # What the servers say happened comes between the request and the first write.

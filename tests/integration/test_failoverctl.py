@@ -124,9 +124,9 @@ async def test_switchover_under_writes_and_old_primary_rejoins_without_rewind(ma
     outage = max((b - a for a, b in zip(times, times[1:])), default=0.0)
     print(f"switchover write gap {outage:.3f} s")
     events = [e for e in cluster.supervisors[old].log_events() if e.get("event")]
-    names = [e["event"] for e in events]
-    assert names.index("pg_checkpoint_done") < names.index("switchover_started")
-    later = events[names.index("switchover_started"):]
+    names = [(e["event"], e.get("action")) for e in events]
+    assert names.index(("pg_action_done", "Checkpoint")) < names.index(("switchover_started", None))
+    later = events[names.index(("switchover_started", None)):]
     stops = [e for e in later if e["event"] == "pg_stopped"]
     assert stops and stops[0]["mode"] == "fast"  # a clean stop, not a fence
     for forbidden in ("pg_rewind_done", "pg_rewind_failed", "pg_data_dir_moved_aside", "pg_clone_done"):

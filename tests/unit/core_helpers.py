@@ -104,6 +104,15 @@ def events(actions: Iterable[act.Action]) -> list[str]:
     return [a.event.NAME for a in actions if isinstance(a, act.Emit)]
 
 
+def switchover(node: Node, req, now: float) -> list[act.Action]:
+    """A switchover request and, when accepted, the completion of the
+    CHECKPOINT it asks for first: the actions of both, in order."""
+    out = node.request(req, now)
+    if of_type(out, act.Checkpoint):
+        out = out + node.checkpoint_done(None, now)
+    return out
+
+
 # --------------------------------------------------------------------- wire
 
 class Wire:

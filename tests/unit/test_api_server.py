@@ -1,7 +1,8 @@
 """The REST API over real sockets on 127.0.0.1, each server in front of a
 small fake supervisor: health checks, the cluster view, metrics, admin
-requests with their authentication, forwarding to the leader, and every
-malformed input answered 4xx with a reason (never a traceback).
+requests with their authentication, the core's reply codes as HTTP statuses,
+forwarding where the core redirects, and every malformed input answered 4xx
+with a reason (never a traceback).
 
 test_api_wiring.py puts the API in front of real supervisors, over TLS, and
 inside the daemon."""
@@ -9,30 +10,41 @@ inside the daemon."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import re
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from failoverd.api import server as api_module
-from failoverd.api.server import ApiServer
-from failoverd.api.client import ApiClient, client_ssl_context, server_ssl_context
-from failoverd.config.load import parse_config
-from failoverd.core.actions import Reply, ReplyCode
-from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Resume, Switchover
-from failoverd.core.state import HistoryEntry, PgObservation, PgRole, Position, StateStamp
 from failoverd.adapters.peers import PeerMetrics
-from failoverd.runtime.supervisor import ReinitRefused, SupervisorCounters, SupervisorStatus
+from failoverd.api import server as api_module
+from failoverd.api.client import ApiClient, client_ssl_context, server_ssl_context
+from failoverd.api.server import ApiServer
+from failoverd.config.load import parse_config
+from failoverd.core import events as ev
+from failoverd.core.actions import Reply, ReplyCode
+from failoverd.core.requests import (
+    AdminRequest,
+    CancelSwitchover,
+    Failover,
+    Pause,
+    RecordEvent,
+    Reinit,
+    Resume,
+    Switchover,
+)
+from failoverd.core.state import HistoryEntry, PgObservation, PgRole, Position, Role, StateStamp
+from failoverd.core.status import FailoverRecord, MemberStatus, RebuildStatus
+from failoverd.runtime.supervisor import SupervisorCounters
 
 TOKEN = "unit-test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FORWARDED = "X-Failoverd-Forwarded-By"
 NAMES = ("a", "b", "c")
 
 
@@ -70,49 +82,74 @@ interface = "eth0"
 def status(name: str, *, role: str = "follower", leader: str | None = "a", leader_live: bool = True,
            pg_role: PgRole | None = PgRole.STANDBY, position: Position | None = Position(1, 1000),
            following: str | None = "a", lease: float | None = None, primary_ready: bool = False,
-           primary_position: Position | None = Position(1, 1000), **more: Any) -> SupervisorStatus:
+           primary_position: Position | None = Position(1, 1000), **more: Any) -> MemberStatus:
+    """A member's status as its core would report it (core.status.MemberStatus)."""
     pg = None if pg_role is None else PgObservation(pg_role, 0.0, position, following)
-    base = dict(name=name, role=role, term=3, leader=leader, pg=pg, lease_remaining_s=lease,
-                primary_ready=primary_ready, vip_held=False, paused=False, leader_live=leader_live,
-                primary_position=primary_position, pg_age_s=0.05, state_stamp=StateStamp(3, 7))
-    return SupervisorStatus(**{**base, **more})
+    base = dict(name=name, role=Role(role), term=3, leader=leader, leader_live=leader_live, pg=pg, pg_age_s=0.05,
+                lease_remaining_s=lease, primary_ready=primary_ready, vip_held=False, vip_error=None, paused=False,
+                primary_position=primary_position, switchover_to=None, switchover_at=None,
+                state_stamp=StateStamp(3, 7), history=(), rebuild=None, last_failover=None)
+    return MemberStatus(**{**base, **more})
 
 
-def leader_status(name: str = "a", **more: Any) -> SupervisorStatus:
+def leader_status(name: str = "a", **more: Any) -> MemberStatus:
     values = dict(role="leader", leader=name, pg_role=PgRole.PRIMARY, following=None, lease=0.6,
                   primary_ready=True, position=Position(1, 5000), primary_position=Position(1, 5000), vip_held=True)
     return status(name, **{**values, **more})
 
 
+# What a fake core answers: (code, message), or (ReplyCode.REDIRECT, message, member).
+Answer = tuple[Any, ...]
+
+
+def routed(st: MemberStatus, req: AdminRequest) -> Answer:
+    """How a core in status `st` routes `req` (failoverd.core.admin), for fakes
+    whose test does not say otherwise: a reinit goes to the member it names;
+    the leader carries a request out; a follower of a live leader redirects
+    to it; with no live leader a failover goes to its target; else nobody can
+    answer now."""
+    if isinstance(req, Reinit):
+        if req.member != st.name:
+            return ReplyCode.REDIRECT, f"{req.member} rebuilds itself", req.member
+        return ReplyCode.OK, f"rebuilding {st.name} from {st.leader}"
+    if st.role is Role.LEADER:
+        return ReplyCode.OK, "done"
+    if st.leader is not None and st.leader_live:
+        return ReplyCode.REDIRECT, f"{st.name} is not the leader; {st.leader} is", st.leader
+    if isinstance(req, Failover):
+        if req.target == st.name:
+            return ReplyCode.OK, f"{st.name} campaigns"
+        return ReplyCode.REDIRECT, f"no live leader: the failover goes to {req.target}", req.target
+    return ReplyCode.UNAVAILABLE, f"{st.name} knows no live leader; retry shortly"
+
+
 class FakeSupervisor:
-    def __init__(self, st: SupervisorStatus) -> None:
+    """Stands in for a supervisor (api.server.SupervisorLike): reports `st`
+    and records every request. It answers with `reply` when the test sets one
+    (an Answer, or a function of the request returning one), else as a core
+    in `st` would route the request (`routed`). With `hold` set, the answer
+    waits until the test sets that event, as a leader's core holds a
+    switchover's answer until its CHECKPOINT is done."""
+
+    def __init__(self, st: MemberStatus) -> None:
         self.st = st
         self.counters = SupervisorCounters()
         self.calls: list[tuple[str, Any]] = []
-        self.reply = (ReplyCode.OK, "done")
-        self.checkpoint_error: Exception | None = None
-        self.reinit_refusal: str | None = None
+        self.reply: Answer | Callable[[AdminRequest], Answer] | None = None
+        self.hold: asyncio.Event | None = None
         self.on_request: Any = None  # called with each request after it is recorded
 
-    def status(self) -> SupervisorStatus:
-        return dataclasses.replace(self.st)
+    def status(self) -> MemberStatus:
+        return self.st
 
-    async def request(self, req: Any) -> Reply:
+    async def request(self, req: AdminRequest) -> Reply:
         self.calls.append(("request", req))
         if self.on_request is not None:
             self.on_request(req)
-        return Reply(req.request_id, *self.reply)
-
-    async def checkpoint(self, timeout_s: float) -> None:
-        self.calls.append(("checkpoint", timeout_s))
-        if self.checkpoint_error is not None:
-            raise self.checkpoint_error
-
-    async def reinit(self) -> str:
-        self.calls.append(("reinit", None))
-        if self.reinit_refusal is not None:
-            raise ReinitRefused(self.reinit_refusal)
-        return f"rebuilding {self.st.name} from a"
+        if self.hold is not None:
+            await self.hold.wait()
+        answer = self.reply(req) if callable(self.reply) else self.reply
+        return Reply(req.request_id, *(answer or routed(self.st, req)))
 
     def requests(self) -> list[Any]:
         return [detail for what, detail in self.calls if what == "request"]
@@ -121,7 +158,7 @@ class FakeSupervisor:
 class Cluster:
     """ApiServers for some members (the others are down), in front of fakes."""
 
-    def __init__(self, statuses: dict[str, SupervisorStatus], *, token: str | None = TOKEN,
+    def __init__(self, statuses: dict[str, MemberStatus], *, token: str | None = TOKEN,
                  health_auth: bool = False, witness: str | None = None, down: tuple[str, ...] = (),
                  tls: tuple[Path, Path] | None = None) -> None:
         self.ports = {n: free_port() for n in NAMES}
@@ -167,7 +204,7 @@ class Cluster:
         return resp.status, parsed, resp
 
 
-def three(**leader_more: Any) -> dict[str, SupervisorStatus]:
+def three(**leader_more: Any) -> dict[str, MemberStatus]:
     return {"a": leader_status(**leader_more),
             "b": status("b", position=Position(1, 4000), primary_position=Position(1, 5000)),
             "c": status("c", position=Position(1, 3000), primary_position=Position(1, 5000))}
@@ -208,6 +245,22 @@ async def test_health_shows_paused_and_a_scheduled_switchover() -> None:
         code, body, _ = await c.call("a", "GET", "/health")
     assert code == 200 and body["paused"] is True
     assert body["switchover"] == {"to": "b", "at": 1_900_000_000.0, "at_iso": "2030-03-17T17:46:40Z"}
+
+
+async def test_health_shows_vip_trouble_the_last_failover_and_a_rebuild() -> None:
+    failover = FailoverRecord(term=4, reason="election", outage_s=1.25, wall_time=1_700_000_000.0)
+    statuses = three(vip_error="198.18.0.100 answers from another host", last_failover=failover)
+    statuses["c"] = status("c", rebuild=RebuildStatus("a", started_at=1_700_000_000.0))
+    async with Cluster(statuses) as c:
+        _, body, _ = await c.call("a", "GET", "/health")
+        _, other, _ = await c.call("b", "GET", "/health")
+        _, rebuilding, _ = await c.call("c", "GET", "/health")
+    assert body["vip_held"] is True and body["vip_error"] == "198.18.0.100 answers from another host"
+    assert body["last_failover"] == {"term": 4, "reason": "election", "duration_s": 1.25,
+                                     "wall_time": 1_700_000_000.0, "time": "2023-11-14T22:13:20Z"}
+    assert other["vip_error"] is None and other["last_failover"] is None and other["reinit"] is None
+    assert rebuilding["reinit"] == {"from": "a", "started": "2023-11-14T22:13:20Z", "finished": None, "running": True,
+                                    "error": None}
 
 
 async def test_witness_health_has_no_postgres() -> None:
@@ -302,18 +355,20 @@ async def test_history() -> None:
 _SAMPLE = re.compile(r'failoverd_[a-z_]+\{member="[a-z]+"(,[a-z_]+="[^"\\\n]*")*\} (-?[0-9.e+]+|NaN|\+Inf)')
 
 
-async def test_metrics_are_prometheus_text(cluster: Cluster) -> None:
-    fake = cluster.fakes["a"]
-    fake.counters.events.update({"election_started": 2, "fence": 1, "vote_granted": 4})
-    fake.counters.elected["election"] += 1
-    fake.counters.promotions["election"] += 1
-    fake.counters.failovers = 1
-    fake.counters.last_failover_duration_s = 0.75
-    fake.counters.last_failover_wall_time = 1_700_000_000.5
-    cluster.peer_metrics.received = 42
-    cluster.peer_metrics.rejected["unauthenticated"] += 3
-    await cluster.call("a", "POST", "/pause")  # a 401, counted
-    code, text, resp = await cluster.call("a", "GET", "/metrics")
+async def test_metrics_are_prometheus_text() -> None:
+    failover = FailoverRecord(term=3, reason="election", outage_s=0.75, wall_time=1_700_000_000.5)
+    async with Cluster(three(last_failover=failover)) as cluster:
+        fake = cluster.fakes["a"]
+        fake.counters.events.update({"election_started": 2, "fence": 1, "vote_granted": 4})
+        # Elected and promoted by an election: one failover, counted from the core's typed events.
+        fake.counters.count(ev.RoleChanged(node="a", term=3, role="leader", previous="candidate", reason="election"))
+        fake.counters.count(ev.Promoted(node="a", term=3, position=Position(1, 5000), reason="election",
+                                        outage_s=0.75))
+        cluster.peer_metrics.received = 42
+        cluster.peer_metrics.rejected["unauthenticated"] += 3
+        await cluster.call("a", "POST", "/pause")  # a 401, counted
+        code, text, resp = await cluster.call("a", "GET", "/metrics")
+        _, text_b, _ = await cluster.call("b", "GET", "/metrics")
     assert code == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     samples = {}
     for line in text.splitlines():
@@ -330,15 +385,18 @@ async def test_metrics_are_prometheus_text(cluster: Cluster) -> None:
     assert samples['failoverd_postgres_state{member="a",state="primary"}'] == 1
     assert samples['failoverd_elections_started_total{member="a"}'] == 2
     assert samples['failoverd_elections_won_total{member="a"}'] == 1
+    assert samples['failoverd_promotions_total{member="a",reason="election"}'] == 1
     assert samples['failoverd_failovers_total{member="a"}'] == 1
     assert samples['failoverd_last_failover_duration_seconds{member="a"}'] == 0.75
     assert samples['failoverd_last_failover_timestamp_seconds{member="a"}'] == 1_700_000_000.5
     assert samples['failoverd_fences_total{member="a"}'] == 1
+    assert samples['failoverd_core_events_total{member="a",event="promoted"}'] == 1
     assert samples['failoverd_peer_messages_received_total{member="a"}'] == 42
     assert samples['failoverd_peer_messages_rejected_total{member="a",reason="unauthenticated"}'] == 3
     assert samples['failoverd_api_requests_rejected_total{member="a",reason="unauthenticated"}'] == 1
-    _, text_b, _ = await cluster.call("b", "GET", "/metrics")
     assert 'failoverd_replication_lag_bytes{member="b"} 1000' in text_b
+    # No failover known to b: its gauges are absent, not zero.
+    assert "failoverd_last_failover_duration_seconds" not in text_b
 
 
 # -------------------------------------------------------------------- auth
@@ -419,7 +477,7 @@ async def test_unknown_paths_methods_and_huge_bodies(cluster: Cluster) -> None:
 
 
 async def test_a_failing_handler_answers_500_without_a_traceback(cluster: Cluster) -> None:
-    def broken() -> SupervisorStatus:
+    def broken() -> MemberStatus:
         raise RuntimeError("secret internals")
 
     cluster.fakes["a"].status = broken  # type: ignore[method-assign]
@@ -450,27 +508,65 @@ async def test_a_refusal_by_the_core_is_409_with_its_reason(cluster: Cluster) ->
     assert code == 409 and body == {"ok": False, "error": "b lags by 99999 bytes (limit 16777216)", "member": "a"}
 
 
-async def test_switchover_now_checkpoints_first(cluster: Cluster) -> None:
+REPLY_STATUSES = [
+    (ReplyCode.OK, "POST", "/pause", None, 200),
+    (ReplyCode.OK, "POST", "/reinit", {"node": "a"}, 202),
+    (ReplyCode.CONFLICT, "POST", "/reinit", {"node": "a"}, 409),
+    (ReplyCode.INVALID, "POST", "/failover", {"to": "a"}, 409),
+    (ReplyCode.CONFLICT, "DELETE", "/switchover", None, 409),
+    (ReplyCode.UNAVAILABLE, "POST", "/resume", None, 503),
+    (ReplyCode.UNAVAILABLE, "POST", "/reinit", {"node": "a"}, 503),
+]
+
+
+@pytest.mark.parametrize(("code", "method", "path", "body", "expected"), REPLY_STATUSES,
+                         ids=[f"{r[0].name}:{r[1]} {r[2]}" for r in REPLY_STATUSES])
+async def test_reply_codes_map_to_http_statuses(cluster: Cluster, code: ReplyCode, method: str, path: str,
+                                                body: Any, expected: int) -> None:
+    cluster.fakes["a"].reply = (code, f"the core says {code.value}")
+    status_, answer, _ = await cluster.call("a", method, path, body=body, headers=AUTH)
+    assert status_ == expected, answer
+    if code is ReplyCode.OK:
+        assert answer == {"ok": True, "message": "the core says ok", "member": "a"}
+    elif code is ReplyCode.UNAVAILABLE:
+        assert answer == {"error": "the core says unavailable"}  # reached no core that could act: retry
+    else:
+        assert answer == {"ok": False, "error": f"the core says {code.value}", "member": "a"}
+    assert len(cluster.fakes["a"].requests()) == 1
+    assert all(f.calls == [] for n, f in cluster.fakes.items() if n != "a")
+
+
+async def test_the_api_hands_a_switchover_to_the_core_and_checkpoints_nothing(cluster: Cluster) -> None:
+    # The CHECKPOINT before a switchover is the leader's core's (Checkpoint
+    # action); the API only submits the request: no other supervisor call.
     fake = cluster.fakes["a"]
-    code, _, _ = await cluster.call("a", "POST", "/switchover", body={"to": "b"}, headers=AUTH)
-    assert code == 200
-    assert [what for what, _ in fake.calls] == ["checkpoint", "request"]
+    code, body, _ = await cluster.call("a", "POST", "/switchover", body={"to": "b"}, headers=AUTH)
+    assert code == 200 and body["member"] == "a"
+    assert [what for what, _ in fake.calls] == ["request"]
     req = fake.requests()[0]
     assert isinstance(req, Switchover) and (req.target, req.at) == ("b", None)
-
-
-async def test_a_failed_checkpoint_does_not_stop_the_switchover(cluster: Cluster, _captured_logs) -> None:
-    fake = cluster.fakes["a"]
-    fake.checkpoint_error = TimeoutError()
     code, _, _ = await cluster.call("a", "POST", "/switchover", body={}, headers=AUTH)
-    assert code == 200 and isinstance(fake.requests()[0], Switchover) and fake.requests()[0].target is None
-    assert any(e["event"] == "pg_checkpoint_failed" for e in _captured_logs)
+    assert code == 200 and fake.requests()[1].target is None
 
 
-async def test_no_checkpoint_when_paused_or_scheduled() -> None:
-    async with Cluster(three(paused=True)) as c:
-        await c.call("a", "POST", "/switchover", body={"to": "b"}, headers=AUTH)
-        assert [what for what, _ in c.fakes["a"].calls] == ["request"]
+async def test_a_switchover_is_answered_when_the_core_answers(cluster: Cluster) -> None:
+    # The leader's core answers a switchover once its CHECKPOINT is done: the
+    # HTTP answer waits for it, and says what the core said.
+    fake = cluster.fakes["a"]
+    fake.hold = asyncio.Event()
+    fake.reply = (ReplyCode.OK, "switchover to b started")
+    call = asyncio.create_task(cluster.call("a", "POST", "/switchover", body={"to": "b"}, headers=AUTH))
+    while not fake.requests():
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)
+    assert not call.done()
+    fake.hold.set()
+    code, body, _ = await call
+    assert code == 200 and body == {"ok": True, "message": "switchover to b started", "member": "a"}
+    assert len(fake.requests()) == 1
+
+
+async def test_a_scheduled_switchover_goes_to_the_core_with_its_time() -> None:
     async with Cluster(three()) as c:
         at = time.time() + 3600
         await c.call("a", "POST", "/switchover", body={"to": "b", "at": at}, headers=AUTH)
@@ -483,24 +579,35 @@ async def test_no_checkpoint_when_paused_or_scheduled() -> None:
         assert reqs[0].at == at and reqs[1].at == float(int(at))
 
 
-async def test_scheduled_switchover_gets_a_checkpoint_shortly_before(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api_module, "SCHEDULE_POLL_S", 0.02)
-    async with Cluster(three(switchover_to="b", switchover_at=time.time() + 60)) as c:
-        await asyncio.sleep(0.2)
-        assert c.fakes["a"].calls == []  # not yet: 60 s to go
-        c.fakes["a"].st = dataclasses.replace(c.fakes["a"].st, switchover_at=time.time() + 5)
-        await asyncio.sleep(0.2)
-        assert [what for what, _ in c.fakes["a"].calls] == ["checkpoint"]  # once, not at every poll
+async def test_the_api_schedules_nothing_before_a_scheduled_switchover() -> None:
+    # The CHECKPOINT shortly before a scheduled switchover is the core's (from
+    # the leader's tick): the API only reports the schedule.
+    async with Cluster(three(switchover_to="b", switchover_at=time.time() + 5)) as c:
+        await asyncio.sleep(0.3)
+        code, body, _ = await c.call("a", "GET", "/health")
+        assert code == 200 and body["switchover"]["to"] == "b"
+        assert all(f.calls == [] for f in c.fakes.values())
 
 
-async def test_followers_forward_admin_requests_to_the_leader(cluster: Cluster) -> None:
+async def test_a_redirect_is_forwarded_to_the_member_it_names(cluster: Cluster) -> None:
+    cluster.fakes["c"].reply = (ReplyCode.REDIRECT, "c is not the leader; a is", "a")
     code, body, _ = await cluster.call("c", "POST", "/pause", headers=AUTH)
-    assert code == 200 and body["member"] == "a" and body["forwarded_by"] == "c"
+    assert code == 200 and body == {"ok": True, "message": "done", "member": "a", "forwarded_by": "c"}
     assert [type(r) for r in cluster.fakes["a"].requests()] == [Pause]
-    assert cluster.fakes["c"].calls == []
-    # The caller's credentials travel with it: a wrong token is refused (by c, before forwarding).
+    assert [type(r) for r in cluster.fakes["c"].requests()] == [Pause]  # c's core redirected it
+    assert cluster.fakes["b"].calls == []
+    # The caller's credentials travel with it: a wrong token is refused (by c, before its core is asked).
     code, _, _ = await cluster.call("c", "POST", "/pause", headers={"Authorization": "Bearer bad"})
-    assert code == 403 and len(cluster.fakes["a"].requests()) == 1
+    assert code == 403 and len(cluster.fakes["a"].requests()) == 1 and len(cluster.fakes["c"].requests()) == 1
+
+
+async def test_the_forwarded_answer_is_the_targets_whatever_it_is(cluster: Cluster) -> None:
+    cluster.fakes["a"].reply = (ReplyCode.CONFLICT, "the cluster is paused")
+    code, body, _ = await cluster.call("b", "POST", "/switchover", body={"to": "c"}, headers=AUTH)
+    assert code == 409 and body == {"ok": False, "error": "the cluster is paused", "member": "a", "forwarded_by": "b"}
+    cluster.fakes["a"].reply = (ReplyCode.UNAVAILABLE, "a is stepping down; retry shortly")
+    code, body, _ = await cluster.call("b", "POST", "/pause", headers=AUTH)
+    assert code == 503 and body == {"error": "a is stepping down; retry shortly", "forwarded_by": "b"}
 
 
 async def test_forwarding_when_the_leader_is_down_or_unknown() -> None:
@@ -510,44 +617,67 @@ async def test_forwarding_when_the_leader_is_down_or_unknown() -> None:
     statuses = three()
     statuses["b"] = status("b", leader=None, leader_live=False)
     async with Cluster(statuses) as c:
+        c.fakes["b"].reply = (ReplyCode.UNAVAILABLE, "b knows no live leader; retry shortly")
         code, body, _ = await c.call("b", "POST", "/resume", headers=AUTH)
-        assert code == 503 and "no live leader" in body["error"]
+        assert code == 503 and body == {"error": "b knows no live leader; retry shortly"}
+        assert c.fakes["a"].calls == [] and c.fakes["c"].calls == []
 
 
 async def test_a_forwarded_request_is_never_forwarded_again(cluster: Cluster) -> None:
-    headers = {**AUTH, "X-Failoverd-Forwarded-By": "c"}
-    code, body, _ = await cluster.call("b", "POST", "/pause", headers=headers)
-    assert code == 503 and "b is not the leader" in body["error"]
-    assert all(f.calls == [] for f in cluster.fakes.values())
+    cluster.fakes["b"].reply = (ReplyCode.REDIRECT, "b is not the leader; a is", "a")
+    code, body, _ = await cluster.call("b", "POST", "/pause", headers={**AUTH, FORWARDED: "c"})
+    assert code == 503 and "b is not the leader; a is" in body["error"] and "not forwarded twice" in body["error"]
+    assert [type(r) for r in cluster.fakes["b"].requests()] == [Pause]
+    assert cluster.fakes["a"].calls == [] and cluster.fakes["c"].calls == []
+
+
+async def test_a_redirect_met_after_forwarding_is_503(cluster: Cluster) -> None:
+    # c's view says b leads, b's says a does (leadership just moved): c
+    # forwards once, b does not forward again, and the caller may retry.
+    cluster.fakes["c"].reply = (ReplyCode.REDIRECT, "c is not the leader; b is", "b")
+    cluster.fakes["b"].reply = (ReplyCode.REDIRECT, "b is not the leader; a is", "a")
+    code, body, _ = await cluster.call("c", "POST", "/pause", headers=AUTH)
+    assert code == 503 and body["forwarded_by"] == "c" and "not forwarded twice" in body["error"]
+    assert len(cluster.fakes["c"].requests()) == 1 and len(cluster.fakes["b"].requests()) == 1
+    assert cluster.fakes["a"].calls == []
 
 
 async def test_failover_goes_to_the_leader_when_one_is_alive(cluster: Cluster) -> None:
     code, body, _ = await cluster.call("b", "POST", "/failover", body={"to": "c"}, headers=AUTH)
-    assert code == 200 and body["member"] == "a"
+    assert code == 200 and body["member"] == "a" and body["forwarded_by"] == "b"
     req = cluster.fakes["a"].requests()[0]
     assert isinstance(req, Failover) and (req.target, req.allow_data_loss) == ("c", False)
+    assert cluster.fakes["c"].calls == []
 
 
 async def test_failover_without_a_live_leader_goes_to_the_target() -> None:
     orphaned = {n: status(n, leader=None, leader_live=False, primary_position=None) for n in NAMES}
-    async with Cluster(orphaned, down=()) as c:
+    async with Cluster(orphaned) as c:
+        c.fakes["a"].reply = (ReplyCode.REDIRECT, "no live leader: the failover goes to c", "c")
+        c.fakes["c"].reply = (ReplyCode.OK, "c campaigns")
         code, body, _ = await c.call("a", "POST", "/failover", body={"to": "c", "allow_data_loss": True},
                                      headers=AUTH)
-        assert code == 200 and body["member"] == "c" and body["forwarded_by"] == "a"
+        assert code == 200 and body == {"ok": True, "message": "c campaigns", "member": "c", "forwarded_by": "a"}
         req = c.fakes["c"].requests()[0]
         assert isinstance(req, Failover) and (req.target, req.allow_data_loss) == ("c", True)
+        c.fakes["b"].reply = (ReplyCode.OK, "b campaigns")
         code, body, _ = await c.call("b", "POST", "/failover", body={"to": "b"}, headers=AUTH)
         assert code == 200 and body["member"] == "b" and "forwarded_by" not in body
-        assert c.fakes["a"].calls == []
+        assert len(c.fakes["a"].requests()) == 1 and len(c.fakes["c"].requests()) == 1
 
 
 async def test_reinit_goes_to_the_named_member(cluster: Cluster) -> None:
+    cluster.fakes["a"].reply = (ReplyCode.REDIRECT, "c rebuilds itself", "c")
+    cluster.fakes["c"].reply = (ReplyCode.OK, "rebuilding c from a")
     code, body, _ = await cluster.call("a", "POST", "/reinit", body={"node": "c"}, headers=AUTH)
-    assert code == 202 and body["member"] == "c" and body["message"] == "rebuilding c from a"
-    assert cluster.fakes["c"].calls == [("reinit", None)] and cluster.fakes["a"].calls == []
-    cluster.fakes["b"].reinit_refusal = "b's PostgreSQL is a primary"
+    assert code == 202 and body == {"ok": True, "message": "rebuilding c from a", "member": "c", "forwarded_by": "a"}
+    (req,) = cluster.fakes["c"].requests()
+    assert isinstance(req, Reinit) and req.member == "c"
+    assert [type(r) for r in cluster.fakes["a"].requests()] == [Reinit]
+    cluster.fakes["b"].reply = (ReplyCode.CONFLICT, "b's PostgreSQL is a primary")
     code, body, _ = await cluster.call("b", "POST", "/reinit", body={"node": "b"}, headers=AUTH)
     assert code == 409 and body["error"] == "b's PostgreSQL is a primary"
-    code, body, _ = await cluster.call("b", "POST", "/reinit", body={"node": "c"},
-                                       headers={**AUTH, "X-Failoverd-Forwarded-By": "a"})
-    assert code == 409 and "not c" in body["error"]
+    cluster.fakes["b"].reply = (ReplyCode.REDIRECT, "c rebuilds itself", "c")
+    code, body, _ = await cluster.call("b", "POST", "/reinit", body={"node": "c"}, headers={**AUTH, FORWARDED: "a"})
+    assert code == 503 and "c rebuilds itself" in body["error"]
+    assert len(cluster.fakes["c"].requests()) == 1

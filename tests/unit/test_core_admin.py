@@ -10,7 +10,7 @@ from failoverd.core import actions as act
 from failoverd.core.messages import ProtocolError, TimeoutNow, VoteRequest, decode_message, encode_message
 from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Switchover
 from failoverd.core.state import ClusterState, PgRole, Role
-from core_helpers import T, Wire, env, events, kinds, make_spec, obs, of_type, pos
+from core_helpers import T, Wire, env, events, kinds, make_spec, obs, of_type, pos, switchover
 from test_core_leader import elected, promoted, ready_for_switchover, run
 
 WALL = 1_800_000_000.0  # a wall-clock time for the scheduling tests
@@ -112,7 +112,7 @@ def test_scheduled_switchover_survives_a_change_of_leader():
 def test_past_time_means_now():
     w = ready_for_switchover()
     wall_tick(w, "a", 2.26, WALL)
-    out = w["a"].request(Switchover(1, "b", WALL - 5), 2.27)
+    out = switchover(w["a"], Switchover(1, "b", WALL - 5), 2.27)
     assert reply_of(out).ok and of_type(out, act.Demote) == [act.Demote("switchover")]
 
 
@@ -124,7 +124,7 @@ def test_failover_on_leader_is_allowed_while_paused_and_ignores_lag_bound():
     request(w, "a", Pause(1), 2.2)
     w.observe("b", obs(at=2.25, lsn=100 * 1024 * 1024 - T.switchover_max_lag_bytes - 1, following="a"), 2.25)
     w.tick("a", 2.31)  # a heartbeat round: a learns b's position
-    assert not reply_of(w["a"].request(Switchover(2, "b"), 2.32)).ok  # paused
+    assert not reply_of(switchover(w["a"], Switchover(2, "b"), 2.32)).ok  # paused
     out = request(w, "a", Failover(3, "b"), 2.33)
     assert reply_of(out["a"]) == act.Reply(3, act.ReplyCode.OK, "failover to b started")
     assert of_type(out["a"], act.Demote) == [act.Demote("switchover")]
@@ -137,10 +137,10 @@ def test_failover_to_leader_itself_refused():
     assert not reply.ok and "already the leader" in reply.message
 
 
-def test_failover_at_target_refused_while_the_leader_is_alive():
+def test_failover_at_target_goes_to_the_leader_while_it_is_alive():
     w = ready_for_switchover()
     reply = reply_of(w["b"].request(Failover(1, "b"), 2.3))
-    assert not reply.ok and "send the failover to the leader" in reply.message
+    assert reply.code is act.ReplyCode.REDIRECT and reply.redirect == "a"
     assert w["b"].role is Role.FOLLOWER and w["b"].term == 1
 
 

@@ -7,7 +7,7 @@ switchover target before its promotion when nothing can be lost by it."""
 
 from __future__ import annotations
 
-from core_helpers import T, Wire, events, make_spec, messages, obs, of_type, pos, sends
+from core_helpers import T, Wire, events, make_spec, messages, obs, of_type, pos, sends, switchover
 from test_core_leader import elected, promoted, ready_for_switchover
 
 from failoverd.core import actions as act
@@ -57,7 +57,7 @@ def test_no_report_to_a_leader_of_an_older_term():
 def test_stopped_leader_heartbeats_at_once_with_its_final_position():
     w = ready_for_switchover()
     a = w["a"]
-    w.deliver("a", a.request(Switchover(1, "b"), 2.3), 2.3)
+    w.deliver("a", switchover(a, Switchover(1, "b"), 2.3), 2.3)
     w.observe("b", obs(at=2.35, lsn=1100, following="a"), 2.35)
     out = w.deliver("a", a.observe(obs(PgRole.STOPPED, at=2.4, lsn=1200), 2.4), 2.4)
     (hb,) = messages(out["a"], Heartbeat, to="c")
@@ -76,7 +76,7 @@ def test_target_of_a_scheduled_switchover_does_not_probe_on_every_heartbeat():
     w = ready_for_switchover()
     a = w["a"]
     a.ctx.wall_time = 1000.0
-    w.deliver("a", a.request(Switchover(2, "b", at=5000.0), 2.3), 2.3)
+    w.deliver("a", switchover(a, Switchover(2, "b", at=5000.0), 2.3), 2.3)
     assert w["b"].state.switchover_to == "b" and w["b"].state.switchover_at == 5000.0
     out = w.tick("a", 2.4)
     assert of_type(out["b"], act.ProbeNow) == []
@@ -85,7 +85,7 @@ def test_target_of_a_scheduled_switchover_does_not_probe_on_every_heartbeat():
 def test_switchover_handover_only_after_final_position_reached():
     w = ready_for_switchover()
     a = w["a"]
-    w.deliver("a", a.request(Switchover(3, "b"), 2.3), 2.3)
+    w.deliver("a", switchover(a, Switchover(3, "b"), 2.3), 2.3)
     # b reports (as a running switchover's target) before a's server stopped:
     # no handover yet, whatever b reports.
     w.deliver("b", w["b"].observe(obs(at=2.32, lsn=5000, following="a"), 2.32), 2.32, hold=(TimeoutNow,))
@@ -101,7 +101,7 @@ def _switched(c_lsn=1000, final=1200, b_lsn=1200, c_timeline=1):
     w = ready_for_switchover()
     w.observe("c", obs(at=2.29, lsn=c_lsn, following="a", timeline=c_timeline), 2.29)
     a = w["a"]
-    w.deliver("a", a.request(Switchover(4, "b"), 2.3), 2.3)
+    w.deliver("a", switchover(a, Switchover(4, "b"), 2.3), 2.3)
     w.deliver("a", a.observe(obs(PgRole.STOPPED, at=2.4, lsn=final), 2.4), 2.4)
     w.deliver("b", w["b"].observe(obs(at=2.45, lsn=b_lsn, following=None), 2.45), 2.45)
     return w
@@ -192,7 +192,7 @@ def test_two_data_members_and_a_witness_switch_over_too():
     w.observe("b", obs(at=2.2, following="a"), 2.2)
     w.tick("a", 2.25)
     a = w["a"]
-    w.deliver("a", a.request(Switchover(5, "b"), 2.3), 2.3)
+    w.deliver("a", switchover(a, Switchover(5, "b"), 2.3), 2.3)
     w.deliver("a", a.observe(obs(PgRole.STOPPED, at=2.4, lsn=1000), 2.4), 2.4)
     w.deliver("b", w["b"].observe(obs(at=2.45, lsn=1000), 2.45), 2.45)
     assert w["b"].role is Role.LEADER and w["b"].term == 2
@@ -223,7 +223,7 @@ def test_old_primary_restarts_once_streaming_from_the_successor():
     assert [f for f in of_type(w.log["a"], act.Follow) if f.leader == "b"] == [act.Follow("b", 2)]
     # Had nobody won, it would start as a standby (to be able to stand) soon after.
     v = ready_for_switchover()
-    v.deliver("a", v["a"].request(Switchover(6, "b"), 2.3), 2.3)
+    v.deliver("a", switchover(v["a"], Switchover(6, "b"), 2.3), 2.3)
     v.deliver("a", v["a"].observe(obs(PgRole.STOPPED, at=2.4, lsn=1200), 2.4), 2.4)
     # b's VoteRequests never arrive: no early follow, no new leader.
     v.deliver("b", v["b"].observe(obs(at=2.45, lsn=1200), 2.45), 2.45, hold=(VoteRequest,))
@@ -239,7 +239,7 @@ def test_old_primary_restarts_once_streaming_from_the_successor():
 def test_a_probe_begun_before_the_demote_does_not_make_the_leader_writable_again():
     w = ready_for_switchover()
     a = w["a"]
-    w.deliver("a", a.request(Switchover(7, "b"), 2.3), 2.3)
+    w.deliver("a", switchover(a, Switchover(7, "b"), 2.3), 2.3)
     assert not a.lead.primary_ready
     out = w.deliver("a", a.observe(obs(PgRole.PRIMARY, at=2.31, lsn=1200), 2.31), 2.31)
     assert not a.lead.primary_ready and "promoted" not in events(out["a"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from core_helpers import (
-    LEASE_REFUSAL, T, Wire, env, events, first_index, kinds, make_spec, messages, obs, of_type, pos, sends, voter,
+    LEASE_REFUSAL, T, Wire, env, events, first_index, kinds, make_spec, messages, obs, of_type, pos, sends, switchover, voter,
 )
 
 from failoverd.core import actions as act
@@ -357,14 +357,14 @@ def ready_for_switchover(b_lsn=1000, b_following=True, b_role=PgRole.STANDBY, **
 
 def test_switchover_refused_by_non_leader():
     w = promoted()
-    (reply,) = of_type(w["b"].request(Switchover(7, "c"), 2.2), act.Reply)
+    (reply,) = of_type(switchover(w["b"], Switchover(7, "c"), 2.2), act.Reply)
     assert reply.request_id == 7 and not reply.ok and "not the leader" in reply.message
 
 
 def test_switchover_refused_when_paused():
     w = ready_for_switchover()
     w.deliver("a", w["a"].request(Pause(1), 2.3), 2.3)
-    out = w["a"].request(Switchover(2, "b"), 2.3)
+    out = switchover(w["a"], Switchover(2, "b"), 2.3)
     assert of_type(out, act.Reply) == [act.Reply(2, act.ReplyCode.CONFLICT, "the cluster is paused")]
     assert of_type(out, act.Demote) == [] and w["a"].lead.transfer is None
 
@@ -373,7 +373,7 @@ def test_switchover_refused_when_target_lags():
     w = promoted(lsn=100 * MiB)
     w.observe("b", obs(at=2.2, lsn=100 * MiB - T.switchover_max_lag_bytes - 1, following="a"), 2.2)
     w.tick("a", 2.25)
-    (reply,) = of_type(out := w["a"].request(Switchover(3, "b"), 2.3), act.Reply)
+    (reply,) = of_type(out := switchover(w["a"], Switchover(3, "b"), 2.3), act.Reply)
     assert not reply.ok and "lags by" in reply.message and of_type(out, act.Demote) == []
 
 
@@ -384,7 +384,7 @@ def test_switchover_refused_when_target_lags():
 ])
 def test_switchover_refused_when_target_not_healthy(kw, text):
     w = ready_for_switchover(**kw)
-    (reply,) = of_type(out := w["a"].request(Switchover(4, "b"), 2.3), act.Reply)
+    (reply,) = of_type(out := switchover(w["a"], Switchover(4, "b"), 2.3), act.Reply)
     assert not reply.ok and text in reply.message
     assert of_type(out, act.Demote) == [] and of_type(out, act.ReleaseVip) == []
 
@@ -392,21 +392,21 @@ def test_switchover_refused_when_target_not_healthy(kw, text):
 @pytest.mark.parametrize(("target", "text"), [("zz", "not a member"), ("a", "already the primary")])
 def test_switchover_refused_for_bad_target(target, text):
     w = ready_for_switchover()
-    (reply,) = of_type(w["a"].request(Switchover(5, target), 2.3), act.Reply)
+    (reply,) = of_type(switchover(w["a"], Switchover(5, target), 2.3), act.Reply)
     assert not reply.ok and text in reply.message
 
 
 def test_switchover_refused_before_leader_is_primary():
     w = elected()
-    (reply,) = of_type(w["a"].request(Switchover(6, "b"), 2.05), act.Reply)
+    (reply,) = of_type(switchover(w["a"], Switchover(6, "b"), 2.05), act.Reply)
     assert not reply.ok and "not yet a primary" in reply.message
 
 
 def test_switchover_releases_vip_demotes_then_hands_over_when_target_caught_up():
     w = ready_for_switchover()
     a = w["a"]
-    out = a.request(Switchover(8, "b"), 2.3)
-    assert kinds(out) == ["Persist", "ReleaseVip", "Demote", "ProbeNow", "Reply"]
+    out = switchover(a, Switchover(8, "b"), 2.3)
+    assert kinds(out) == ["Checkpoint", "Persist", "ReleaseVip", "Demote", "ProbeNow", "Reply"]
     assert of_type(out, act.Reply)[0].ok and a.state.switchover_to == "b"
     assert of_type(out, act.Persist)[0].state.state.switchover_to == "b"
     w.deliver("a", out, 2.3)
@@ -436,7 +436,7 @@ def test_switchover_long_after_promotion_is_not_aborted_as_promotion_timeout():
     w.tick_all(now)
     a = w["a"]
     assert a.role is Role.LEADER
-    out = w.deliver("a", a.request(Switchover(9, "b"), now + 0.01), now + 0.01)
+    out = w.deliver("a", switchover(a, Switchover(9, "b"), now + 0.01), now + 0.01)
     assert of_type(out["a"], act.Reply)[0].ok
     out = w.tick("a", now + 0.1, hold=(TimeoutNow,))
     assert a.role is Role.LEADER, [e.event.fields() for e in of_type(out["a"], act.Emit)]  # waits for PG to stop
@@ -450,7 +450,7 @@ def test_switchover_long_after_promotion_is_not_aborted_as_promotion_timeout():
 
 def test_switchover_aborted_after_transfer_timeout():
     w = ready_for_switchover()
-    w.deliver("a", w["a"].request(Switchover(10, "b"), 2.3), 2.3)
+    w.deliver("a", switchover(w["a"], Switchover(10, "b"), 2.3), 2.3)
     # PostgreSQL never reports stopped; the leader gives up and fences itself.
     run(w, 2.4, 2.3 + T.transfer_timeout_s - 0.05)
     assert w["a"].role is Role.LEADER and w["a"].lead.transfer is not None

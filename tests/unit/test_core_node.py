@@ -402,12 +402,12 @@ def test_nofailover_and_witness_never_campaign(name):
     [
         ("no probe", lambda n: None),
         ("stale probe", lambda n: n.observe(obs(at=0.0), 0.0)),
-        ("primary already known, pg absent", None),
+        ("cluster initialised, pg absent", None),
     ],
 )
 def test_no_campaign_without_recent_standby_probe(label, setup):
     if setup is None:
-        state = ClusterState(stamp=StateStamp(1, 1), primary="b")
+        state = ClusterState(stamp=StateStamp(1, 2), primary="b", initialized=True)
         node = make_node(make_spec(), "a", persisted=PersistentState(term=1, state=state))
         node.observe(obs(PgRole.ABSENT, at=2.0, lsn=None), 2.0)
     else:
@@ -421,6 +421,36 @@ def test_absent_postgres_campaigns_to_bootstrap_an_uninitialised_cluster():
     node.observe(obs(PgRole.ABSENT, at=2.0, lsn=None), 2.0)
     node.tick(2.0)
     assert node.role is Role.PRE_CANDIDATE
+
+
+def test_a_first_leader_that_died_before_its_initdb_finished_leaves_the_cluster_to_bootstrap():
+    # Found by the simulator (a slow initdb, then the leader killed): with the
+    # old rule (no campaign once a primary was named) every member stayed
+    # empty and waited for ever.
+    state = ClusterState(stamp=StateStamp(1, 1), primary="b")  # b was elected, never saw its server writable
+    node = make_node(make_spec(), "a", persisted=PersistentState(term=1, state=state))
+    node.observe(obs(PgRole.ABSENT, at=2.0, lsn=None), 2.0)
+    node.tick(2.0)
+    assert node.role is Role.PRE_CANDIDATE
+
+
+def test_the_first_primary_records_that_the_cluster_is_initialised():
+    w = Wire(make_spec())
+    w.observe_data(2.0, role=PgRole.ABSENT, lsn=None)
+    w.tick("a", 2.0)
+    w.tick("a", 2.1)
+    assert not w["a"].state.initialized
+    w.observe("a", obs(PgRole.PRIMARY, at=2.2, lsn=10), 2.2)
+    assert all(w[n].state.initialized for n in "abc")
+
+
+def test_a_state_file_from_before_the_initialized_flag_loads_as_initialised_if_it_named_a_primary():
+    old = ClusterState(stamp=StateStamp(3, 9), primary="b").to_wire()
+    del old["initialized"]
+    assert ClusterState.from_wire(old).initialized
+    fresh = ClusterState().to_wire()
+    del fresh["initialized"]
+    assert not ClusterState.from_wire(fresh).initialized
 
 
 def test_paused_cluster_does_not_campaign():

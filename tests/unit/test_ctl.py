@@ -23,7 +23,8 @@ from test_api_wiring import tls_files  # noqa: F401 (a fixture)
 
 from failoverd.ctl import drill
 from failoverd.core.actions import ReplyCode
-from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Resume, Switchover
+from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Reinit, Resume, Switchover
+from failoverd.core.status import RebuildStatus
 from failoverd.core.state import HistoryEntry, Position
 from failoverd.ctl.commands import failoverctl_main
 
@@ -221,7 +222,8 @@ def test_switchover_waits_for_the_new_primary(served: Served) -> None:
     assert result.output.splitlines()[0] == "done" and result.output.splitlines()[1].startswith("b is the primary (")
     req = served.fake("a").requests()[0]
     assert isinstance(req, Switchover) and (req.target, req.at) == ("b", None)
-    assert served.fake("a").calls[0][0] == "checkpoint"
+    # One request to the leader's core, which checkpoints before it answers: nothing else from the API.
+    assert [what for what, _ in served.fake("a").calls] == ["request"]
 
 
 def test_switchover_refused_or_not_completing(served: Served) -> None:
@@ -258,24 +260,30 @@ def test_failover(served: Served) -> None:
 
 
 def test_reinit(served: Served) -> None:
-    def rebuilt() -> None:
-        from failoverd.runtime.supervisor import ReinitStatus
+    def rebuilt(error: str | None) -> None:
         served.fake("c").st = dataclasses.replace(
-            served.fake("c").st, reinit=ReinitStatus("a", time.time(), time.time(), None))
+            served.fake("c").st, rebuild=RebuildStatus("a", time.time(), running=False, finished_at=time.time(),
+                                                       error=error))
 
     result = served.ctl("reinit", "c", "--force", "--no-wait")
     assert result.exit_code == 0 and result.output.strip() == "rebuilding c from a"
-    served.fake("b").reinit_refusal = "b is leader: only a follower's standby can be rebuilt"
+    (req,) = served.fake("c").requests()
+    assert isinstance(req, Reinit) and req.member == "c"
+    served.fake("b").reply = (ReplyCode.CONFLICT, "b is leader: only a follower's standby can be rebuilt")
     result = served.ctl("reinit", "b", "--force")
     assert result.exit_code == 1 and "only a follower" in result.output
-    rebuilt()
+    rebuilt(None)
     result = served.ctl("reinit", "c", "--force", "--wait-timeout", "5")
     assert result.exit_code == 0 and "c is streaming again" in result.output
-    from failoverd.runtime.supervisor import ReinitStatus
-    served.fake("c").st = dataclasses.replace(
-        served.fake("c").st, reinit=ReinitStatus("a", time.time(), time.time(), "pg_basebackup failed"))
+    rebuilt("pg_basebackup failed")
     result = served.ctl("reinit", "c", "--force", "--wait-timeout", "5")
     assert result.exit_code == 1 and "rebuilding c failed: pg_basebackup failed" in result.output
+
+
+def test_reinit_with_no_primary_to_clone_from(served: Served) -> None:
+    served.fake("c").reply = (ReplyCode.CONFLICT, "c knows no live primary to clone from")
+    result = served.ctl("reinit", "c", "--force", "--no-wait")
+    assert result.exit_code == 1 and "c knows no live primary to clone from" in result.output
 
 
 def test_tls(tls_files: tuple[Path, Path], tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import stat
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from failoverd.adapters import programs
 from failoverd.config.load import HooksConfig
 from failoverd.runtime.hooks import HookRunner
 
@@ -22,7 +24,8 @@ def script(tmp_path: Path, name: str, body: str) -> str:
 
 
 def runner(hooks: HooksConfig) -> HookRunner:
-    return HookRunner(hooks, cluster="pgc", node="a", vip="198.18.0.10/24", log=structlog.get_logger("t"))
+    return HookRunner(hooks, cluster="pgc", node="a", vip="198.18.0.10/24", log=structlog.get_logger("t"),
+                      run=functools.partial(programs.run, user=None, check=False))
 
 
 async def test_role_change_hooks_run_in_order_with_documented_environment(tmp_path):

@@ -486,7 +486,21 @@ def _base_wire(kind: str) -> dict:
         ),
         "heartbeat_ack": HeartbeatAck(cluster="c", sender="s", term=1, position=pos),
     }[kind]
-    return encode_message(full)
+    wire = encode_message(full)
+    # Every field present, defaults included (the encoder leaves those out),
+    # so that each can be made invalid.
+    for field in dataclasses.fields(full):
+        if field.name not in wire:
+            default = field.default
+            wire[field.name] = default.to_wire() if hasattr(default, "to_wire") else default
+    return wire
+
+
+def test_fields_at_their_default_are_left_out_and_read_back():
+    msg = HeartbeatAck(cluster="c", sender="s", term=1, seq=4, success=True)
+    wire = encode_message(msg)
+    assert set(wire) == {"type", "cluster", "sender", "term", "seq", "success"}
+    assert decode_message(wire) == msg
 
 
 # (message type, path, JSON literal) that must be refused.

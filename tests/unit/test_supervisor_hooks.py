@@ -19,7 +19,7 @@ class RecordingHooks:
         self.calls.append(("role", term, role, previous))
 
     def vip_changed(self, *, term, action, reason):
-        self.calls.append(("vip", term, action))
+        self.calls.append(("vip", term, action, reason))
 
     async def pre_promote(self, term):
         self.calls.append(("pre_promote", term))
@@ -36,6 +36,50 @@ async def test_role_change_hook_reports_the_new_leader():
         assert ("role", c.sups[leader].node.term, "leader", "candidate") in calls
         # pre_promote ran before the promotion of the leader's PostgreSQL
         assert ("pre_promote", c.sups[leader].node.term) in calls
+
+
+class QuietVip:
+    """A VIP that is always added at once."""
+
+    def precheck(self) -> None:
+        return None
+
+    async def acquire(self) -> None:
+        return None
+
+    async def acquisition_result(self) -> str | None:
+        return None
+
+    async def release(self) -> None:
+        return None
+
+
+async def test_vip_hooks_follow_the_cores_vip_events():
+    c = Cluster()
+    hooks = c.give_each("hooks", lambda name: RecordingHooks())
+    c.give_each("vip", lambda name: QuietVip())
+    async with c:
+        await c.wait_for(lambda: _ready(c))
+        leader = c.leader()
+        term = c.sups[leader].node.term
+        await c.wait_for(lambda: ("vip", term, "acquired", "promoted") in hooks[leader].calls)
+        assert [call for n, h in hooks.items() if n != leader for call in h.calls if call[0] == "vip"] == []
+        await c.sups[leader].stop()  # steps down, releasing the VIP
+        calls = hooks[leader].calls
+        assert ("vip", term, "released", "supervisor shutting down") in calls
+        assert ("role", term, "follower", "leader") in calls
+        assert calls.index(("vip", term, "acquired", "promoted")) < calls.index(("role", term, "follower", "leader"))
+
+
+async def test_no_vip_hook_without_a_vip():
+    c = Cluster()
+    hooks = c.give_each("hooks", lambda name: RecordingHooks())
+    async with c:
+        await c.wait_for(lambda: _ready(c))
+        leader = c.leader()
+        await c.wait_for(lambda: any(call[0] == "role" and call[2] == "leader" for call in hooks[leader].calls))
+        await c.sups[leader].stop()
+        assert [call for h in hooks.values() for call in h.calls if call[0] == "vip"] == []
 
 
 async def test_a_pre_promote_veto_hands_leadership_on_and_nobody_is_promoted_behind_it():
