@@ -10,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test venv simulate clean postgres-server net-tools bench-failover
+.PHONY: test venv simulate clean postgres-server net-tools bench-failover lint unit format
 
 $(STAMP): pyproject.toml
 	@if [ ! -x "$(PYTHON_SYSTEM)" ]; then echo "need $(PYTHON_SYSTEM) (Debian: apt-get install python3)"; exit 1; fi
@@ -60,6 +60,22 @@ net-tools:
 # does because any non-zero status fails make.
 test: $(STAMP) postgres-server net-tools
 	$(PY) -m pytest
+
+# Lint and type checks: ruff (rules and format) everywhere, mypy with strict
+# checks on the protocol core and the port protocols (pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check failoverd tests bench
+	$(VENV)/bin/ruff format --check failoverd tests bench
+	$(VENV)/bin/mypy
+
+# Rewrite the code the way `make lint` wants it.
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix failoverd tests bench
+	$(VENV)/bin/ruff format failoverd tests bench
+
+# The inner loop: the unit tests only (no PostgreSQL, no namespaces), under a minute.
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
 
 .PHONY: bench demo
 

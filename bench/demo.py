@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "integration"), str(REPO)]
 
-from pg_helpers import pg_os_user, require_bin_dir  # noqa: E402
+from pg_helpers import pg_os_user, require_bin_dir
 
 DETECTED = ("lease lost", "fence decided", "pre-vote", "election")
 
@@ -41,8 +41,13 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def show_timeline(rows: list[tuple[str, float | None, str]], unavailable: float | None, lost: int,
-                  dual: int, dual_how: str = "sampled every 50 ms, and the VIP on two hosts") -> None:
+def show_timeline(
+    rows: list[tuple[str, float | None, str]],
+    unavailable: float | None,
+    lost: int,
+    dual: int,
+    dual_how: str = "sampled every 50 ms, and the VIP on two hosts",
+) -> None:
     say("")
     say("timeline (seconds after the failure was injected)")
     for what, t, detail in rows:
@@ -119,8 +124,10 @@ async def loopback_demo(bin_dir: Path, keep: bool) -> int:
     try:
         say("starting failoverd db1, db2, db3 on 127.0.0.1; bootstrapping")
         old, writer, sampler = await start_watched(cluster, healthy_timeout_s=180, settle_s=2.0)
-        say(f"primary: {old}; writer on a multi-host DSN (target_session_attrs=read-write); "
-            f"SIGKILL of {old}'s postmaster")
+        say(
+            f"primary: {old}; writer on a multi-host DSN (target_session_attrs=read-write); "
+            f"SIGKILL of {old}'s postmaster"
+        )
         kill_wall, kill_t = time.time(), time.monotonic()
         os.kill(cluster.postmaster_pid(old), signal.SIGKILL)
         first = await first_write_not_by(writer, old, kill_t, 60)
@@ -129,8 +136,7 @@ async def loopback_demo(bin_dir: Path, keep: bool) -> int:
         await sampler.stop()
         new = await cluster.wait_for("one primary", cluster.primary, 60)
         lost = len(await writer.missing_on(new))
-        events = [dict(e, wall=_wall(e.get("timestamp"))) for s in cluster.supervisors.values()
-                  for e in s.log_events()]
+        events = [dict(e, wall=_wall(e.get("timestamp"))) for s in cluster.supervisors.values() for e in s.log_events()]
         events = sorted((e for e in events if (e["wall"] or 0) >= kill_wall), key=lambda e: e["wall"])
 
         def at(match) -> tuple[float | None, str]:
@@ -150,8 +156,12 @@ async def loopback_demo(bin_dir: Path, keep: bool) -> int:
             rows.append((what, t, detail))
         rows.append(("VIP moved", None, "no VIP on loopback: clients follow the multi-host DSN"))
         rows.append(("first write", None if first is None else round(first - kill_t, 3), f"acknowledged by {new}"))
-        gaps = [b - a for a, b in zip([kill_t, *[t for t in writer.acked_at if t > kill_t]],
-                                      [t for t in writer.acked_at if t > kill_t])]
+        gaps = [
+            b - a
+            for a, b in zip(
+                [kill_t, *[t for t in writer.acked_at if t > kill_t]], [t for t in writer.acked_at if t > kill_t]
+            )
+        ]
         show_timeline(rows, round(max(gaps), 3) if gaps else None, lost, len(sampler.dual), "sampled every 50 ms")
         return 0 if lost == 0 and not sampler.dual and first is not None else 1
     finally:

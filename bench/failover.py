@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests" / "e2e"), str(REPO / "tests" / "integration"), str(REPO)]
 
-from pg_helpers import pg_os_user, require_bin_dir  # noqa: E402
+from pg_helpers import pg_os_user, require_bin_dir
 
 GOALS = {
     "unavailable_median_s": 1.5,  # isolate-primary and kill-postmaster
@@ -73,17 +73,27 @@ async def lab_round(index: int, bin_dir: Path, faults: list[str], *, idle_s: flo
                 except Exception as error:  # noqa: BLE001 - recorded; this round's cluster may be broken
                     kept = lab.save_logs()
                     out["errors"].append({"fault": name, "error": repr(error)[:2000], "logs": str(kept)})
-                    print(f"  {name}: FAILED after {time.monotonic() - started:.0f} s (logs kept in {kept}): "
-                          f"{error!r}"[:600], flush=True)
+                    print(
+                        f"  {name}: FAILED after {time.monotonic() - started:.0f} s (logs kept in {kept}): {error!r}"[
+                            :600
+                        ],
+                        flush=True,
+                    )
                     return out
                 out["runs"].append(r.as_dict())
-                print(f"  {name:20} {r.old_primary}->{r.new_primary} unavailable {r.unavailable_s} s "
-                      f"lost {r.lost} dual {r.dual_primary_samples}/{r.dual_vip} failover {r.failover}", flush=True)
+                print(
+                    f"  {name:20} {r.old_primary}->{r.new_primary} unavailable {r.unavailable_s} s "
+                    f"lost {r.lost} dual {r.dual_primary_samples}/{r.dual_vip} failover {r.failover}",
+                    flush=True,
+                )
             if stability_s:
                 r = await run_stability(lab, monitor, next(ids), stability_s, Profile(100, 50, 2))
                 out["runs"].append(r.as_dict())
-                print(f"  stability {r.note}: failover {r.failover}, disruptions {r.disruptions}, "
-                      f"pre-votes {r.pre_votes}, lost {r.lost}", flush=True)
+                print(
+                    f"  stability {r.note}: failover {r.failover}, disruptions {r.disruptions}, "
+                    f"pre-votes {r.pre_votes}, lost {r.lost}",
+                    flush=True,
+                )
         except Exception as error:  # noqa: BLE001 - recorded; the directory is kept for its logs
             kept = lab.save_logs()
             out["errors"].append({"fault": "round", "error": traceback.format_exc()[-3000:], "logs": str(kept)})
@@ -101,8 +111,10 @@ def table(rounds: list[dict], faults: list[str]) -> tuple[list[str], dict]:
     for rnd in rounds:
         for r in rnd["runs"]:
             by_fault.setdefault(r["fault"], []).append(r)
-    lines = [f"{'fault':22}{'runs':>5}{'median s':>10}{'min s':>8}{'max s':>8}{'failovers':>11}"
-             f"{'false':>7}{'lost':>6}{'dual pg':>9}{'dual vip':>10}"]
+    lines = [
+        f"{'fault':22}{'runs':>5}{'median s':>10}{'min s':>8}{'max s':>8}{'failovers':>11}"
+        f"{'false':>7}{'lost':>6}{'dual pg':>9}{'dual vip':>10}"
+    ]
     summary = {}
     for name in [*faults, "stability"]:
         runs = by_fault.get(name, [])
@@ -123,9 +135,11 @@ def table(rounds: list[dict], faults: list[str]) -> tuple[list[str], dict]:
         }
         summary[name] = s
         shown = name if name != "stability" else "stability profile"
-        lines.append(f"{shown:22}{s['runs']:>5}{_f(s['unavailable_median_s']):>10}{_f(s['unavailable_min_s']):>8}"
-                     f"{_f(s['unavailable_max_s']):>8}{s['failovers']:>11}{s['false_failovers']:>7}"
-                     f"{s['lost_acked_writes']:>6}{s['dual_primary_samples']:>9}{s['dual_vip']:>10}")
+        lines.append(
+            f"{shown:22}{s['runs']:>5}{_f(s['unavailable_median_s']):>10}{_f(s['unavailable_min_s']):>8}"
+            f"{_f(s['unavailable_max_s']):>8}{s['failovers']:>11}{s['false_failovers']:>7}"
+            f"{s['lost_acked_writes']:>6}{s['dual_primary_samples']:>9}{s['dual_vip']:>10}"
+        )
     return lines, summary
 
 
@@ -139,8 +153,12 @@ def goals(summary: dict, idle: dict | None) -> list[tuple[str, bool]]:
         if name not in summary:
             continue  # not in this run's --faults
         median = summary[name].get("unavailable_median_s")
-        checks.append((f"{name}: median unavailability {median} s < {GOALS['unavailable_median_s']} s",
-                       median is not None and median < GOALS["unavailable_median_s"]))
+        checks.append(
+            (
+                f"{name}: median unavailability {median} s < {GOALS['unavailable_median_s']} s",
+                median is not None and median < GOALS["unavailable_median_s"],
+            )
+        )
     lost = sum(s["lost_acked_writes"] for s in summary.values())
     dual = sum(s["dual_primary_samples"] + s["dual_vip"] for s in summary.values())
     checks.append((f"lost acknowledged writes: {lost} (goal 0)", lost == 0))
@@ -151,9 +169,15 @@ def goals(summary: dict, idle: dict | None) -> list[tuple[str, bool]]:
     if idle:
         rss = max(v["rss_mb"] for v in idle.values())
         cpu = max(v["cpu_percent"] for v in idle.values())
-        checks.append((f"idle supervisor RSS, largest: {rss} MB < {GOALS['idle_rss_mb']:g} MB", rss < GOALS["idle_rss_mb"]))
-        checks.append((f"idle supervisor CPU, largest: {cpu}% of a core < {GOALS['idle_cpu_percent']:g}%",
-                       cpu < GOALS["idle_cpu_percent"]))
+        checks.append(
+            (f"idle supervisor RSS, largest: {rss} MB < {GOALS['idle_rss_mb']:g} MB", rss < GOALS["idle_rss_mb"])
+        )
+        checks.append(
+            (
+                f"idle supervisor CPU, largest: {cpu}% of a core < {GOALS['idle_cpu_percent']:g}%",
+                cpu < GOALS["idle_cpu_percent"],
+            )
+        )
     return checks
 
 
@@ -174,22 +198,35 @@ def main_lab(args: argparse.Namespace, bin_dir: Path) -> int:
     rounds = []
     for i in range(args.runs):
         print(f"round {i + 1} of {args.runs}", flush=True)
-        rounds.append(asyncio.run(lab_round(i, bin_dir, faults, idle_s=args.idle_s if i == 0 else 0,
-                                            stability_s=args.stability_s if i == args.runs - 1 else 0)))
+        rounds.append(
+            asyncio.run(
+                lab_round(
+                    i,
+                    bin_dir,
+                    faults,
+                    idle_s=args.idle_s if i == 0 else 0,
+                    stability_s=args.stability_s if i == args.runs - 1 else 0,
+                )
+            )
+        )
     lines, summary = table(rounds, faults)
     idle = next((r["idle"] for r in rounds if "idle" in r), None)
     print()
-    print(f"failover matrix: {args.runs} rounds, default timing, 3 data members, quorum ANY 1, "
-          f"clients on the VIP only ({time.time() - started:.0f} s)")
+    print(
+        f"failover matrix: {args.runs} rounds, default timing, 3 data members, quorum ANY 1, "
+        f"clients on the VIP only ({time.time() - started:.0f} s)"
+    )
     print("unavailability: longest stretch without an acknowledged write, from the fault until writes flow again")
     for line in lines:
         print("  " + line)
     if idle:
         print("idle supervisors (RSS, CPU share of one core):")
         for name, v in idle.items():
-            print(f"  {name} ({v['role']}, {v['mode']}): {v['rss_mb']} MB, {v['cpu_percent']}% "
-                  f"(its watchdog: {v.get('watchdog_rss_mb')} MB, {v.get('watchdog_cpu_percent')}%) "
-                  f"over {v.get('seconds')} s")
+            print(
+                f"  {name} ({v['role']}, {v['mode']}): {v['rss_mb']} MB, {v['cpu_percent']}% "
+                f"(its watchdog: {v.get('watchdog_rss_mb')} MB, {v.get('watchdog_cpu_percent')}%) "
+                f"over {v.get('seconds')} s"
+            )
     checks = goals(summary, idle)
     print("goals:")
     for text, ok in checks:
@@ -199,9 +236,19 @@ def main_lab(args: argparse.Namespace, bin_dir: Path) -> int:
         print(f"  run failed: {e['fault']}: {e['error'][:300]}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"mode": "lab", "summary": summary, "idle": idle,
-                                         "goals": [{"goal": t, "met": ok} for t, ok in checks],
-                                         "errors": errors, "rounds": rounds}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "mode": "lab",
+                    "summary": summary,
+                    "idle": idle,
+                    "goals": [{"goal": t, "met": ok} for t, ok in checks],
+                    "errors": errors,
+                    "rounds": rounds,
+                },
+                indent=1,
+            )
+        )
         print(f"written: {args.json}")
     unsafe = any(s["lost_acked_writes"] or s["dual_primary_samples"] or s["dual_vip"] for s in summary.values())
     return 1 if unsafe or errors else 0
@@ -225,8 +272,12 @@ def main() -> int:
     # The harness probes with the daemon's adapter; its chatter is not the result.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("auto", "lab", "loopback"), default="auto",
-                        help="auto: the lab where namespaces work, loopback otherwise")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "lab", "loopback"),
+        default="auto",
+        help="auto: the lab where namespaces work, loopback otherwise",
+    )
     parser.add_argument("--runs", type=int, default=5, help="rounds of the fault matrix (lab) or kills (loopback)")
     parser.add_argument("--faults", default="", help="comma-separated subset of the matrix (lab)")
     parser.add_argument("--stability-s", type=float, default=180.0, help="length of the stability profile (lab)")

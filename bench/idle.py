@@ -27,9 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "integration"), str(REPO)]
 
-from cluster_harness import LocalCluster  # noqa: E402
-from lab import process_usage  # noqa: E402
-from pg_helpers import pg_os_user, require_bin_dir  # noqa: E402
+from cluster_harness import LocalCluster
+from lab import process_usage
+from pg_helpers import pg_os_user, require_bin_dir
 
 SETTLE_S = 5.0  # after the cluster is healthy: the standbys' first catch-up is not idle
 
@@ -51,11 +51,17 @@ async def measure(bin_dir: Path, heartbeat_s: float, seconds: float) -> dict:
         members = {}
         for name, pid in pids.items():
             rss, cpu_s = process_usage(pid)
-            members[name] = {"role": "primary" if name == primary else "standby",
-                             "rss_mb": round(rss / 2**20, 1),
-                             "cpu_percent": round((cpu_s - before[name]) / elapsed * 100, 2)}
-        return {"heartbeat_interval_s": heartbeat_s, "seconds": round(elapsed, 1),
-                "load_average": [round(x, 2) for x in os.getloadavg()], "members": members}
+            members[name] = {
+                "role": "primary" if name == primary else "standby",
+                "rss_mb": round(rss / 2**20, 1),
+                "cpu_percent": round((cpu_s - before[name]) / elapsed * 100, 2),
+            }
+        return {
+            "heartbeat_interval_s": heartbeat_s,
+            "seconds": round(elapsed, 1),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "members": members,
+        }
     finally:
         cluster.cleanup()
         shutil.rmtree(base, ignore_errors=True)
@@ -67,8 +73,13 @@ def main() -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0, help="measurement length per setting")
-    parser.add_argument("--heartbeat", type=float, action="append", default=None,
-                        help="heartbeat_interval_s to measure (repeat for several; default 0.1 and 0.2)")
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        action="append",
+        default=None,
+        help="heartbeat_interval_s to measure (repeat for several; default 0.1 and 0.2)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     bin_dir = require_bin_dir()

@@ -72,8 +72,12 @@ def run(runs: int, bin_dir: Path, os_user: str, owner) -> tuple[dict, list[dict]
     results = [asyncio.run(one_run(i, bin_dir, os_user, owner)) for i in range(runs)]
     summary = summarize(results)
     print(f"postmaster SIGKILL -> first acknowledged write on the new primary (loopback), {len(results)} runs")
-    print(f"  median {summary['unavailable_median_s']} s, min {summary['unavailable_min_s']} s, "
-          f"max {summary['unavailable_max_s']} s")
-    print(f"  lost acknowledged writes {summary['lost_acked_writes']}, "
-          f"two-primary samples {summary['dual_primary_samples']}")
+    print(
+        f"  median {summary['unavailable_median_s']} s, min {summary['unavailable_min_s']} s, "
+        f"max {summary['unavailable_max_s']} s"
+    )
+    print(
+        f"  lost acknowledged writes {summary['lost_acked_writes']}, "
+        f"two-primary samples {summary['dual_primary_samples']}"
+    )
     return summary, results

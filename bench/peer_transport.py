@@ -75,6 +75,7 @@ async def main(messages: int) -> None:
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
+
             async def one_post() -> None:
                 async with session.post(f"{base}/message", data=BODY, headers={"X-Signature": sign(BODY)}) as r:
                     await r.read()

@@ -55,11 +55,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests" / "integration"), str(REPO)]
 
-import asyncpg  # noqa: E402
-from cluster_harness import DualPrimarySampler, LocalCluster  # noqa: E402
-from pg_helpers import pg_os_user, require_bin_dir  # noqa: E402
+import asyncpg
+from cluster_harness import DualPrimarySampler, LocalCluster
+from pg_helpers import pg_os_user, require_bin_dir
 
-from failoverd.ctl.drill import CREATE_TABLE, ProbeWriter, missing_acks  # noqa: E402
+from failoverd.ctl.drill import CREATE_TABLE, ProbeWriter, missing_acks
 
 GOAL_MEDIAN_S = 0.5
 # (label, member: "old" or "new" or "other", event, extra condition on the event)
@@ -85,15 +85,20 @@ def parse_ts(text: str) -> float:
 
 def phase_times(cluster: LocalCluster, old: str, new: str, since_wall: float, until_wall: float) -> dict:
     """Wall times of the phases, from the supervisors' logs."""
-    logs = {name: [e for e in sup.log_events() if "timestamp" in e and since_wall <= parse_ts(e["timestamp"]) <= until_wall]
-            for name, sup in cluster.supervisors.items()}
+    logs = {
+        name: [e for e in sup.log_events() if "timestamp" in e and since_wall <= parse_ts(e["timestamp"]) <= until_wall]
+        for name, sup in cluster.supervisors.items()
+    }
     out: dict[str, float | None] = {}
     for label, who, event, cond in PHASES:
         names = [old] if who == "old" else [new] if who == "new" else [n for n in logs if n != new]
         events = event if isinstance(event, tuple) else (event,)
-        found = [parse_ts(e["timestamp"]) for n in names for e in logs[n]
-                 if e.get("event") in events and (cond is None or cond(e))
-                 and (who != "other" or e.get("upstream") == new)]
+        found = [
+            parse_ts(e["timestamp"])
+            for n in names
+            for e in logs[n]
+            if e.get("event") in events and (cond is None or cond(e)) and (who != "other" or e.get("upstream") == new)
+        ]
         out[label] = min(found) if found else None
     # The leader's core asks for the CHECKPOINT as soon as it accepts the request.
     accepted = next((e for e in logs[old] if e.get("event") == "checkpoint"), None)
@@ -107,6 +112,7 @@ async def healthy_with_writes(cluster: LocalCluster, writer: ProbeWriter, primar
 
     async def flowing() -> bool:
         return len(writer.acked_by(primary)) >= mark + count
+
     await cluster.wait_for(f"writes acknowledged by {primary}", flowing, 30)
 
 
@@ -120,6 +126,7 @@ async def one_switchover(cluster: LocalCluster, writer: ProbeWriter, old: str, t
 
     async def new_acks() -> bool:
         return writer.pause_after(old, sent_mono) is not None
+
     await cluster.wait_for(f"a write acknowledged by {target}", new_acks, 60)
     pause = writer.pause_after(old, sent_mono)
     await healthy_with_writes(cluster, writer, target, count=10)
@@ -134,7 +141,9 @@ async def one_switchover(cluster: LocalCluster, writer: ProbeWriter, old: str, t
     finally:
         await conn.close()
     result = {
-        "run": index, "old_primary": old, "new_primary": pause.first_new.server,
+        "run": index,
+        "old_primary": old,
+        "new_primary": pause.first_new.server,
         "write_pause_s": round(pause.seconds, 3),
         "lost_acked_writes": len(missing),
         "failoverctl_s": round(ctl_s, 3),
@@ -147,12 +156,20 @@ async def one_switchover(cluster: LocalCluster, writer: ProbeWriter, old: str, t
 
 async def connect_socket(cluster: LocalCluster, name: str) -> asyncpg.Connection:
     adapter = cluster.adapters[name]
-    return await asyncpg.connect(host=str(adapter.socket_dir), port=adapter.pg.port, user="postgres",
-                                 database="postgres", timeout=5)
+    return await asyncpg.connect(
+        host=str(adapter.socket_dir), port=adapter.pg.port, user="postgres", database="postgres", timeout=5
+    )
 
 
-async def bench(runs: int, interval_s: float, bin_dir: Path, os_user: str, owner,
-                keep_logs: Path | None = None, retry_s: float = 0.05) -> tuple[dict, list[dict]]:
+async def bench(
+    runs: int,
+    interval_s: float,
+    bin_dir: Path,
+    os_user: str,
+    owner,
+    keep_logs: Path | None = None,
+    retry_s: float = 0.05,
+) -> tuple[dict, list[dict]]:
     base = Path(tempfile.mkdtemp(prefix="failoverd-swbench-", dir="/tmp"))
     os.chmod(base, 0o755)
     cluster = LocalCluster(base, bin_dir, os_user, owner)
@@ -163,8 +180,14 @@ async def bench(runs: int, interval_s: float, bin_dir: Path, os_user: str, owner
         hosts, ports = cluster.dsn_hosts()
 
         async def connect() -> asyncpg.Connection:
-            return await asyncpg.connect(host=hosts, port=ports, user="postgres", database="postgres",
-                                         target_session_attrs="read-write", timeout=2)
+            return await asyncpg.connect(
+                host=hosts,
+                port=ports,
+                user="postgres",
+                database="postgres",
+                target_session_attrs="read-write",
+                timeout=2,
+            )
 
         conn = await connect()
         try:
@@ -190,9 +213,13 @@ async def bench(runs: int, interval_s: float, bin_dir: Path, os_user: str, owner
         finally:
             await conn.close()
         summary = summarize(results)
-        summary.update(acked_writes=len(writer.acks), lost_acked_writes_final=len(missing),
-                       writer_errors=writer.errors, dual_primary_samples=len(sampler.dual),
-                       samples=sampler.samples)
+        summary.update(
+            acked_writes=len(writer.acks),
+            lost_acked_writes_final=len(missing),
+            writer_errors=writer.errors,
+            dual_primary_samples=len(sampler.dual),
+            samples=sampler.samples,
+        )
         return summary, results
     except Exception:
         print(cluster.logs()[-8000:], file=sys.stderr)
@@ -228,16 +255,24 @@ def summarize(results: list[dict]) -> dict:
 
 def report(summary: dict, interval_ms: float) -> None:
     print()
-    print(f"planned switchover, loopback, 3 data members, default timing, quorum ANY 1, "
-          f"one INSERT every {interval_ms:g} ms through a multi-host read-write connection: {summary['runs']} runs")
-    print(f"  write pause: median {summary['write_pause_median_s']} s, min {summary['write_pause_min_s']} s, "
-          f"max {summary['write_pause_max_s']} s")
+    print(
+        f"planned switchover, loopback, 3 data members, default timing, quorum ANY 1, "
+        f"one INSERT every {interval_ms:g} ms through a multi-host read-write connection: {summary['runs']} runs"
+    )
+    print(
+        f"  write pause: median {summary['write_pause_median_s']} s, min {summary['write_pause_min_s']} s, "
+        f"max {summary['write_pause_max_s']} s"
+    )
     met = summary["write_pause_median_s"] is not None and summary["write_pause_median_s"] < GOAL_MEDIAN_S
-    print(f"  [{'met' if met else 'MISSED'}] goal: median write pause < {GOAL_MEDIAN_S} s "
-          f"(load average {summary['loadavg_1min']}, machine shared with other work)")
-    print(f"  lost acknowledged writes: {summary['lost_acked_writes']} per run, "
-          f"{summary['lost_acked_writes_final']} on the final primary (of {summary['acked_writes']}); "
-          f"two-primaries samples: {summary['dual_primary_samples']} of {summary['samples']}")
+    print(
+        f"  [{'met' if met else 'MISSED'}] goal: median write pause < {GOAL_MEDIAN_S} s "
+        f"(load average {summary['loadavg_1min']}, machine shared with other work)"
+    )
+    print(
+        f"  lost acknowledged writes: {summary['lost_acked_writes']} per run, "
+        f"{summary['lost_acked_writes_final']} on the final primary (of {summary['acked_writes']}); "
+        f"two-primaries samples: {summary['dual_primary_samples']} of {summary['samples']}"
+    )
     print("  phases, seconds after the request reached the leader (median, min, max):")
     for key, v in summary["phases_s"].items():
         print(f"    {key:20} {v['median']:7.3f} {v['min']:7.3f} {v['max']:7.3f}")
@@ -260,14 +295,24 @@ def main() -> int:
     bin_dir = require_bin_dir()
     os_user, owner = pg_os_user()
     load_before = os.getloadavg()[0]
-    summary, results = asyncio.run(bench(args.runs, args.interval_ms / 1000, bin_dir, os_user, owner, args.keep_logs,
-                                         retry_s=args.retry_ms / 1000))
+    summary, results = asyncio.run(
+        bench(args.runs, args.interval_ms / 1000, bin_dir, os_user, owner, args.keep_logs, retry_s=args.retry_ms / 1000)
+    )
     summary["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # before, after
     report(summary, args.interval_ms)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"command": " ".join(["bench/switchover.py", *sys.argv[1:]]), "summary": summary,
-                                     "runs": results, "interval_ms": args.interval_ms, "retry_ms": args.retry_ms},
-                                    indent=1))
+    args.json.write_text(
+        json.dumps(
+            {
+                "command": " ".join(["bench/switchover.py", *sys.argv[1:]]),
+                "summary": summary,
+                "runs": results,
+                "interval_ms": args.interval_ms,
+                "retry_ms": args.retry_ms,
+            },
+            indent=1,
+        )
+    )
     print(f"written: {args.json}")
     bad = summary["lost_acked_writes"] or summary["lost_acked_writes_final"] or summary["dual_primary_samples"]
     return 1 if bad or len(results) < args.runs else 0

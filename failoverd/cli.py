@@ -13,7 +13,6 @@ from failoverd.config.load import Config, ConfigError, load_config
 from failoverd.core.spec import ClusterSpec, ReplicationMode, Timing
 from failoverd.sim.command import simulate_command
 
-
 EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus= stops restarts on it
 
 
@@ -45,7 +44,9 @@ def check_config(file: Path, node: str | None) -> None:
 
 
 @failoverd_main.command("run", short_help="Run the supervisor of this member in the foreground.")
-@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="The cluster's configuration file.")
+@click.option(
+    "--config", "config_file", required=True, type=click.Path(path_type=Path), help="The cluster's configuration file."
+)
 @click.option("--node", metavar="NAME", help="The member this host is. Default: the member named like this host.")
 @click.pass_context
 def run(ctx: click.Context, config_file: Path, node: str | None) -> None:

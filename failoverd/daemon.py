@@ -34,18 +34,18 @@ from pathlib import Path
 import structlog
 
 from failoverd.adapters import programs
-from failoverd.api.server import ApiServer
-from failoverd.api.client import ApiClient, bind_address, client_ssl_context, load_token, server_ssl_context
-from failoverd.runtime import sdnotify
-from failoverd.config.load import Config, ConfigError, load_config
-from failoverd.core.node import Node
-from failoverd.runtime.hooks import HookRunner
 from failoverd.adapters.peers import PeerClient, PeerMetrics, PeerServer
-from failoverd.runtime.reload import plan_reload
-from failoverd.config.secrets import SecretError, load_secret
 from failoverd.adapters.statefile import StateFile, StateFileError
-from failoverd.runtime.supervisor import Supervisor, new_rng
 from failoverd.adapters.watchdog import WatchdogError, WatchdogHandle
+from failoverd.api.client import ApiClient, bind_address, client_ssl_context, load_token, server_ssl_context
+from failoverd.api.server import ApiServer
+from failoverd.config.load import Config, ConfigError, load_config
+from failoverd.config.secrets import SecretError, load_secret
+from failoverd.core.node import Node
+from failoverd.runtime import sdnotify
+from failoverd.runtime.hooks import HookRunner
+from failoverd.runtime.reload import plan_reload
+from failoverd.runtime.supervisor import Supervisor, new_rng
 
 
 def _peer_timeout_s(config: Config) -> float:
@@ -139,8 +139,9 @@ async def _run_daemon(config: Config, notifier: sdnotify.Notifier) -> None:
         os.close(lock_fd)
 
 
-async def _reload(config: Config, supervisor: Supervisor, hooks: HookRunner, notifier: sdnotify.Notifier,
-                  log) -> Config:
+async def _reload(
+    config: Config, supervisor: Supervisor, hooks: HookRunner, notifier: sdnotify.Notifier, log
+) -> Config:
     """Apply what may change live; return the configuration now in force."""
     notifier.reloading()
     try:
@@ -163,8 +164,13 @@ async def _reload(config: Config, supervisor: Supervisor, hooks: HookRunner, not
         if plan.logging is not None:
             configure_logging(new)
             applied.append("logging")
-        log.info("config_reloaded", term=supervisor.node.term, applied=applied,
-                 needs_restart=list(plan.needs_restart), refused=list(plan.refused))
+        log.info(
+            "config_reloaded",
+            term=supervisor.node.term,
+            applied=applied,
+            needs_restart=list(plan.needs_restart),
+            refused=list(plan.refused),
+        )
         # Keep the old values of what was not applied, so a later reload
         # still compares against what is really running.
         return dataclasses.replace(
@@ -204,8 +210,9 @@ def _api_tls(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | No
         raise StartupError(f"API TLS ([api] tls_*): {error}") from None
 
 
-async def _run(config: Config, local, secret: bytes, token: str | None, statefile: StateFile, log,
-               notifier: sdnotify.Notifier) -> None:
+async def _run(
+    config: Config, local, secret: bytes, token: str | None, statefile: StateFile, log, notifier: sdnotify.Notifier
+) -> None:
     try:
         persisted = statefile.load()
     except StateFileError as error:
@@ -228,19 +235,33 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
         from failoverd.adapters.postgres.adapter import PostgresAdapter
 
         postgres = PostgresAdapter(config, local, secret, keep_probe_connection=True)
-        watchdog = WatchdogHandle(local.postgres.data_dir, local.postgres.bin_dir,
-                                  vip_release_command=None if vip is None else vip.release_command())
+        watchdog = WatchdogHandle(
+            local.postgres.data_dir,
+            local.postgres.bin_dir,
+            vip_release_command=None if vip is None else vip.release_command(),
+        )
         try:
             await watchdog.start()
         except WatchdogError as error:
             raise StartupError(f"fencing watchdog: {error}") from None
     others = {n.name: n.peer for n in config.nodes if n.name != local.name}
     peer_metrics = PeerMetrics()
-    client = PeerClient(config.spec.name, secret, others, timeout_s=_peer_timeout_s(config),
-                        metrics=peer_metrics, ssl_context=peer_client_tls)
-    hooks = HookRunner(config.hooks, cluster=config.spec.name, node=local.name,
-                       run=functools.partial(programs.run, user=None, check=False),
-                       vip=None if config.vip is None else str(config.vip.address), log=log)
+    client = PeerClient(
+        config.spec.name,
+        secret,
+        others,
+        timeout_s=_peer_timeout_s(config),
+        metrics=peer_metrics,
+        ssl_context=peer_client_tls,
+    )
+    hooks = HookRunner(
+        config.hooks,
+        cluster=config.spec.name,
+        node=local.name,
+        run=functools.partial(programs.run, user=None, check=False),
+        vip=None if config.vip is None else str(config.vip.address),
+        log=log,
+    )
     supervisor = Supervisor(
         node,
         hooks=hooks,
@@ -253,13 +274,28 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
         probe_interval_s=config.spec.timing.heartbeat_interval_s,
         log=log,
     )
-    server = PeerServer(config.spec.name, secret, supervisor.on_message, member=local.name,
-                        host=local.peer.host, port=local.peer.port,
-                        metrics=peer_metrics, ssl_context=peer_server_tls)
+    server = PeerServer(
+        config.spec.name,
+        secret,
+        supervisor.on_message,
+        member=local.name,
+        host=local.peer.host,
+        port=local.peer.port,
+        metrics=peer_metrics,
+        ssl_context=peer_server_tls,
+    )
     listen = bind_address(config, local)
-    api = ApiServer(config, local, supervisor, host=listen.host, port=listen.port, token=token,
-                    peer_metrics=peer_metrics, ssl_context=server_tls,
-                    client=ApiClient(token=token, ssl_context=client_tls))
+    api = ApiServer(
+        config,
+        local,
+        supervisor,
+        host=listen.host,
+        port=listen.port,
+        token=token,
+        peer_metrics=peer_metrics,
+        ssl_context=server_tls,
+        client=ApiClient(token=token, ssl_context=client_tls),
+    )
     stop = asyncio.Event()
     reload_asked = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -283,14 +319,21 @@ async def _run(config: Config, local, secret: bytes, token: str | None, statefil
         notifier.ready(sdnotify.status_line(supervisor.status()))
         if notifier.enabled:
             interval = notifier.watchdog_interval_s
-            pinger = asyncio.create_task(sdnotify.watchdog_pinger(
-                notifier, interval,
-                healthy=lambda: _ticking(supervisor, interval),
-                status=lambda: sdnotify.status_line(supervisor.status()),
-            ), name="sd_watchdog")
+            pinger = asyncio.create_task(
+                sdnotify.watchdog_pinger(
+                    notifier,
+                    interval,
+                    healthy=lambda: _ticking(supervisor, interval),
+                    status=lambda: sdnotify.status_line(supervisor.status()),
+                ),
+                name="sd_watchdog",
+            )
         while True:
-            waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(supervisor.failed.wait()),
-                       asyncio.create_task(reload_asked.wait())]
+            waiters = [
+                asyncio.create_task(stop.wait()),
+                asyncio.create_task(supervisor.failed.wait()),
+                asyncio.create_task(reload_asked.wait()),
+            ]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for w in waiters:
                 w.cancel()

@@ -38,7 +38,7 @@ import math
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -47,7 +47,11 @@ from aiohttp import web
 
 from failoverd.config.load import HostPort
 from failoverd.core.messages import (
-    MAX_MESSAGE_BYTES, Message, ProtocolError, decode_message_bytes, encode_message_bytes,
+    MAX_MESSAGE_BYTES,
+    Message,
+    ProtocolError,
+    decode_message_bytes,
+    encode_message_bytes,
 )
 
 PATH = "/peer/v1/message"
@@ -59,7 +63,7 @@ REPLAY_CACHE_MAX = 65536  # at ~10 messages/s per peer, hours of headroom within
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 _ERROR_TEXT_MAX = 300
 
-OnMessage = Callable[[Message], "Awaitable[None] | None"]
+OnMessage = Callable[[Message], Awaitable[None] | None]
 log = structlog.get_logger("failoverd.adapters.peers")
 
 
@@ -170,8 +174,12 @@ class PeerServer:
     def _reject(self, request: web.Request, rejected: _Rejected, message: Message | None) -> web.Response:
         self.metrics.rejected[rejected.reason] += 1
         log.warning(
-            "peer_message_rejected", reason=rejected.reason, status=rejected.status, detail=rejected.text,
-            remote=request.remote, **_about(message),
+            "peer_message_rejected",
+            reason=rejected.reason,
+            status=rejected.status,
+            detail=rejected.text,
+            remote=request.remote,
+            **_about(message),
         )
         return web.json_response({"error": rejected.text}, status=rejected.status)
 
@@ -303,7 +311,9 @@ class PeerClient:
         if self._session is None:
             connector = aiohttp.TCPConnector(
                 ssl=self._ssl_context if self._ssl_context is not None else True,
-                limit=0, limit_per_host=self._concurrency, keepalive_timeout=30.0,
+                limit=0,
+                limit_per_host=self._concurrency,
+                keepalive_timeout=30.0,
             )
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         queue: asyncio.Queue[_Outgoing] = asyncio.Queue(self._queue_max)
@@ -323,7 +333,7 @@ class PeerClient:
                 await self._post(to, item)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # never let one failure end the worker
+            except Exception as error:  # noqa: BLE001 - never let one failure end the worker
                 self.metrics.send_failed[to] += 1
                 self._note(to, f"{type(error).__name__}: {error}"[:_ERROR_TEXT_MAX])
 

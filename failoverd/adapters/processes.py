@@ -81,5 +81,5 @@ def is_stopped(pid: int) -> bool:
         return False
     # The command name (field 2) may hold spaces and parentheses: the state
     # is the first field after its last closing parenthesis.
-    fields = stat[stat.rfind(b")") + 1:].split()
+    fields = stat[stat.rfind(b")") + 1 :].split()
     return bool(fields) and fields[0] in (b"T", b"t")

@@ -39,14 +39,52 @@ _REAP_TIMEOUT_S = 5.0
 
 # Linux capability numbers (linux/capability.h), by setpriv's names.
 CAPABILITY_BITS = {
-    name: bit for bit, name in enumerate((
-        "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
-        "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
-        "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
-        "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod",
-        "lease", "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog",
-        "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore",
-    ))
+    name: bit
+    for bit, name in enumerate(
+        (
+            "chown",
+            "dac_override",
+            "dac_read_search",
+            "fowner",
+            "fsetid",
+            "kill",
+            "setgid",
+            "setuid",
+            "setpcap",
+            "linux_immutable",
+            "net_bind_service",
+            "net_broadcast",
+            "net_admin",
+            "net_raw",
+            "ipc_lock",
+            "ipc_owner",
+            "sys_module",
+            "sys_rawio",
+            "sys_chroot",
+            "sys_ptrace",
+            "sys_pacct",
+            "sys_admin",
+            "sys_boot",
+            "sys_nice",
+            "sys_resource",
+            "sys_time",
+            "sys_tty_config",
+            "mknod",
+            "lease",
+            "audit_write",
+            "audit_control",
+            "setfcap",
+            "mac_override",
+            "mac_admin",
+            "syslog",
+            "wake_alarm",
+            "block_suspend",
+            "audit_read",
+            "perfmon",
+            "bpf",
+            "checkpoint_restore",
+        )
+    )
 }
 
 
@@ -134,8 +172,10 @@ def own_capabilities() -> dict[str, int]:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return {}
-    return {key: int(value, 16) for key, _, value in
-            (line.partition(":\t") for line in status.splitlines() if line.startswith("Cap"))}
+    return {
+        key: int(value, 16)
+        for key, _, value in (line.partition(":\t") for line in status.splitlines() if line.startswith("Cap"))
+    }
 
 
 def _cap_prefix(keep_mask: int) -> list[str]:

@@ -179,14 +179,13 @@ class StateFile:
             fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
         except OSError as error:
             raise StateFileError(
-                f"state file {self.path}: cannot create a temporary file in {directory}: "
-                f"{error.strerror or error}"
+                f"state file {self.path}: cannot create a temporary file in {directory}: {error.strerror or error}"
             ) from None
         try:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -153,10 +153,18 @@ class VirtualIp:
         --vip-release-command (it runs it without this process)."""
         return self._argv(self._ip, "addr", "del", self.config.address.with_prefixlen, "dev", self.interface)
 
-    async def _run(self, argv: list[str], timeout_s: float, interrupt_after_s: float | None = None) -> programs.Completed:
+    async def _run(
+        self, argv: list[str], timeout_s: float, interrupt_after_s: float | None = None
+    ) -> programs.Completed:
         try:
-            return await programs.run(argv, user=None, timeout_s=timeout_s, check=False, keep_caps=VIP_CAPABILITIES,
-                                   interrupt_after_s=interrupt_after_s)
+            return await programs.run(
+                argv,
+                user=None,
+                timeout_s=timeout_s,
+                check=False,
+                keep_caps=VIP_CAPABILITIES,
+                interrupt_after_s=interrupt_after_s,
+            )
         except programs.CommandFailed as error:  # could not start, or timed out
             raise VipError(f"{self._describe()}: {error}") from error
 
@@ -219,7 +227,9 @@ class VirtualIp:
         if done.returncode == 1 and ((received and int(received.group(1)) > 0) or _REPLY.search(done.stdout)):
             return True
         detail = (done.stderr or done.stdout).strip()[-300:]
-        raise VipError(f"{self._describe()}: duplicate address detection failed (arping exit {done.returncode}): {detail}")
+        raise VipError(
+            f"{self._describe()}: duplicate address detection failed (arping exit {done.returncode}): {detail}"
+        )
 
     def precheck(self) -> None:
         """Start duplicate address detection in the background, for an
@@ -298,11 +308,17 @@ class VirtualIp:
             raise
         except Exception as error:  # noqa: BLE001 - reported here: nobody awaits this task
             self.acquire_error = str(error)
-            self.log.error("vip_acquire_failed", address=self.address, interface=self.interface,
-                           error=self.acquire_error[:300])
+            self.log.error(
+                "vip_acquire_failed", address=self.address, interface=self.interface, error=self.acquire_error[:300]
+            )
             return
-        self.log.info("vip_address_added", address=self.address, interface=self.interface, already_held=already,
-                      seconds=round(time.monotonic() - started, 3))
+        self.log.info(
+            "vip_address_added",
+            address=self.address,
+            interface=self.interface,
+            already_held=already,
+            seconds=round(time.monotonic() - started, 3),
+        )
 
     async def _add(self) -> bool:
         """Add the address unless held, refusing when another host answers for
@@ -333,8 +349,12 @@ class VirtualIp:
                 argv = self._argv(self._ip, "addr", "del", f"{self.address}/{prefix}", "dev", self.interface)
                 done = await self._run(argv, IP_TIMEOUT_S)
                 if done.returncode != 0 and prefix in await self._prefixes():
-                    raise VipError(f"{self._describe()}: ip addr del failed: {(done.stderr or done.stdout).strip()[-300:]}")
-            self.log.info("vip_address_removed", address=self.address, interface=self.interface, was_held=bool(prefixes))
+                    raise VipError(
+                        f"{self._describe()}: ip addr del failed: {(done.stderr or done.stdout).strip()[-300:]}"
+                    )
+            self.log.info(
+                "vip_address_removed", address=self.address, interface=self.interface, was_held=bool(prefixes)
+            )
 
     async def wait_announced(self) -> None:
         """Wait for the acquisition and the announcement it started, if any."""
@@ -387,12 +407,20 @@ class VirtualIp:
                 task.cancel()  # a no-op for those done; kills arping otherwise (programs.run)
             await asyncio.gather(*sends, return_exceptions=True)
         failures = [
-            str(r) if isinstance(r, BaseException) else f"arping exit {r.returncode}: {(r.stderr or r.stdout).strip()[-200:]}"
+            str(r)
+            if isinstance(r, BaseException)
+            else f"arping exit {r.returncode}: {(r.stderr or r.stdout).strip()[-200:]}"
             for r in results
             if isinstance(r, BaseException) or r.returncode != 0
         ]
         if failures:
-            self.log.warning("vip_announce_failed", address=self.address, interface=self.interface,
-                             failed=len(failures), sent=self.arp_count, error=failures[0])
+            self.log.warning(
+                "vip_announce_failed",
+                address=self.address,
+                interface=self.interface,
+                failed=len(failures),
+                sent=self.arp_count,
+                error=failures[0],
+            )
         else:
             self.log.info("vip_announced", address=self.address, interface=self.interface, count=self.arp_count)

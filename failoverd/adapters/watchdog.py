@@ -211,8 +211,12 @@ def stop_postmaster(data_dir: Path, grace_s: float = FENCE_GRACE_S) -> str:
 def release_vip(argv: Sequence[str], timeout_s: float) -> str:
     try:
         done = subprocess.run(
-            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            timeout=timeout_s, check=False,
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout_s,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         return f"vip release command timed out after {timeout_s:g} s"
@@ -296,7 +300,10 @@ class WatchdogHandle:
         if self._proc is not None:
             raise RuntimeError("watchdog already started")
         self._proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, start_new_session=True,
+            *self.argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
         )
         assert self._proc.stdout is not None
         try:
@@ -342,7 +349,7 @@ class WatchdogHandle:
             if self.on_report is not None:
                 try:
                     self.on_report(text)
-                except Exception:  # the reports must keep flowing into the log
+                except Exception:  # noqa: BLE001 - the reports must keep flowing into the log
                     self._log.exception("watchdog_report_callback_failed", report=text)
         self._log.info("watchdog_exited", returncode=await self._proc.wait())
 

@@ -112,8 +112,9 @@ class Answer:
 class ApiClient:
     """One aiohttp session for calls to any member; close it when done."""
 
-    def __init__(self, *, token: str | None = None, ssl_context: ssl.SSLContext | None = None,
-                 timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, *, token: str | None = None, ssl_context: ssl.SSLContext | None = None, timeout_s: float = 2.0
+    ) -> None:
         self.token = token
         self._ssl = ssl_context
         self._scheme = "https" if ssl_context is not None else "http"

@@ -130,8 +130,12 @@ class ApiServer:
     async def start(self) -> None:
         app = web.Application(client_max_size=BODY_BYTES_MAX, middlewares=[self._errors])
         reads = {
-            "/health": self._health, "/primary": self._primary, "/replica": self._replica,
-            "/read-only": self._read_only, "/cluster": self._cluster, "/history": self._history,
+            "/health": self._health,
+            "/primary": self._primary,
+            "/replica": self._replica,
+            "/read-only": self._read_only,
+            "/cluster": self._cluster,
+            "/history": self._history,
             "/metrics": self._metrics,
         }
         for path, handler in reads.items():
@@ -152,8 +156,14 @@ class ApiServer:
             await self._runner.cleanup()
             self._runner = None
             raise
-        log.info("api_listening", node=self.member.name, host=self.host, port=self.port,
-                 tls=self._ssl_context is not None, admin=self._token is not None)
+        log.info(
+            "api_listening",
+            node=self.member.name,
+            host=self.host,
+            port=self.port,
+            tls=self._ssl_context is not None,
+            admin=self._token is not None,
+        )
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -165,23 +175,34 @@ class ApiServer:
     # ------------------------------------------------------------ plumbing
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                      ) -> web.StreamResponse:
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             return await handler(request)
         except _Refused as refused:
             self.rejected[refused.reason] += 1
             if refused.status in (401, 403):
-                log.warning("api_request_refused", node=self.member.name, status=refused.status,
-                            reason=refused.reason, method=request.method, path=request.path, remote=request.remote)
+                log.warning(
+                    "api_request_refused",
+                    node=self.member.name,
+                    status=refused.status,
+                    reason=refused.reason,
+                    method=request.method,
+                    path=request.path,
+                    remote=request.remote,
+                )
             return _error(refused.status, refused.text, headers=refused.headers)
         except BadRequest as error:
             self.rejected["malformed"] += 1
             return _error(400, str(error))
         except web.HTTPException as error:  # aiohttp's own: 404, 405, 413
             self.rejected[f"http_{error.status}"] += 1
-            return _error(error.status, _http_error_text(error, request),
-                          headers={"Allow": error.headers["Allow"]} if "Allow" in error.headers else None)
+            return _error(
+                error.status,
+                _http_error_text(error, request),
+                headers={"Allow": error.headers["Allow"]} if "Allow" in error.headers else None,
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -193,8 +214,12 @@ class ApiServer:
         if not admin and not self.config.api.health_auth:
             return
         if self._token is None:
-            raise _Refused(403, "admin_disabled", "admin requests are disabled on this member: set [api] token_file "
-                           "to a file (mode 0600) holding a token and restart failoverd (docs/api.md)")
+            raise _Refused(
+                403,
+                "admin_disabled",
+                "admin requests are disabled on this member: set [api] token_file "
+                "to a file (mode 0600) holding a token and restart failoverd (docs/api.md)",
+            )
         header = request.headers.get("Authorization")
         challenge = {"WWW-Authenticate": 'Bearer realm="failoverd"'}
         if header is None:
@@ -209,8 +234,10 @@ class ApiServer:
     def _query(request: web.Request, allowed: tuple[str, ...] = ()) -> dict[str, str]:
         unknown = sorted(set(request.query) - set(allowed))
         if unknown:
-            raise BadRequest(f"unknown query parameter {unknown[0][:40]!r}"
-                             + (f" (allowed: {', '.join(allowed)})" if allowed else ""))
+            raise BadRequest(
+                f"unknown query parameter {unknown[0][:40]!r}"
+                + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+            )
         return {k: request.query[k] for k in allowed if k in request.query}
 
     @staticmethod
@@ -294,18 +321,23 @@ class ApiServer:
         self._authorize(request, admin=False)
         self._query(request)
         status = self.supervisor.status()
-        return web.json_response({
-            "member": status.name,
-            "state_version": [status.state_stamp.written_term, status.state_stamp.version],
-            "history": views.history_view(status.history),
-        })
+        return web.json_response(
+            {
+                "member": status.name,
+                "state_version": [status.state_stamp.written_term, status.state_stamp.version],
+                "history": views.history_view(status.history),
+            }
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self._authorize(request, admin=False)
         self._query(request)
         text = views.metrics_text(
-            self.supervisor.status(), self.supervisor.counters, node=self.member,
-            peer_received=self.peer_metrics.received, peer_rejected=self.peer_metrics.rejected,
+            self.supervisor.status(),
+            self.supervisor.counters,
+            node=self.member,
+            peer_received=self.peer_metrics.received,
+            peer_rejected=self.peer_metrics.rejected,
             api_rejected=self.rejected,
         )
         return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
@@ -364,14 +396,16 @@ class ApiServer:
             return _error(504, f"{self.member.name} did not answer in time; the request may have been carried out")
         if reply.code is ReplyCode.REDIRECT and reply.redirect is not None:
             if FORWARDED_HEADER in request.headers:
-                raise _Refused(503, "misrouted", f"{self.member.name}: {reply.message} (not forwarded twice); "
-                               "retry shortly")
+                raise _Refused(
+                    503, "misrouted", f"{self.member.name}: {reply.message} (not forwarded twice); retry shortly"
+                )
             return await self._forward(request, reply.redirect, raw)
         if reply.code is ReplyCode.UNAVAILABLE:
             raise _Refused(503, "no_leader", reply.message)
         if reply.ok:
-            return web.json_response({"ok": True, "message": reply.message, "member": self.member.name},
-                                     status=accepted)
+            return web.json_response(
+                {"ok": True, "message": reply.message, "member": self.member.name}, status=accepted
+            )
         return web.json_response({"ok": False, "error": reply.message, "member": self.member.name}, status=409)
 
     async def _forward(self, request: web.Request, target: str, raw: bytes) -> web.Response:
@@ -379,13 +413,19 @@ class ApiServer:
         address = api_address(self.config, node)
         try:
             answer = await self.client.call(
-                address, request.method, request.path, body=raw, timeout_s=FORWARD_TIMEOUT_S,
-                headers={FORWARDED_HEADER: self.member.name}, authorization=request.headers.get("Authorization"),
+                address,
+                request.method,
+                request.path,
+                body=raw,
+                timeout_s=FORWARD_TIMEOUT_S,
+                headers={FORWARDED_HEADER: self.member.name},
+                authorization=request.headers.get("Authorization"),
             )
         except Unreachable as error:
             if error.delivered:
-                return _error(504, f"{target} ({address}) did not answer: {error.reason}; "
-                              "the request may have been carried out")
+                return _error(
+                    504, f"{target} ({address}) did not answer: {error.reason}; the request may have been carried out"
+                )
             return _error(502, f"cannot reach {target} at {address}: {error.reason}")
         if not isinstance(answer.body, dict):
             return _error(502, f"{target} answered HTTP {answer.status} without JSON")
@@ -407,5 +447,11 @@ def _http_error_text(error: web.HTTPException, request: web.Request) -> str:
 
 
 def _unreachable(node: NodeConfig, address: str, reason: str) -> dict[str, Any]:
-    return {"name": node.name, "kind": node.kind.value, "api": address, "reachable": False, "error": reason,
-            "postgres": None if node.postgres is None else {"host": node.postgres.host, "port": node.postgres.port}}
+    return {
+        "name": node.name,
+        "kind": node.kind.value,
+        "api": address,
+        "reachable": False,
+        "error": reason,
+        "postgres": None if node.postgres is None else {"host": node.postgres.host, "port": node.postgres.port},
+    }

@@ -61,8 +61,9 @@ def parse_time(value: Any, now: float) -> float:
     return seconds
 
 
-def fields(body: Any, *, required: Mapping[str, type | tuple] | None = None,
-           optional: Mapping[str, type | tuple] | None = None) -> dict[str, Any]:
+def fields(
+    body: Any, *, required: Mapping[str, type | tuple] | None = None, optional: Mapping[str, type | tuple] | None = None
+) -> dict[str, Any]:
     """The body's fields, checked: an object with exactly these keys and types (null = absent)."""
     required, optional = required or {}, optional or {}
     if not isinstance(body, dict):
@@ -79,7 +80,7 @@ def fields(body: Any, *, required: Mapping[str, type | tuple] | None = None,
                 raise BadRequest(f"{key}: missing")
             out[key] = None
             continue
-        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
             raise BadRequest(f"{key}: not {_kind_name(kind)}")
         out[key] = value
     return out
@@ -155,13 +156,23 @@ def member_view(status: MemberStatus, node: NodeConfig, api: str) -> dict[str, A
         "paused": status.paused,
         "switchover": switchover_view(status.switchover_to, status.switchover_at),
         "state_version": [status.state_stamp.written_term, status.state_stamp.version],
-        "reinit": None if rebuild is None else {
-            "from": rebuild.leader, "started": iso(rebuild.started_at), "finished": iso(rebuild.finished_at),
-            "running": rebuild.running, "error": rebuild.error,
+        "reinit": None
+        if rebuild is None
+        else {
+            "from": rebuild.leader,
+            "started": iso(rebuild.started_at),
+            "finished": iso(rebuild.finished_at),
+            "running": rebuild.running,
+            "error": rebuild.error,
         },
-        "last_failover": None if failover is None else {
-            "term": failover.term, "reason": failover.reason, "duration_s": failover.outage_s,
-            "wall_time": failover.wall_time, "time": iso(failover.wall_time),
+        "last_failover": None
+        if failover is None
+        else {
+            "term": failover.term,
+            "reason": failover.reason,
+            "duration_s": failover.outage_s,
+            "wall_time": failover.wall_time,
+            "time": iso(failover.wall_time),
         },
         "version": __version__,
     }
@@ -176,9 +187,13 @@ def switchover_view(to: str | None, at: float | None) -> dict[str, Any] | None:
 def history_view(history: Iterable[HistoryEntry]) -> list[dict[str, Any]]:
     return [
         {
-            "term": h.term, "from": h.from_node, "to": h.to_node, "reason": h.reason,
+            "term": h.term,
+            "from": h.from_node,
+            "to": h.to_node,
+            "reason": h.reason,
             "position": None if h.position is None else str(h.position),
-            "wall_time": h.wall_time, "time": iso(h.wall_time),
+            "wall_time": h.wall_time,
+            "time": iso(h.wall_time),
         }
         for h in history
     ]
@@ -259,50 +274,94 @@ def _number(value: float) -> str:
 ROLES = ("follower", "pre_candidate", "candidate", "leader")
 
 
-def metrics_text(status: MemberStatus, counters: SupervisorCounters, *, node: NodeConfig,
-                 peer_received: int, peer_rejected: Mapping[str, int], api_rejected: Mapping[str, int]) -> str:
+def metrics_text(
+    status: MemberStatus,
+    counters: SupervisorCounters,
+    *,
+    node: NodeConfig,
+    peer_received: int,
+    peer_rejected: Mapping[str, int],
+    api_rejected: Mapping[str, int],
+) -> str:
     m = Metrics(status.name)
     m.one("info", "gauge", "Always 1; labels carry the version.", 1, version=__version__)
-    m.family("role", "gauge", "1 for the member's protocol role.",
-             [({"role": r}, r == status.role.value) for r in ROLES])
-    m.one("primary", "gauge", "1 while this member is the writable primary (what GET /primary reports).",
-          status.writable)
+    m.family(
+        "role", "gauge", "1 for the member's protocol role.", [({"role": r}, r == status.role.value) for r in ROLES]
+    )
+    m.one(
+        "primary", "gauge", "1 while this member is the writable primary (what GET /primary reports).", status.writable
+    )
     m.one("term", "gauge", "Current term.", status.term)
     m.one("lease_remaining_seconds", "gauge", "Leader only: time left on the lease.", status.lease_remaining_s)
     m.one("paused", "gauge", "1 while the cluster is paused.", status.paused)
     m.one("vip_held", "gauge", "1 while this member holds the virtual IP.", status.vip_held)
     if node.postgres is not None:
         state = "unknown" if status.pg is None else status.pg.role.value
-        m.family("postgres_state", "gauge", "1 for the state of the local PostgreSQL.",
-                 [({"state": s}, s == state) for s in (*(r.value for r in PgRole), "unknown")])
+        m.family(
+            "postgres_state",
+            "gauge",
+            "1 for the state of the local PostgreSQL.",
+            [({"state": s}, s == state) for s in (*(r.value for r in PgRole), "unknown")],
+        )
         position = None if status.pg is None else status.pg.position
         if position is not None:
             m.one("timeline", "gauge", "Timeline of the local PostgreSQL's WAL position.", position.timeline)
             m.one("wal_position_bytes", "gauge", "LSN of the local PostgreSQL's WAL position.", position.lsn)
-        m.one("replication_lag_bytes", "gauge", "Standby: bytes of WAL behind the primary as known here.",
-              None if status.role is Role.LEADER else lag_bytes(status.primary_position, position))
+        m.one(
+            "replication_lag_bytes",
+            "gauge",
+            "Standby: bytes of WAL behind the primary as known here.",
+            None if status.role is Role.LEADER else lag_bytes(status.primary_position, position),
+        )
     events = counters.events
     m.one("elections_started_total", "counter", "Elections this member started.", events["election_started"])
     m.one("elections_won_total", "counter", "Elections this member won.", sum(counters.elected.values()))
-    m.family("promotions_total", "counter", "Promotions of the local PostgreSQL, by why this member led.",
-             [({"reason": r}, n) for r, n in sorted(counters.promotions.items())])
-    m.one("failovers_total", "counter", "Promotions here that replaced another primary (not the bootstrap).",
-          counters.failovers)
+    m.family(
+        "promotions_total",
+        "counter",
+        "Promotions of the local PostgreSQL, by why this member led.",
+        [({"reason": r}, n) for r, n in sorted(counters.promotions.items())],
+    )
+    m.one(
+        "failovers_total",
+        "counter",
+        "Promotions here that replaced another primary (not the bootstrap).",
+        counters.failovers,
+    )
     failover = status.last_failover
-    m.one("last_failover_duration_seconds", "gauge",
-          "Last failover to this member: last heartbeat of the previous leader to PostgreSQL seen writable.",
-          None if failover is None else failover.outage_s)
-    m.one("last_failover_timestamp_seconds", "gauge", "When the last failover to this member completed (epoch).",
-          None if failover is None else failover.wall_time)
+    m.one(
+        "last_failover_duration_seconds",
+        "gauge",
+        "Last failover to this member: last heartbeat of the previous leader to PostgreSQL seen writable.",
+        None if failover is None else failover.outage_s,
+    )
+    m.one(
+        "last_failover_timestamp_seconds",
+        "gauge",
+        "When the last failover to this member completed (epoch).",
+        None if failover is None else failover.wall_time,
+    )
     m.one("fences_total", "counter", "Fences of the local PostgreSQL asked for by the core.", events["fence"])
     m.one("leases_lost_total", "counter", "Leases this member lost while leading.", events["lease_lost"])
     m.one("votes_granted_total", "counter", "Votes granted.", events["vote_granted"])
     m.one("votes_refused_total", "counter", "Votes refused.", events["vote_refused"])
-    m.family("core_events_total", "counter", "Every structured event of the protocol core, by name.",
-             [({"event": e}, n) for e, n in sorted(events.items())])
+    m.family(
+        "core_events_total",
+        "counter",
+        "Every structured event of the protocol core, by name.",
+        [({"event": e}, n) for e, n in sorted(events.items())],
+    )
     m.one("peer_messages_received_total", "counter", "Peer messages accepted.", peer_received)
-    m.family("peer_messages_rejected_total", "counter", "Peer messages refused, by reason.",
-             [({"reason": r}, n) for r, n in sorted(peer_rejected.items())])
-    m.family("api_requests_rejected_total", "counter", "API requests refused, by reason.",
-             [({"reason": r}, n) for r, n in sorted(api_rejected.items())])
+    m.family(
+        "peer_messages_rejected_total",
+        "counter",
+        "Peer messages refused, by reason.",
+        [({"reason": r}, n) for r, n in sorted(peer_rejected.items())],
+    )
+    m.family(
+        "api_requests_rejected_total",
+        "counter",
+        "API requests refused, by reason.",
+        [({"reason": r}, n) for r, n in sorted(api_rejected.items())],
+    )
     return m.text()

@@ -55,8 +55,7 @@ def load_secret(path: str | os.PathLike[str]) -> bytes:
         raise SecretError(f"secret file {shown}: empty")
     if len(secret) < SECRET_BYTES_MIN:
         raise SecretError(
-            f"secret file {shown}: shorter than {SECRET_BYTES_MIN} bytes; "
-            "generate one with e.g. `openssl rand -hex 32`"
+            f"secret file {shown}: shorter than {SECRET_BYTES_MIN} bytes; generate one with e.g. `openssl rand -hex 32`"
         )
     return secret
 

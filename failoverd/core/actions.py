@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Union
 
 from failoverd.core.events import Event
 from failoverd.core.messages import Message
@@ -175,9 +174,24 @@ class Reply:
         return self.code is ReplyCode.OK
 
 
-Action = Union[
-    Persist, Send, ArmWatchdog, Fence, Demote, ConfigureSync, Promote, Follow, StartStandby, Checkpoint,
-    Rebuild, PrepareVip, AcquireVip, ReleaseVip, ProbeNow, Emit, Reply,
-]
+Action = (
+    Persist
+    | Send
+    | ArmWatchdog
+    | Fence
+    | Demote
+    | ConfigureSync
+    | Promote
+    | Follow
+    | StartStandby
+    | Checkpoint
+    | Rebuild
+    | PrepareVip
+    | AcquireVip
+    | ReleaseVip
+    | ProbeNow
+    | Emit
+    | Reply
+)
 # The slow PostgreSQL work the caller queues and runs one at a time.
 PG_WORK = (Promote, Follow, StartStandby, Demote, ConfigureSync, Checkpoint, Rebuild)

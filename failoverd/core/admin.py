@@ -33,13 +33,18 @@ def request(ctx: Context, req: AdminRequest, now: float) -> None:
     elif ctx.role is Role.LEADER:
         leader_request(ctx, req, now)
     elif ctx.leader is not None and ctx.leader_live(now):
-        ctx.reply(req.request_id, ReplyCode.REDIRECT, f"{ctx.name} is not the leader; {ctx.leader} is",
-                  redirect=ctx.leader)
+        ctx.reply(
+            req.request_id, ReplyCode.REDIRECT, f"{ctx.name} is not the leader; {ctx.leader} is", redirect=ctx.leader
+        )
     elif isinstance(req, Failover) and req.target == ctx.name:
         candidacy.operator_failover(ctx, req, now)
     elif isinstance(req, Failover) and ctx.spec.has_member(req.target):
-        ctx.reply(req.request_id, ReplyCode.REDIRECT, f"no live leader: the failover goes to {req.target}",
-                  redirect=req.target)
+        ctx.reply(
+            req.request_id,
+            ReplyCode.REDIRECT,
+            f"no live leader: the failover goes to {req.target}",
+            redirect=req.target,
+        )
     else:
         ctx.reply(req.request_id, ReplyCode.UNAVAILABLE, f"{ctx.name} knows no live leader; retry shortly")
 
@@ -47,6 +52,7 @@ def request(ctx: Context, req: AdminRequest, now: float) -> None:
 def reinit(ctx: Context, req: Reinit, now: float) -> None:
     """Rebuild our standby from the live primary: only a follower's standby,
     never a primary, never without a primary to clone from, one at a time."""
+
     def refuse(code: ReplyCode, why: str) -> None:
         ctx.reply(req.request_id, code, why)
 
@@ -113,8 +119,12 @@ def leader_request(ctx: Context, req: AdminRequest, now: float) -> None:
     if isinstance(req, CancelSwitchover):
         if ctx.state.switchover_at is None:
             running = lead.transfer
-            return reply(ReplyCode.CONFLICT, f"a switchover to {running.target} is running and cannot be cancelled"
-                         if running is not None else "no switchover is scheduled")
+            return reply(
+                ReplyCode.CONFLICT,
+                f"a switchover to {running.target} is running and cannot be cancelled"
+                if running is not None
+                else "no switchover is scheduled",
+            )
         heartbeats.commit_state(ctx, now, switchover_to=None, switchover_at=None)
         ctx.emit(ev.SwitchoverCancelled)
         return reply(ReplyCode.OK, "scheduled switchover cancelled")
@@ -131,8 +141,14 @@ def leader_request(ctx: Context, req: AdminRequest, now: float) -> None:
     if isinstance(req, RecordEvent):
         if not isinstance(req.reason, str) or not 1 <= len(req.reason) <= 200:
             return reply(ReplyCode.INVALID, "a history note is 1 to 200 characters")
-        entry = HistoryEntry(term=ctx.term, from_node=ctx.name, to_node=ctx.name, reason=req.reason,
-                             position=ctx.my_position(), wall_time=ctx.wall_time)
+        entry = HistoryEntry(
+            term=ctx.term,
+            from_node=ctx.name,
+            to_node=ctx.name,
+            reason=req.reason,
+            position=ctx.my_position(),
+            wall_time=ctx.wall_time,
+        )
         heartbeats.commit_state(ctx, now, history=ctx.state.with_history(entry))
         return reply(ReplyCode.OK, "recorded")
     return reply(ReplyCode.INVALID, f"unknown request {type(req).__name__}")
@@ -141,7 +157,8 @@ def leader_request(ctx: Context, req: AdminRequest, now: float) -> None:
 def _code(ctx: Context, target: str | None) -> ReplyCode:
     """A refusal about the target itself (not a member, may never lead, is
     us) is INVALID whatever the state; any other is a CONFLICT with it."""
-    if target is not None and (not ctx.spec.has_member(target) or target == ctx.name
-                               or not ctx.spec.member(target).can_lead):
+    if target is not None and (
+        not ctx.spec.has_member(target) or target == ctx.name or not ctx.spec.member(target).can_lead
+    ):
         return ReplyCode.INVALID
     return ReplyCode.CONFLICT

@@ -56,8 +56,9 @@ def start_pre_vote(ctx: Context, now: float) -> None:
     ctx.candidacy = Candidacy(pre=True, grants={ctx.name: True}, vouchers={ctx.name} if vouches(ctx, mine) else set())
     ctx.election_deadline = now + ctx.random_timeout()
     ctx.emit(ev.PreVoteStarted, position=mine)
-    request = PreVoteRequest(cluster=ctx.spec.name, sender=ctx.name, term=ctx.term + 1, position=mine,
-                             stamp=ctx.state.stamp)
+    request = PreVoteRequest(
+        cluster=ctx.spec.name, sender=ctx.name, term=ctx.term + 1, position=mine, stamp=ctx.state.stamp
+    )
     for peer in ctx.others:
         ctx.send(peer, request)
 
@@ -70,14 +71,19 @@ def start_election(ctx: Context, now: float, transfer_from: str | None, operator
     ctx.leader_primary_ready = False
     waive = operator is not None and operator.allow_data_loss
     mine = ctx.my_position()
-    ctx.candidacy = Candidacy(pre=False, grants={ctx.name: True},
-                              vouchers={ctx.name} if vouches(ctx, mine, waive) else set(),
-                              transfer_from=transfer_from, operator_failover=operator)
+    ctx.candidacy = Candidacy(
+        pre=False,
+        grants={ctx.name: True},
+        vouchers={ctx.name} if vouches(ctx, mine, waive) else set(),
+        transfer_from=transfer_from,
+        operator_failover=operator,
+    )
     ctx.election_deadline = now + ctx.random_timeout()
     ctx.persist()
     ctx.emit(ev.ElectionStarted, transfer_from=transfer_from, position=mine, waive_wal_check=waive)
-    request = VoteRequest(**ctx.envelope(), position=mine, stamp=ctx.state.stamp, transfer_from=transfer_from,
-                          waive_wal_check=waive)
+    request = VoteRequest(
+        **ctx.envelope(), position=mine, stamp=ctx.state.stamp, transfer_from=transfer_from, waive_wal_check=waive
+    )
     for peer in ctx.others:
         ctx.send(peer, request)
 
@@ -128,6 +134,7 @@ def operator_failover(ctx: Context, req: Failover, now: float) -> None:
     now, skipping the pre-vote and, while paused, the pause. The lease
     promise still holds here and on every voter, so a leader that is in
     fact alive keeps its term and its lease."""
+
     def refuse(code: act.ReplyCode, why: str) -> None:
         ctx.out.append(act.Reply(req.request_id, code, why))
 
@@ -138,9 +145,11 @@ def operator_failover(ctx: Context, req: Failover, now: float) -> None:
         # election_timeout_min is alive as far as we know.
         wait = ctx.promise_until - now
         if ctx.leader is not None:
-            return refuse(act.ReplyCode.CONFLICT,
-                          f"{ctx.leader} was heard {ctx.timing.election_timeout_min_s - wait:.1f} s ago "
-                          f"and may hold a lease: send the failover to the leader, or retry in {wait:.1f} s")
+            return refuse(
+                act.ReplyCode.CONFLICT,
+                f"{ctx.leader} was heard {ctx.timing.election_timeout_min_s - wait:.1f} s ago "
+                f"and may hold a lease: send the failover to the leader, or retry in {wait:.1f} s",
+            )
         return refuse(act.ReplyCode.CONFLICT, f"a leader's lease may still be valid; retry in {wait:.1f} s")
     pg = ctx.pg
     if pg is None or now - pg.observed_at > ctx.timing.election_timeout_max_s:

@@ -50,8 +50,9 @@ def standing(position: Position | None, priority: int, name: str) -> tuple[bool,
 
 
 class Context:
-    def __init__(self, spec: ClusterSpec, name: str, persisted: PersistentState, now: float, rng: Rng,
-                 disabled: Iterable[str]) -> None:
+    def __init__(
+        self, spec: ClusterSpec, name: str, persisted: PersistentState, now: float, rng: Rng, disabled: Iterable[str]
+    ) -> None:
         if not spec.has_member(name):
             raise ValueError(f"{name!r} is not a member of cluster {spec.name!r}")
         disabled = frozenset(disabled)
@@ -146,8 +147,9 @@ class Context:
         current = self.persistent_state()
         if "persist-vote" in self.disabled:
             # Safeguard test only: term and vote never reach the disk.
-            current = PersistentState(self.durable.term, self.durable.voted_for, self.state, self.commit_version,
-                                      self.held_data)
+            current = PersistentState(
+                self.durable.term, self.durable.voted_for, self.state, self.commit_version, self.held_data
+            )
         self.durable = current
         self.out.append(act.Persist(current))
 
@@ -243,8 +245,14 @@ class Context:
         """We are the target of a switchover the leader is carrying out now
         (its PostgreSQL is stopping or stopped; a scheduled one is not running yet)."""
         s = self.state
-        return (self.role is Role.FOLLOWER and self.me.is_data and self.leader is not None
-                and s.switchover_to == self.name and s.switchover_at is None and not self.leader_primary_ready)
+        return (
+            self.role is Role.FOLLOWER
+            and self.me.is_data
+            and self.leader is not None
+            and s.switchover_to == self.name
+            and s.switchover_at is None
+            and not self.leader_primary_ready
+        )
 
     # --------------------------------------------------------- transitions
 
@@ -271,9 +279,9 @@ class Context:
         self.role = Role.FOLLOWER
         self.leader = None
         self.leader_primary_ready = False
-        pg_may_write = (
-            lead is not None and (lead.promote_requested_at is not None or lead.primary_ready)
-        ) or (self.pg is not None and self.pg.role is PgRole.PRIMARY)
+        pg_may_write = (lead is not None and (lead.promote_requested_at is not None or lead.primary_ready)) or (
+            self.pg is not None and self.pg.role is PgRole.PRIMARY
+        )
         if pg_may_write or self.vip_held:
             self.fence(now, reason)
         if self.watchdog_armed and "lease" not in self.disabled:
@@ -281,8 +289,11 @@ class Context:
         self.election_deadline = max(now, self.promise_until) + self.random_timeout()
         self.emit(ev.RoleChanged, role="follower", previous="leader", reason=reason, transfer_to=transfer_to)
         if lead is not None and lead.pending is not None:
-            self.reply(lead.pending.request_id, act.ReplyCode.UNAVAILABLE,
-                       f"{self.name} lost the leadership ({reason}) before the switchover started; retry")
+            self.reply(
+                lead.pending.request_id,
+                act.ReplyCode.UNAVAILABLE,
+                f"{self.name} lost the leadership ({reason}) before the switchover started; retry",
+            )
         if transfer_to is not None:
             self.send(transfer_to, TimeoutNow(**self.envelope()))
             if lead is not None and lead.transfer is not None and lead.transfer.stopped_seen:

@@ -45,8 +45,9 @@ class FollowStep(enum.Enum):
     REFUSE = "refuse"  # none of the above is safe now; the core asks again later
 
 
-FINAL_STEPS = frozenset({FollowStep.CLONE, FollowStep.CASCADE, FollowStep.RETARGET, FollowStep.START,
-                         FollowStep.REWIND, FollowStep.REFUSE})
+FINAL_STEPS = frozenset(
+    {FollowStep.CLONE, FollowStep.CASCADE, FollowStep.RETARGET, FollowStep.START, FollowStep.REWIND, FollowStep.REFUSE}
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -34,8 +34,12 @@ def send_heartbeats(ctx: Context, now: float) -> None:
         ctx.send(
             peer,
             Heartbeat(
-                **ctx.envelope(), seq=lead.seq, state=ctx.state, commit_version=ctx.commit_version,
-                primary_ready=lead.primary_ready, primary_position=pos,
+                **ctx.envelope(),
+                seq=lead.seq,
+                state=ctx.state,
+                commit_version=ctx.commit_version,
+                primary_ready=lead.primary_ready,
+                primary_position=pos,
             ),
         )
     update_lease(ctx, now)
@@ -51,8 +55,9 @@ def record_ack(ctx: Context, m: HeartbeatAck, now: float) -> bool:
     lead.acked_at[m.sender] = max(lead.acked_at.get(m.sender, sent), sent)
     if m.accepted.written_term == ctx.term:
         lead.accepted[m.sender] = max(lead.accepted.get(m.sender, 0), m.accepted.version)
-    lead.followers[m.sender] = FollowerView(m.position, m.position_fresh, m.holds_nothing, m.pg_healthy,
-                                            m.following_leader, now)
+    lead.followers[m.sender] = FollowerView(
+        m.position, m.position_fresh, m.holds_nothing, m.pg_healthy, m.following_leader, now
+    )
     update_lease(ctx, now)
     new_commit = committed_version(ctx.voters, lead.accepted)
     if new_commit > ctx.commit_version:

@@ -26,8 +26,12 @@ def become_leader(ctx: Context, now: float) -> None:
         reason = "transfer" if transfer else ("bootstrap" if previous is None else "election")
     votes = () if candidacy is None else candidacy.granted()
     entry = HistoryEntry(
-        term=ctx.term, from_node=previous, to_node=ctx.name, reason=reason,
-        position=ctx.my_position(), wall_time=ctx.wall_time,
+        term=ctx.term,
+        from_node=previous,
+        to_node=ctx.name,
+        reason=reason,
+        position=ctx.my_position(),
+        wall_time=ctx.wall_time,
     )
     # A scheduled switchover stays scheduled across the change of leader.
     keep_to = ctx.state.switchover_to if ctx.state.switchover_at is not None else None
@@ -37,8 +41,9 @@ def become_leader(ctx: Context, now: float) -> None:
     ctx.role = Role.LEADER
     ctx.candidacy = None
     ctx.leader = ctx.name
-    lead = ctx.lead = Leadership(elected_at=now, election_version=ctx.state.stamp.version, reason=reason,
-                                 previous_heard_at=ctx.leader_heard_at)
+    lead = ctx.lead = Leadership(
+        elected_at=now, election_version=ctx.state.stamp.version, reason=reason, previous_heard_at=ctx.leader_heard_at
+    )
     ctx.leader_heard_at = None
     lead.wal_check_waived = failover is not None and failover.allow_data_loss
     lead.accepted[ctx.name] = ctx.state.stamp.version
@@ -237,8 +242,13 @@ def promotion_failed(ctx: Context, term: int, reason: str, now: float) -> None:
     hook vetoed it, or the promotion command failed): give up leadership
     now instead of waiting out promote_timeout, so another member can try."""
     lead = ctx.lead
-    if (ctx.role is Role.LEADER and lead is not None and ctx.term == term and lead.promote_requested_at is not None
-            and not lead.primary_ready):
+    if (
+        ctx.role is Role.LEADER
+        and lead is not None
+        and ctx.term == term
+        and lead.promote_requested_at is not None
+        and not lead.primary_ready
+    ):
         ctx.emit(ev.PromotionFailed, reason=reason)
         ctx.step_down(now, f"promotion failed: {reason}", transfer_to=heartbeats.best_successor(ctx, now))
 
@@ -251,8 +261,13 @@ def observe(ctx: Context, now: float) -> None:
     pg = ctx.pg
     # Not during a switchover: it made primary_ready false on purpose, and
     # a probe that began before the Demote may still show a primary.
-    if (pg is not None and lead.promote_requested_at is not None and not lead.primary_ready
-            and pg.role is PgRole.PRIMARY and lead.transfer is None):
+    if (
+        pg is not None
+        and lead.promote_requested_at is not None
+        and not lead.primary_ready
+        and pg.role is PgRole.PRIMARY
+        and lead.transfer is None
+    ):
         lead.primary_ready = True
         outage = None if lead.previous_heard_at is None else max(0.0, now - lead.previous_heard_at)
         ctx.emit(ev.Promoted, position=pg.position, reason=lead.reason, outage_s=outage)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from failoverd.core.state import ClusterState, Position, StateStamp, describe
 
@@ -135,9 +135,7 @@ class TimeoutNow(Envelope):
     TYPE: ClassVar[str] = "timeout_now"
 
 
-Message = Union[
-    PreVoteRequest, PreVoteResponse, VoteRequest, VoteResponse, Heartbeat, HeartbeatAck, TimeoutNow
-]
+Message = PreVoteRequest | PreVoteResponse | VoteRequest | VoteResponse | Heartbeat | HeartbeatAck | TimeoutNow
 MESSAGE_TYPES: dict[str, type] = {
     cls.TYPE: cls
     for cls in (PreVoteRequest, PreVoteResponse, VoteRequest, VoteResponse, Heartbeat, HeartbeatAck, TimeoutNow)
@@ -154,9 +152,7 @@ def encode_message(msg: Message) -> dict[str, Any]:
         value = getattr(msg, field.name)
         if field.name not in ("cluster", "sender", "term") and value == field.default:
             continue
-        if isinstance(value, (Position, StateStamp)):
-            value = value.to_wire()
-        elif isinstance(value, ClusterState):
+        if isinstance(value, (Position, StateStamp, ClusterState)):
             value = value.to_wire()
         out[field.name] = value
     return out
@@ -176,8 +172,17 @@ def decode_message_bytes(body: bytes) -> Message:
     return decode_message(data)
 
 
-_BOOL_FIELDS = {"granted", "vouches_wal", "success", "position_fresh", "pg_healthy", "following_leader", "primary_ready",
-                "waive_wal_check", "holds_nothing"}
+_BOOL_FIELDS = {
+    "granted",
+    "vouches_wal",
+    "success",
+    "position_fresh",
+    "pg_healthy",
+    "following_leader",
+    "primary_ready",
+    "waive_wal_check",
+    "holds_nothing",
+}
 _STR_FIELDS = {"reason"}
 _NAME_OR_NONE_FIELDS = {"transfer_from"}
 
@@ -202,7 +207,8 @@ def decode_message(data: Any) -> Message:
     try:
         for name in names & set(data):
             kwargs[name] = _decode_field(name, data[name])
-        return cls(**kwargs)
+        message: Message = cls(**kwargs)
+        return message
     except ProtocolError:
         raise
     except (TypeError, ValueError, KeyError, RecursionError) as exc:

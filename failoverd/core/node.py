@@ -146,14 +146,25 @@ class Node:
         elif live and ctx.leader_primary_ready:
             primary_position = ctx.last_primary_position
         return MemberStatus(
-            name=ctx.name, role=ctx.role, term=ctx.term, leader=ctx.leader, leader_live=live,
-            pg=ctx.pg, pg_age_s=None if ctx.pg is None else max(0.0, now - ctx.pg.observed_at),
+            name=ctx.name,
+            role=ctx.role,
+            term=ctx.term,
+            leader=ctx.leader,
+            leader_live=live,
+            pg=ctx.pg,
+            pg_age_s=None if ctx.pg is None else max(0.0, now - ctx.pg.observed_at),
             lease_remaining_s=None if lead is None or not lead.lease_ever else max(0.0, lead.lease_until - now),
             primary_ready=bool(lead is not None and lead.primary_ready),
-            vip_held=ctx.vip_held, vip_error=ctx.vip_error, paused=ctx.state.paused,
-            primary_position=primary_position, switchover_to=ctx.state.switchover_to,
-            switchover_at=ctx.state.switchover_at, state_stamp=ctx.state.stamp, history=ctx.state.history,
-            rebuild=ctx.rebuild, last_failover=ctx.last_failover,
+            vip_held=ctx.vip_held,
+            vip_error=ctx.vip_error,
+            paused=ctx.state.paused,
+            primary_position=primary_position,
+            switchover_to=ctx.state.switchover_to,
+            switchover_at=ctx.state.switchover_at,
+            state_stamp=ctx.state.stamp,
+            history=ctx.state.history,
+            rebuild=ctx.rebuild,
+            last_failover=ctx.last_failover,
         )
 
     def shutdown(self, now: float) -> list[act.Action]:

@@ -8,7 +8,6 @@ should take over, which then campaigns even while the cluster is paused.
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -75,4 +74,4 @@ class Reinit:
     member: str
 
 
-AdminRequest = Union[Switchover, CancelSwitchover, Failover, Pause, Resume, RecordEvent, Reinit]
+AdminRequest = Switchover | CancelSwitchover | Failover | Pause | Resume | RecordEvent | Reinit

@@ -94,7 +94,7 @@ class Timing:
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SpecError(field.name, f"{value!r} is not a number")
-            if isinstance(value, int) and abs(value) > 2**53 or not math.isfinite(value):
+            if (isinstance(value, int) and abs(value) > 2**53) or not math.isfinite(value):
                 raise SpecError(field.name, f"{value!r} is not a finite number of reasonable size")
             if value < 0:
                 raise SpecError(field.name, f"{value} is negative")

@@ -197,7 +197,7 @@ class ClusterState:
         return dataclasses.replace(self, stamp=stamp, **changes)
 
     def with_history(self, entry: HistoryEntry) -> tuple[HistoryEntry, ...]:
-        return (self.history + (entry,))[-MAX_HISTORY:]
+        return ((*self.history, entry))[-MAX_HISTORY:]
 
     def to_wire(self) -> dict[str, Any]:
         return {

@@ -62,10 +62,17 @@ class MemberStatus:
     @property
     def writable(self) -> bool:
         """A leader holding a valid lease whose PostgreSQL it has seen writable."""
-        return (self.role is Role.LEADER and self.primary_ready and (self.lease_remaining_s or 0.0) > 0.0
-                and self.pg is not None and self.pg.role is PgRole.PRIMARY)
+        return (
+            self.role is Role.LEADER
+            and self.primary_ready
+            and (self.lease_remaining_s or 0.0) > 0.0
+            and self.pg is not None
+            and self.pg.role is PgRole.PRIMARY
+        )
 
     @property
     def streaming_standby(self) -> bool:
         pg = self.pg
-        return self.role is not Role.LEADER and pg is not None and pg.role is PgRole.STANDBY and pg.following is not None
+        return (
+            self.role is not Role.LEADER and pg is not None and pg.role is PgRole.STANDBY and pg.following is not None
+        )

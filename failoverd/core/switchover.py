@@ -137,9 +137,14 @@ def maybe_start_scheduled(ctx: Context, now: float) -> None:
             begin(ctx, chosen, now, "scheduled switchover")
             return
     # Dropped, not retried: a switchover long after the operator's window is a surprise.
-    entry = HistoryEntry(term=ctx.term, from_node=ctx.name, to_node=ctx.name,
-                         reason=f"scheduled switchover dropped: {why}"[:200],
-                         position=ctx.my_position(), wall_time=ctx.wall_time)
+    entry = HistoryEntry(
+        term=ctx.term,
+        from_node=ctx.name,
+        to_node=ctx.name,
+        reason=f"scheduled switchover dropped: {why}"[:200],
+        position=ctx.my_position(),
+        wall_time=ctx.wall_time,
+    )
     heartbeats.commit_state(ctx, now, switchover_to=None, switchover_at=None, history=ctx.state.with_history(entry))
     ctx.emit(ev.SwitchoverDropped, target=target, reason=str(why))
 

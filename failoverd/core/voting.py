@@ -17,8 +17,15 @@ LEASE_REFUSAL = "a leader's lease may still be valid here"
 MAY_NOT_LEAD_REFUSAL = "candidate may not lead (witness or nofailover)"
 
 
-def refusal(ctx: Context, candidate: str, position: Position | None, stamp: StateStamp, now: float,
-            transfer_from: str | None, waive_wal_check: bool = False) -> str | None:
+def refusal(
+    ctx: Context,
+    candidate: str,
+    position: Position | None,
+    stamp: StateStamp,
+    now: float,
+    transfer_from: str | None,
+    waive_wal_check: bool = False,
+) -> str | None:
     """Why we would not vote for `candidate` now (None: we would)."""
     waived = is_handover_from(ctx, transfer_from)
     if now < ctx.promise_until and not waived and "lease" not in ctx.disabled:
@@ -53,12 +60,18 @@ def on_pre_vote_request(ctx: Context, m: PreVoteRequest, now: float) -> None:
     ctx.send(
         m.sender,
         PreVoteResponse(
-            **ctx.envelope(), granted=reason is None,
-            vouches_wal=reason is None and candidacy.vouches(ctx, m.position), reason=reason or "",
+            **ctx.envelope(),
+            granted=reason is None,
+            vouches_wal=reason is None and candidacy.vouches(ctx, m.position),
+            reason=reason or "",
         ),
     )
-    if (reason is None and ctx.role is Role.PRE_CANDIDATE and m.term == ctx.term + 1
-            and ctx.claim(m.sender, m.position) > ctx.claim(ctx.name, ctx.my_position())):
+    if (
+        reason is None
+        and ctx.role is Role.PRE_CANDIDATE
+        and m.term == ctx.term + 1
+        and ctx.claim(m.sender, m.position) > ctx.claim(ctx.name, ctx.my_position())
+    ):
         # Two members that timed out together would both pass the pre-vote
         # and split the vote, costing another election timeout: the weaker
         # claim steps back (liveness only; votes decide safety).
@@ -85,15 +98,17 @@ def on_vote_request(ctx: Context, m: VoteRequest, now: float) -> None:
             ctx.voted_for = m.sender
             ctx.persist()
             ctx.election_deadline = now + ctx.random_timeout()
-            ctx.emit(ev.VoteGranted, candidate=m.sender, transfer_from=m.transfer_from,
-                     waive_wal_check=m.waive_wal_check)
+            ctx.emit(
+                ev.VoteGranted, candidate=m.sender, transfer_from=m.transfer_from, waive_wal_check=m.waive_wal_check
+            )
             follow_successor_early(ctx, m, leader_before)
     if reason is not None:
         ctx.emit(ev.VoteRefused, candidate=m.sender, candidate_term=m.term, reason=reason)
     ctx.send(
         m.sender,
         VoteResponse(
-            **ctx.envelope(), granted=reason is None,
+            **ctx.envelope(),
+            granted=reason is None,
             vouches_wal=reason is None and candidacy.vouches(ctx, m.position, m.waive_wal_check),
             reason=reason or "",
         ),
@@ -108,9 +123,14 @@ def take_over_handover(ctx: Context, m: VoteRequest, now: float) -> None:
     chose by positions reported up to a heartbeat ago). That candidate
     cannot win the data quorum, so campaign for the same handover at once
     instead of after an election timeout."""
-    if (ctx.role is not Role.FOLLOWER or ctx.voted_for is not None or m.waive_wal_check
-            or m.transfer_from == ctx.name  # we stepped down so that another member can try
-            or not holds_more_wal_than(ctx, m.position) or not candidacy.may_campaign(ctx, now, transfer=True)):
+    if (
+        ctx.role is not Role.FOLLOWER
+        or ctx.voted_for is not None
+        or m.waive_wal_check
+        or m.transfer_from == ctx.name  # we stepped down so that another member can try
+        or not holds_more_wal_than(ctx, m.position)
+        or not candidacy.may_campaign(ctx, now, transfer=True)
+    ):
         return
     ctx.emit(ev.HandoverTakenOver, candidate=m.sender, transfer_from=m.transfer_from, position=ctx.my_position())
     candidacy.start_election(ctx, now, transfer_from=m.transfer_from)
@@ -135,9 +155,14 @@ def follow_successor_early(ctx: Context, m: VoteRequest, leader_before: str | No
     if not ctx.me.is_data or pg is None or pg.position is None or m.position is None or handover is None:
         return
     final = handover[1]
-    if (m.transfer_from is None or m.transfer_from not in (leader_before, ctx.name)
-            or handover[0] != m.term - 1 or ctx.state.switchover_to != m.sender
-            or ctx.state.switchover_at is not None or pg.role not in (PgRole.STANDBY, PgRole.STOPPED)):
+    if (
+        m.transfer_from is None
+        or m.transfer_from not in (leader_before, ctx.name)
+        or handover[0] != m.term - 1
+        or ctx.state.switchover_to != m.sender
+        or ctx.state.switchover_at is not None
+        or pg.role not in (PgRole.STANDBY, PgRole.STOPPED)
+    ):
         return
     if not (pg.position.timeline == final.timeline == m.position.timeline and pg.position <= final <= m.position):
         return

@@ -33,16 +33,13 @@ from urllib.parse import quote
 import click
 
 from failoverd import __version__
-from failoverd.api.client import ApiClient, Unreachable
+from failoverd.api.client import ApiClient
 from failoverd.api.views import iso
 from failoverd.ctl import drill
 from failoverd.ctl.context import (
     DEFAULT_CONFIG,
-    EXIT_AUTH,
-    EXIT_LOCAL,
     EXIT_OK,
     EXIT_REFUSED,
-    EXIT_UNREACHABLE,
     EXIT_USAGE,
     CtlContext,
     CtlError,
@@ -68,17 +65,37 @@ def _json_option(fn: Callable) -> Callable:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="failoverctl")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), envvar="FAILOVERD_CONFIG",
-              default=DEFAULT_CONFIG, show_default=True, help="The cluster's configuration file ($FAILOVERD_CONFIG).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    envvar="FAILOVERD_CONFIG",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help="The cluster's configuration file ($FAILOVERD_CONFIG).",
+)
 @click.option("--token-file", type=click.Path(path_type=Path), help="Admin token file. Default: [api] token_file.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 600), default=3.0, show_default=True,
-              help="Seconds to wait for one member's answer to a read.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(0.1, 600),
+    default=3.0,
+    show_default=True,
+    help="Seconds to wait for one member's answer to a read.",
+)
 @click.option("--ca", type=click.Path(path_type=Path), help="CA to verify members with (TLS). Default: [api] tls_ca.")
 @click.option("--cert", type=click.Path(path_type=Path), help="Client certificate (TLS). Default: [api] tls_cert.")
 @click.option("--key", type=click.Path(path_type=Path), help="Client key (TLS). Default: [api] tls_key.")
 @click.pass_context
-def failoverctl_main(ctx: click.Context, config_path: Path, token_file: Path | None, timeout_s: float,
-                     ca: Path | None, cert: Path | None, key: Path | None) -> None:
+def failoverctl_main(
+    ctx: click.Context,
+    config_path: Path,
+    token_file: Path | None,
+    timeout_s: float,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+) -> None:
     """Show and operate a failoverd cluster through its members' REST APIs."""
     ctx.obj = CtlContext(config_path, token_file, timeout_s, {"ca": ca, "cert": cert, "key": key})
 
@@ -138,8 +155,10 @@ def history_command(ctl: CtlContext, as_json: bool) -> None:
                 click.echo(json.dumps(answer.body, indent=2))
                 return
             rows = [("time", "term", "from", "to", "reason", "position")]
-            rows += [(e["time"] or "-", str(e["term"]), e["from"] or "-", e["to"], e["reason"], e["position"] or "-")
-                     for e in entries]
+            rows += [
+                (e["time"] or "-", str(e["term"]), e["from"] or "-", e["to"], e["reason"], e["position"] or "-")
+                for e in entries
+            ]
             click.echo(_table(rows))
 
     run(main)
@@ -163,8 +182,16 @@ def dsn_command(ctl: CtlContext, as_json: bool, user: str | None, dbname: str | 
     who = f"{quote(user, safe='')}@" if user else ""
     dsn = f"postgresql://{who}{netloc}/{quote(database, safe='')}?target_session_attrs=read-write"
     if as_json:
-        click.echo(json.dumps({"dsn": dsn, "hosts": [{"host": h.host, "port": h.port} for h in hosts],
-                               "dbname": database, "user": user}))
+        click.echo(
+            json.dumps(
+                {
+                    "dsn": dsn,
+                    "hosts": [{"host": h.host, "port": h.port} for h in hosts],
+                    "dbname": database,
+                    "user": user,
+                }
+            )
+        )
     else:
         click.echo(dsn)
 
@@ -180,8 +207,9 @@ def dsn_command(ctl: CtlContext, as_json: bool, user: str | None, dbname: str | 
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the new primary.")
 @click.option("--wait-timeout", type=click.FloatRange(1, 3600), default=90.0, show_default=True)
 @pass_ctl
-def switchover_command(ctl: CtlContext, target: str | None, at: str | None, cancel: bool, force: bool,
-                       wait: bool, wait_timeout: float) -> None:
+def switchover_command(
+    ctl: CtlContext, target: str | None, at: str | None, cancel: bool, force: bool, wait: bool, wait_timeout: float
+) -> None:
     """Planned switchover: checkpoint, stop the primary cleanly, promote the
     target once it has every WAL record, restart the old primary as its standby."""
     if cancel and (target or at):
@@ -209,14 +237,18 @@ def switchover_command(ctl: CtlContext, target: str | None, at: str | None, canc
 
 @failoverctl_main.command("failover")
 @click.option("--to", "target", metavar="NODE", required=True, help="The member to make primary.")
-@click.option("--allow-data-loss", is_flag=True,
-              help="Let voters waive the WAL check: the new primary may miss acknowledged commits.")
+@click.option(
+    "--allow-data-loss",
+    is_flag=True,
+    help="Let voters waive the WAL check: the new primary may miss acknowledged commits.",
+)
 @click.option("--force", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the new primary.")
 @click.option("--wait-timeout", type=click.FloatRange(1, 3600), default=90.0, show_default=True)
 @pass_ctl
-def failover_command(ctl: CtlContext, target: str, allow_data_loss: bool, force: bool, wait: bool,
-                     wait_timeout: float) -> None:
+def failover_command(
+    ctl: CtlContext, target: str, allow_data_loss: bool, force: bool, wait: bool, wait_timeout: float
+) -> None:
     """Make NODE the primary now: also while paused, with a lagging target, or with no leader alive."""
 
     async def main() -> int:
@@ -273,19 +305,42 @@ def reinit_command(ctl: CtlContext, node: str, force: bool, wait: bool, wait_tim
 
 @failoverctl_main.command("drill")
 @click.option("--to", "target", metavar="NODE", help="The new primary. Default: the best standby.")
-@click.option("--writes-per-s", type=click.FloatRange(1, 500), default=50.0, show_default=True,
-              help="Probe writes per second (one at a time).")
-@click.option("--dsn", metavar="URI", envvar="FAILOVERD_DRILL_DSN",
-              help="libpq URI of the write endpoint ($FAILOVERD_DRILL_DSN). Default: the VIP, else every member.")
+@click.option(
+    "--writes-per-s",
+    type=click.FloatRange(1, 500),
+    default=50.0,
+    show_default=True,
+    help="Probe writes per second (one at a time).",
+)
+@click.option(
+    "--dsn",
+    metavar="URI",
+    envvar="FAILOVERD_DRILL_DSN",
+    help="libpq URI of the write endpoint ($FAILOVERD_DRILL_DSN). Default: the VIP, else every member.",
+)
 @click.option("--user", help="Database user. Default: $PGUSER, else [postgres] superuser.")
 @click.option("--dbname", help="Database. Default: [postgres] database.")
 @click.option("--force", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--wait-timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
-              help="Seconds to wait for a probe write on the new primary.")
+@click.option(
+    "--wait-timeout",
+    type=click.FloatRange(1, 3600),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for a probe write on the new primary.",
+)
 @_json_option
 @pass_ctl
-def drill_command(ctl: CtlContext, target: str | None, writes_per_s: float, dsn: str | None, user: str | None,
-                  dbname: str | None, force: bool, wait_timeout: float, as_json: bool) -> None:
+def drill_command(
+    ctl: CtlContext,
+    target: str | None,
+    writes_per_s: float,
+    dsn: str | None,
+    user: str | None,
+    dbname: str | None,
+    force: bool,
+    wait_timeout: float,
+    as_json: bool,
+) -> None:
     """Failover drill: probe writes go to a scratch table (failoverd_drill)
     through the write endpoint while a planned switchover runs; prints the
     timeline, the write pause and the acknowledged writes lost, and records
@@ -296,8 +351,14 @@ def drill_command(ctl: CtlContext, target: str | None, writes_per_s: float, dsn:
             endpoint = drill.write_endpoint(ctl.config, dsn, user, dbname)
         except ValueError as error:
             raise CtlError(str(error), EXIT_USAGE) from None
-        result = await drill.run_drill(ctl, target=target, writes_per_s=writes_per_s, endpoint=endpoint,
-                                       timeout_s=wait_timeout, confirm=lambda q: _confirm(force, q))
+        result = await drill.run_drill(
+            ctl,
+            target=target,
+            writes_per_s=writes_per_s,
+            endpoint=endpoint,
+            timeout_s=wait_timeout,
+            confirm=lambda q: _confirm(force, q),
+        )
         click.echo(json.dumps(result.as_dict(), indent=2) if as_json else drill.render(result))
         return EXIT_OK if result.ok and result.recorded else EXIT_REFUSED
 
@@ -320,12 +381,15 @@ def _parse_at(text: str) -> float:
     try:
         when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not an ISO 8601 time, e.g. 2030-01-01T03:00", param_hint="--at") from None
+        raise click.BadParameter(
+            f"{text!r} is not an ISO 8601 time, e.g. 2030-01-01T03:00", param_hint="--at"
+        ) from None
     return (when if when.tzinfo else when.astimezone()).timestamp()
 
 
-async def _wait_new_primary(ctl: CtlContext, client: ApiClient, old: str | None, target: str | None,
-                            timeout_s: float) -> int:
+async def _wait_new_primary(
+    ctl: CtlContext, client: ApiClient, old: str | None, target: str | None, timeout_s: float
+) -> int:
     started = time.monotonic()
     seen = None
     while time.monotonic() - started < timeout_s:
@@ -368,15 +432,27 @@ def render_cluster(view: dict[str, Any]) -> str:
     rows = [("member", "host", "role", "state", "tl", "lsn", "lag", "term", "vip")]
     for m in view["members"]:
         pg = m.get("postgres")
-        host = "-" if pg is None else (f"[{pg['host']}]:{pg['port']}" if ":" in pg["host"] else f"{pg['host']}:{pg['port']}")
+        host = (
+            "-"
+            if pg is None
+            else (f"[{pg['host']}]:{pg['port']}" if ":" in pg["host"] else f"{pg['host']}:{pg['port']}")
+        )
         if not m.get("reachable"):
             rows.append((m["name"], host, "?", "unreachable", "-", "-", "-", "-", "-"))
             continue
-        rows.append((
-            m["name"], host, _role(m), _state(m),
-            _dash(pg and pg["timeline"]), _dash(pg and pg["lsn"]), _lag(m.get("lag_bytes"), pg),
-            str(m["term"]), "*" if m["vip_held"] else "",
-        ))
+        rows.append(
+            (
+                m["name"],
+                host,
+                _role(m),
+                _state(m),
+                _dash(pg and pg["timeline"]),
+                _dash(pg and pg["lsn"]),
+                _lag(m.get("lag_bytes"), pg),
+                str(m["term"]),
+                "*" if m["vip_held"] else "",
+            )
+        )
     lines.append(_table(rows))
     for m in view["members"]:
         if not m.get("reachable"):

@@ -26,8 +26,9 @@ class CtlError(Exception):
 class CtlContext:
     """The configuration and how to reach the cluster, shared by every command."""
 
-    def __init__(self, config_path: Path, token_file: Path | None, timeout_s: float,
-                 tls: dict[str, Path | None]) -> None:
+    def __init__(
+        self, config_path: Path, token_file: Path | None, timeout_s: float, tls: dict[str, Path | None]
+    ) -> None:
         self.config_path, self._token_file, self.timeout_s, self._tls = config_path, token_file, timeout_s, tls
         self._config: Config | None = None
 
@@ -44,8 +45,9 @@ class CtlContext:
         path = self._token_file or self.config.api.token_file
         if path is None:
             if needed:
-                raise CtlError("no admin token: set [api] token_file in the configuration or pass --token-file",
-                               EXIT_LOCAL)
+                raise CtlError(
+                    "no admin token: set [api] token_file in the configuration or pass --token-file", EXIT_LOCAL
+                )
             return None
         try:
             return load_token(path)
@@ -65,8 +67,16 @@ class CtlContext:
     def members(self) -> list[tuple[str, Any]]:
         return [(n.name, api_address(self.config, n)) for n in self.config.nodes]
 
-    async def ask(self, client: ApiClient, method: str, path: str, body: Any = None, *,
-                  timeout_s: float | None = None, prefer: str | None = None) -> tuple[str, Answer]:
+    async def ask(
+        self,
+        client: ApiClient,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        timeout_s: float | None = None,
+        prefer: str | None = None,
+    ) -> tuple[str, Answer]:
         """The first member's answer, trying members in turn (`prefer` first) while
         the request cannot have reached any core (no connection, 502, 503)."""
         failures: list[str] = []
@@ -77,8 +87,11 @@ class CtlContext:
                 answer = await client.call(address, method, path, body=body, timeout_s=timeout_s)
             except Unreachable as error:
                 if method != "GET" and error.delivered:
-                    raise CtlError(f"{name} ({address}) gave no answer: {error.reason}; the request may have "
-                                   "been carried out: check with failoverctl list", EXIT_UNREACHABLE) from None
+                    raise CtlError(
+                        f"{name} ({address}) gave no answer: {error.reason}; the request may have "
+                        "been carried out: check with failoverctl list",
+                        EXIT_UNREACHABLE,
+                    ) from None
                 failures.append(f"{name} ({address}): {error.reason}")
                 continue
             if answer.status in (401, 403):
@@ -100,7 +113,7 @@ class CtlContext:
 
     async def admin(self, client: ApiClient, method: str, path: str, body: Any = None) -> dict[str, Any]:
         """An admin request; CtlError(EXIT_REFUSED) with the cluster's reason if refused."""
-        name, answer = await self.ask(client, method, path, body, timeout_s=ADMIN_TIMEOUT_S)
+        _, answer = await self.ask(client, method, path, body, timeout_s=ADMIN_TIMEOUT_S)
         if answer.status >= 300 or not isinstance(answer.body, dict):
             raise CtlError(f"refused: {answer.error}", EXIT_REFUSED)
         return answer.body

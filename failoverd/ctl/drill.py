@@ -84,8 +84,14 @@ class ProbeWriter:
     switchover itself on a 2-core machine, hence 50 ms by default.
     """
 
-    def __init__(self, connect: Connect, run: int, interval_s: float = 0.015, retry_s: float = 0.05,
-                 command_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        connect: Connect,
+        run: int,
+        interval_s: float = 0.015,
+        retry_s: float = 0.05,
+        command_timeout_s: float = 5.0,
+    ) -> None:
         if interval_s < 0 or retry_s <= 0:
             raise ValueError("interval_s must be >= 0 and retry_s > 0")
         self.connect, self.run_id = connect, run
@@ -180,8 +186,10 @@ def write_endpoint(config: Config, dsn: str | None, user: str | None, dbname: st
     if dsn is not None:
         extra = {k: v for k, v in (("user", user), ("database", dbname)) if v is not None}
         return WriteEndpoint("the given DSN", {"dsn": dsn, **extra})
-    who = {"user": user or os.environ.get("PGUSER") or config.postgres_defaults.superuser,
-           "database": dbname or config.postgres_defaults.database}
+    who = {
+        "user": user or os.environ.get("PGUSER") or config.postgres_defaults.superuser,
+        "database": dbname or config.postgres_defaults.database,
+    }
     data = [n.postgres for n in config.nodes if n.postgres is not None]
     if config.vip is not None:
         ports = {pg.port for pg in data}
@@ -280,15 +288,24 @@ class DrillResult:
 
     def note_text(self) -> str:
         if self.ok:
-            text = (f"drill {self.old_primary}->{self.new_primary}: ok, write pause {self.write_pause_s:.2f} s, "
-                    f"{self.lost} of {self.acked} acknowledged probe writes lost")
+            text = (
+                f"drill {self.old_primary}->{self.new_primary}: ok, write pause {self.write_pause_s:.2f} s, "
+                f"{self.lost} of {self.acked} acknowledged probe writes lost"
+            )
         else:
             text = f"drill from {self.old_primary}: FAILED: {self.error}"
         return text[:NOTE_MAX]
 
 
-async def run_drill(ctl: CtlContext, *, target: str | None, writes_per_s: float, endpoint: WriteEndpoint,
-                    timeout_s: float, confirm: Callable[[str], None]) -> DrillResult:
+async def run_drill(
+    ctl: CtlContext,
+    *,
+    target: str | None,
+    writes_per_s: float,
+    endpoint: WriteEndpoint,
+    timeout_s: float,
+    confirm: Callable[[str], None],
+) -> DrillResult:
     """The whole drill: probe writes, the switchover, the checks, the note.
     Raises CtlError (nothing was switched over) when it cannot start."""
 
@@ -315,8 +332,16 @@ async def run_drill(ctl: CtlContext, *, target: str | None, writes_per_s: float,
         return result
 
 
-async def _drill(ctl: CtlContext, client: ApiClient, result: DrillResult, view: dict[str, Any],
-                 target: str | None, writes_per_s: float, endpoint: WriteEndpoint, timeout_s: float) -> None:
+async def _drill(
+    ctl: CtlContext,
+    client: ApiClient,
+    result: DrillResult,
+    view: dict[str, Any],
+    target: str | None,
+    writes_per_s: float,
+    endpoint: WriteEndpoint,
+    timeout_s: float,
+) -> None:
     old = result.old_primary
     run = int(time.time() * 1000)
     conn = await endpoint.connect()
@@ -331,9 +356,12 @@ async def _drill(ctl: CtlContext, client: ApiClient, result: DrillResult, view: 
     watcher.start()
     try:
         steady = time.monotonic() + STEADY_S
-        if not await _until(lambda: len(writer.acked_by(old)) >= WARM_UP_ACKS and time.monotonic() >= steady,
-                            WARM_UP_TIMEOUT_S):
-            result.error = f"probe writes through {endpoint.description} do not succeed: {writer.last_error or 'no answer'}"
+        if not await _until(
+            lambda: len(writer.acked_by(old)) >= WARM_UP_ACKS and time.monotonic() >= steady, WARM_UP_TIMEOUT_S
+        ):
+            result.error = (
+                f"probe writes through {endpoint.description} do not succeed: {writer.last_error or 'no answer'}"
+            )
             return
         sent_at, sent_wall = time.monotonic(), time.time()
         watcher.since_wall = sent_wall
@@ -365,8 +393,17 @@ async def _drill(ctl: CtlContext, client: ApiClient, result: DrillResult, view: 
     result.phases = await _phases(ctl, client, view, old, new, watcher, pause, sent_at, sent_wall)
 
 
-async def _phases(ctl: CtlContext, client: ApiClient, view: dict[str, Any], old: str, new: str,
-                  watcher: Watcher, pause: Pause, sent_at: float, sent_wall: float) -> list[Phase]:
+async def _phases(
+    ctl: CtlContext,
+    client: ApiClient,
+    view: dict[str, Any],
+    old: str,
+    new: str,
+    watcher: Watcher,
+    pause: Pause,
+    sent_at: float,
+    sent_wall: float,
+) -> list[Phase]:
     def wall(t: float | None) -> float | None:
         return None if t is None else round(t - sent_wall, 3)
 
@@ -374,22 +411,39 @@ async def _phases(ctl: CtlContext, client: ApiClient, view: dict[str, Any], old:
     promoted = await _promoted_at(ctl, client, new, view["term"])
     phases = [
         Phase("switchover requested", 0.0, "failoverctl's clock"),
-        Phase(f"{old} stopped", wall(watcher.stopped.get(old)),
-              f"GET /health of {old} every {POLL_S * 1000:g} ms: when its probe found it stopped"
-              if old in watcher.stopped else f"no GET /health poll (every {POLL_S * 1000:g} ms) saw it stopped"),
+        Phase(
+            f"{old} stopped",
+            wall(watcher.stopped.get(old)),
+            f"GET /health of {old} every {POLL_S * 1000:g} ms: when its probe found it stopped"
+            if old in watcher.stopped
+            else f"no GET /health poll (every {POLL_S * 1000:g} ms) saw it stopped",
+        ),
         Phase(f"{new} caught up", None, f"not exposed by the API; log event switchover_caught_up on {old}"),
-        Phase(f"{new} elected", wall(elected), f"GET /history, {new}'s wall clock at its last tick before it"
-              if elected else "no entry for it in GET /history"),
-        Phase(f"{new} promoted", wall(promoted) if promoted else wall(watcher.writable.get(new)),
-              f"GET /health last_failover of {new}, its wall clock" if promoted
-              else f"the first GET /health poll showing {new} writable"),
+        Phase(
+            f"{new} elected",
+            wall(elected),
+            f"GET /history, {new}'s wall clock at its last tick before it"
+            if elected
+            else "no entry for it in GET /history",
+        ),
+        Phase(
+            f"{new} promoted",
+            wall(promoted) if promoted else wall(watcher.writable.get(new)),
+            f"GET /health last_failover of {new}, its wall clock"
+            if promoted
+            else f"the first GET /health poll showing {new} writable",
+        ),
     ]
     if ctl.config.vip is None:
         phases.append(Phase(f"VIP on {new}", None, "no [vip] configured"))
     else:
-        phases.append(Phase(f"VIP on {new}", wall(watcher.vip.get(new)),
-                            f"the first GET /health poll showing {new} holding it; the address follows "
-                            "its duplicate address check"))
+        phases.append(
+            Phase(
+                f"VIP on {new}",
+                wall(watcher.vip.get(new)),
+                f"the first GET /health poll showing {new} holding it; the address follows its duplicate address check",
+            )
+        )
     phases.append(Phase(f"last write on {old}", round(pause.last_old.at - sent_at, 3), "probe client"))
     phases.append(Phase(f"first write on {new}", round(pause.first_new.at - sent_at, 3), "probe client"))
     return phases
@@ -443,17 +497,23 @@ async def _until(check: Callable[[], bool], timeout_s: float) -> bool:
 
 
 def render(result: DrillResult) -> str:
-    lines = [f"drill: switchover from {result.old_primary} to {result.new_primary or '?'}, "
-             f"probe writes through {result.endpoint}"]
+    lines = [
+        f"drill: switchover from {result.old_primary} to {result.new_primary or '?'}, "
+        f"probe writes through {result.endpoint}"
+    ]
     for phase in result.phases:
         at = f"{'-':>8}  " if phase.at_s is None else f"{phase.at_s:+8.3f} s"
         lines.append(f"  {at}  {phase.what:28}  ({phase.source})")
     if result.write_pause_s is not None:
-        lines.append(f"write pause: {result.write_pause_s:.3f} s (last write on the old primary to the first on the new)")
+        lines.append(
+            f"write pause: {result.write_pause_s:.3f} s (last write on the old primary to the first on the new)"
+        )
     if result.lost is not None:
         lost = f", ids {result.lost_ids[:10]}" if result.lost_ids else ""
-        lines.append(f"probe writes: {result.acked} acknowledged, {result.lost} lost{lost} "
-                     f"({result.client_errors} connection errors while the primary moved)")
+        lines.append(
+            f"probe writes: {result.acked} acknowledged, {result.lost} lost{lost} "
+            f"({result.client_errors} connection errors while the primary moved)"
+        )
     if result.error:
         lines.append(f"FAILED: {result.error}")
     lines.append(f"history note: {result.note!r}" + ("" if result.recorded else " (could not be recorded)"))

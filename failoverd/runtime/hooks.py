@@ -34,8 +34,9 @@ REPORT_QUEUE_LIMIT = 100  # events beyond this while a slow hook runs are droppe
 
 
 class HookRunner:
-    def __init__(self, hooks: HooksConfig, *, cluster: str, node: str, vip: str | None, log: Any,
-                 run: ProgramRunner) -> None:
+    def __init__(
+        self, hooks: HooksConfig, *, cluster: str, node: str, vip: str | None, log: Any, run: ProgramRunner
+    ) -> None:
         self.hooks = hooks
         self.run = run  # the daemon's: failoverd.adapters.programs.run, as the daemon's user, no capabilities
         self.cluster = cluster
@@ -52,12 +53,18 @@ class HookRunner:
     # ---------------------------------------------------------------- report hooks
 
     def role_changed(self, *, term: int, role: str, previous: str, reason: str) -> None:
-        self._report("on_role_change", term, {"FAILOVERD_ROLE": role, "FAILOVERD_PREVIOUS_ROLE": previous,
-                                               "FAILOVERD_REASON": reason})
+        self._report(
+            "on_role_change",
+            term,
+            {"FAILOVERD_ROLE": role, "FAILOVERD_PREVIOUS_ROLE": previous, "FAILOVERD_REASON": reason},
+        )
 
     def vip_changed(self, *, term: int, action: str, reason: str) -> None:
-        self._report("on_vip_change", term, {"FAILOVERD_VIP": self.vip or "", "FAILOVERD_VIP_ACTION": action,
-                                              "FAILOVERD_REASON": reason})
+        self._report(
+            "on_vip_change",
+            term,
+            {"FAILOVERD_VIP": self.vip or "", "FAILOVERD_VIP_ACTION": action, "FAILOVERD_REASON": reason},
+        )
 
     def _report(self, name: str, term: int, extra: dict[str, str]) -> None:
         command = getattr(self.hooks, name)
@@ -99,8 +106,12 @@ class HookRunner:
     # ----------------------------------------------------------------------- common
 
     def _env(self, name: str, term: int) -> dict[str, str]:
-        return {"FAILOVERD_HOOK": name, "FAILOVERD_CLUSTER": self.cluster, "FAILOVERD_NODE": self.node,
-                "FAILOVERD_TERM": str(term)}
+        return {
+            "FAILOVERD_HOOK": name,
+            "FAILOVERD_CLUSTER": self.cluster,
+            "FAILOVERD_NODE": self.node,
+            "FAILOVERD_TERM": str(term),
+        }
 
     async def _run(self, name: str, command: str, env: dict[str, str]) -> str | None:
         term = env["FAILOVERD_TERM"]

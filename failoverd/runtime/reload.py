@@ -43,8 +43,7 @@ def lease_fits(leader: Timing, voter: Timing) -> bool:
     """Whether a lease taken under `leader`'s timing expires, with the fence
     margin, before a voter on `voter`'s timing may vote again."""
     drift = max(leader.clock_drift_max, voter.clock_drift_max)
-    return (leader.lease_s / (1 - drift) + leader.fence_margin_s
-            < voter.election_timeout_min_s / (1 + drift))
+    return leader.lease_s / (1 - drift) + leader.fence_margin_s < voter.election_timeout_min_s / (1 + drift)
 
 
 def plan_reload(old: Config, new: Config) -> ReloadPlan:

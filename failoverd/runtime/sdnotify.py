@@ -130,7 +130,9 @@ class Notifier:
             if not self._failing:
                 self._failing = True
                 self.log.warning(
-                    "sdnotify_send_failed", address=self.address, kind=lines[0].split("=")[0],
+                    "sdnotify_send_failed",
+                    address=self.address,
+                    kind=lines[0].split("=")[0],
                     error=error.strerror or str(error),
                 )
             return False

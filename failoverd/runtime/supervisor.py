@@ -135,13 +135,13 @@ class Supervisor:
     # ------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        loops: list[Coroutine[Any, Any, None]] = [self._ticker()]
+        loops: list[tuple[str, Coroutine[Any, Any, None]]] = [("ticker", self._ticker())]
         if self.postgres is not None:
-            loops += [self._prober(), self._pg_worker()]
-        self._tasks = [asyncio.create_task(self._guard(loop), name=loop.__name__) for loop in loops]
+            loops += [("prober", self._prober()), ("pg_worker", self._pg_worker())]
+        self._tasks = [asyncio.create_task(self._guard(name, loop), name=name) for name, loop in loops]
         self.log.info("supervisor_started", node=self.node.name, term=self.node.term)
 
-    async def _guard(self, loop: Coroutine[Any, Any, None]) -> None:
+    async def _guard(self, name: str, loop: Coroutine[Any, Any, None]) -> None:
         """A loop that dies must take the supervisor down with it, loudly: a
         member that silently stopped ticking or probing is worse than a restart
         (the watchdog fences a leader whose supervisor is gone)."""
@@ -151,8 +151,13 @@ class Supervisor:
             raise
         except BaseException as exc:
             self.failure = exc
-            self.log.critical("supervisor_loop_failed", node=self.node.name, term=self.node.term,
-                              loop=loop.__name__, error=repr(exc)[:500])
+            self.log.critical(
+                "supervisor_loop_failed",
+                node=self.node.name,
+                term=self.node.term,
+                loop=name,
+                error=repr(exc)[:500],
+            )
             self.failed.set()
             raise
 
@@ -162,8 +167,9 @@ class Supervisor:
             try:
                 await self._execute(self.node.shutdown(self.clock()))
             except Exception as exc:  # noqa: BLE001 - e.g. a full disk; the watchdog fences at EOF
-                self.log.critical("shutdown_handover_failed", node=self.node.name, term=self.node.term,
-                                  error=repr(exc)[:300])
+                self.log.critical(
+                    "shutdown_handover_failed", node=self.node.name, term=self.node.term, error=repr(exc)[:300]
+                )
         if self.node.role is Role.FOLLOWER and self.watchdog is not None and not self.node.watchdog_armed:
             await self.watchdog.disarm()
         tasks = [*self._tasks, *([self._vip_watch] if self._vip_watch is not None else [])]
@@ -189,9 +195,14 @@ class Supervisor:
             self.node.retime(timing)
             self.probe_interval_s = timing.heartbeat_interval_s
         self._wake.set()
-        self.log.info("timing_changed", node=self.node.name, term=self.node.term,
-                      heartbeat_interval_s=timing.heartbeat_interval_s, lease_s=timing.lease_s,
-                      election_timeout_min_s=timing.election_timeout_min_s)
+        self.log.info(
+            "timing_changed",
+            node=self.node.name,
+            term=self.node.term,
+            heartbeat_interval_s=timing.heartbeat_interval_s,
+            lease_s=timing.lease_s,
+            election_timeout_min_s=timing.election_timeout_min_s,
+        )
 
     async def request(self, req: AdminRequest, timeout_s: float = REPLY_TIMEOUT_S) -> act.Reply:
         """The core's answer to an operator's request. It may come after
@@ -274,11 +285,15 @@ class Supervisor:
                 self.log.info("pg_action_cancelled", node=self.node.name, term=self.node.term, action=name)
             elif task.exception() is not None:
                 error = str(task.exception())[:500] or type(task.exception()).__name__
-                self.log.error("pg_action_failed", node=self.node.name, term=self.node.term, action=name,
-                               error=error)
+                self.log.error("pg_action_failed", node=self.node.name, term=self.node.term, action=name, error=error)
             else:
-                self.log.info("pg_action_done", node=self.node.name, term=self.node.term, action=name,
-                              seconds=round(self.clock() - started, 3))
+                self.log.info(
+                    "pg_action_done",
+                    node=self.node.name,
+                    term=self.node.term,
+                    action=name,
+                    seconds=round(self.clock() - started, 3),
+                )
             await self._report_outcome(action, error)
             self._probe_now.set()
 
@@ -286,11 +301,11 @@ class Supervisor:
         """Tell the core how an action it waits for ended."""
         now = self.clock
         if isinstance(action, act.Promote) and error is not None and error != "cancelled":
-            outcome = lambda: self.node.promotion_failed(action.term, error[:200], now())  # noqa: E731
+            outcome = lambda: self.node.promotion_failed(action.term, error[:200], now())
         elif isinstance(action, act.Checkpoint):
-            outcome = lambda: self.node.checkpoint_done(error, now())  # noqa: E731
+            outcome = lambda: self.node.checkpoint_done(error, now())
         elif isinstance(action, act.Rebuild):
-            outcome = lambda: self.node.rebuild_done(error, now())  # noqa: E731
+            outcome = lambda: self.node.rebuild_done(error, now())
         else:
             return
         async with self._lock:
@@ -374,8 +389,13 @@ class Supervisor:
             self._cancel_follow_asking_upstream(a)
         self._pg_queue.append(a)
         self._pg_queued.set()
-        self.log.info("pg_action_queued", node=self.node.name, term=self.node.term, action=type(a).__name__,
-                      queued=len(self._pg_queue))
+        self.log.info(
+            "pg_action_queued",
+            node=self.node.name,
+            term=self.node.term,
+            action=type(a).__name__,
+            queued=len(self._pg_queue),
+        )
 
     def _save(self, state: PersistentState) -> None:
         """Persist, fsynced, before anything after it runs. A state file that
@@ -388,8 +408,7 @@ class Supervisor:
         except Exception as exc:
             if not self.failed.is_set():
                 self.failure = exc
-                self.log.critical("state_write_failed", node=self.node.name, term=self.node.term,
-                                  error=repr(exc)[:300])
+                self.log.critical("state_write_failed", node=self.node.name, term=self.node.term, error=repr(exc)[:300])
                 self.failed.set()
             raise
 
@@ -461,8 +480,14 @@ class Supervisor:
             return
         if isinstance(superseded_by, act.Follow) and superseded_by.leader == running.leader:
             return
-        self.log.info("pg_action_interrupted", node=self.node.name, term=self.node.term, action="Follow",
-                      leader=running.leader, reason=type(superseded_by).__name__.lower())
+        self.log.info(
+            "pg_action_interrupted",
+            node=self.node.name,
+            term=self.node.term,
+            action="Follow",
+            leader=running.leader,
+            reason=type(superseded_by).__name__.lower(),
+        )
         task.cancel()
 
     def _drop_queued(self, kinds: tuple[type, ...], reason: str) -> list[act.Action]:
@@ -473,8 +498,13 @@ class Supervisor:
         for queued in self._pg_queue:
             if isinstance(queued, kinds):
                 dropped.append(queued)
-                self.log.info("pg_action_dropped", node=self.node.name, term=self.node.term,
-                              action=type(queued).__name__, reason=reason)
+                self.log.info(
+                    "pg_action_dropped",
+                    node=self.node.name,
+                    term=self.node.term,
+                    action=type(queued).__name__,
+                    reason=reason,
+                )
             else:
                 kept.append(queued)
         self._pg_queue = kept
@@ -498,10 +528,13 @@ class Supervisor:
             async with asyncio.timeout(FENCE_TIMEOUT_S):
                 await self.postgres.stop("immediate")
         except Exception as exc:  # noqa: BLE001 - the watchdog's deadline still fences
-            self.log.error("fence_failed", node=self.node.name, term=self.node.term, reason=reason, error=str(exc)[:300])
+            self.log.error(
+                "fence_failed", node=self.node.name, term=self.node.term, reason=reason, error=str(exc)[:300]
+            )
             return
-        self.log.info("fenced", node=self.node.name, term=self.node.term, reason=reason,
-                      seconds=round(self.clock() - started, 3))
+        self.log.info(
+            "fenced", node=self.node.name, term=self.node.term, reason=reason, seconds=round(self.clock() - started, 3)
+        )
         self._probe_now.set()
 
     async def _report_dropped(self, action: act.Action) -> None:

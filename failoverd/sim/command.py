@@ -11,8 +11,8 @@ import click
 
 from failoverd.config.load import ConfigError, load_config
 from failoverd.core.node import SAFEGUARDS as CORE_SAFEGUARDS
-from failoverd.runtime.supervisor import SAFEGUARDS as EXECUTOR_SAFEGUARDS
 from failoverd.core.spec import ClusterSpec, SpecError
+from failoverd.runtime.supervisor import SAFEGUARDS as EXECUTOR_SAFEGUARDS
 from failoverd.sim.runner import (
     LIVENESS_BOUND_S,
     SAFETY_S,
@@ -26,27 +26,66 @@ from failoverd.sim.runner import (
 
 
 @click.command("simulate", short_help="Hammer the election protocol with faults in a deterministic simulator.")
-@click.option("--seeds", "seed_count", type=click.IntRange(1, 1_000_000), default=100, show_default=True,
-              help="How many seeds to run (seeds 0..N-1, or from --first-seed).")
+@click.option(
+    "--seeds",
+    "seed_count",
+    type=click.IntRange(1, 1_000_000),
+    default=100,
+    show_default=True,
+    help="How many seeds to run (seeds 0..N-1, or from --first-seed).",
+)
 @click.option("--first-seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=None, help="Run this one seed and print its trace.")
-@click.option("--nodes", "data_nodes", type=click.IntRange(1, 8), default=3, show_default=True,
-              help="Data members (ignored with --config).")
+@click.option(
+    "--nodes",
+    "data_nodes",
+    type=click.IntRange(1, 8),
+    default=3,
+    show_default=True,
+    help="Data members (ignored with --config).",
+)
 @click.option("--witness", is_flag=True, help="Add a witness member (ignored with --config).")
-@click.option("--sync-count", type=click.IntRange(1, 7), default=1, show_default=True,
-              help="k in ANY k (ignored with --config).")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
-              help="Use the members, replication and timing of this configuration file.")
-@click.option("--shape", "shapes", multiple=True, type=click.Choice(["all", *SHAPES]),
-              help="Run a named cluster shape instead of --nodes/--witness/--sync-count; repeatable; 'all' runs "
-                   "every shape, one summary line each.")
+@click.option(
+    "--sync-count", type=click.IntRange(1, 7), default=1, show_default=True, help="k in ANY k (ignored with --config)."
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Use the members, replication and timing of this configuration file.",
+)
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    type=click.Choice(["all", *SHAPES]),
+    help="Run a named cluster shape instead of --nodes/--witness/--sync-count; repeatable; 'all' runs "
+    "every shape, one summary line each.",
+)
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Processes to use (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--disable-safeguard", "disabled", multiple=True, type=click.Choice(sorted(CORE_SAFEGUARDS | EXECUTOR_SAFEGUARDS)), hidden=True,
-              help="Switch off one safety mechanism to show the simulator catches the result.")
-def simulate_command(seed_count: int, first_seed: int, seed: int | None, data_nodes: int, witness: bool,
-                     sync_count: int, config_file: Path | None, shapes: tuple[str, ...], workers: int | None,
-                     as_json: bool, disabled: tuple[str, ...]) -> None:
+@click.option(
+    "--disable-safeguard",
+    "disabled",
+    multiple=True,
+    type=click.Choice(sorted(CORE_SAFEGUARDS | EXECUTOR_SAFEGUARDS)),
+    hidden=True,
+    help="Switch off one safety mechanism to show the simulator catches the result.",
+)
+def simulate_command(
+    seed_count: int,
+    first_seed: int,
+    seed: int | None,
+    data_nodes: int,
+    witness: bool,
+    sync_count: int,
+    config_file: Path | None,
+    shapes: tuple[str, ...],
+    workers: int | None,
+    as_json: bool,
+    disabled: tuple[str, ...],
+) -> None:
     """Run the real protocol core against simulated hosts, networks, clocks and
     PostgreSQL servers with random faults, checking the safety invariants after
     every step. Exits 1 on any violation and prints how to replay it."""
@@ -62,8 +101,11 @@ def simulate_command(seed_count: int, first_seed: int, seed: int | None, data_no
         shape_args = f"--shape {names[0]}"
     else:
         spec = _spec(config_file, data_nodes, witness, sync_count)
-        shape_args = f"--config {config_file}" if config_file else f"--nodes {data_nodes} --sync-count {sync_count}" + (
-            " --witness" if witness else "")
+        shape_args = (
+            f"--config {config_file}"
+            if config_file
+            else f"--nodes {data_nodes} --sync-count {sync_count}" + (" --witness" if witness else "")
+        )
     started = time.monotonic()
     results = run_seeds(spec, seeds, frozenset(disabled), workers=workers, keep_traces=seed is not None)
     wall_s = time.monotonic() - started
@@ -80,8 +122,9 @@ def simulate_command(seed_count: int, first_seed: int, seed: int | None, data_no
         sys.exit(1)
 
 
-def _run_matrix(names: list[str], seeds: list[int], workers: int | None, as_json: bool,
-                disabled: tuple[str, ...]) -> None:
+def _run_matrix(
+    names: list[str], seeds: list[int], workers: int | None, as_json: bool, disabled: tuple[str, ...]
+) -> None:
     """Every named shape over the same seeds: one summary line per shape (as
     JSON lines with --json), each printed as soon as its shape is done, then
     the replay command of each shape's first violation. Exits 1 on any."""
@@ -92,18 +135,28 @@ def _run_matrix(names: list[str], seeds: list[int], workers: int | None, as_json
         summary = summarize(run_seeds(spec, seeds, frozenset(disabled), workers=workers, keep_traces=False))
         wall_s = time.monotonic() - started
         if as_json:
-            click.echo(json.dumps({"shape": name, **_summary_dict(spec, summary, wall_s, disabled),
-                                   "violating_seeds": list(summary.violating_seeds)}))
+            click.echo(
+                json.dumps(
+                    {
+                        "shape": name,
+                        **_summary_dict(spec, summary, wall_s, disabled),
+                        "violating_seeds": list(summary.violating_seeds),
+                    }
+                )
+            )
         else:
-            click.echo(f"{name:<15} seeds {summary.seeds} ({seeds[0]}..{seeds[-1]})  violations {summary.violations}"
-                       f"  failovers {summary.failovers}  failover median {_fmt(summary.failover_median_s)}"
-                       f" max {_fmt(summary.failover_max_s)}  recovery max {_fmt(summary.recovery_max_s)}"
-                       f"  wall {wall_s:.0f} s", )
+            click.echo(
+                f"{name:<15} seeds {summary.seeds} ({seeds[0]}..{seeds[-1]})  violations {summary.violations}"
+                f"  failovers {summary.failovers}  failover median {_fmt(summary.failover_median_s)}"
+                f" max {_fmt(summary.failover_max_s)}  recovery max {_fmt(summary.recovery_max_s)}"
+                f"  wall {wall_s:.0f} s",
+            )
         if summary.first_violation is not None:
             failed.append((name, summary))
     for name, summary in failed:
         click.echo(f"\n{name}: violating seeds {list(summary.violating_seeds)[:50]}", err=True)
-        _print_violation(summary.first_violation, f"--shape {name}", disabled)
+        if summary.first_violation is not None:
+            _print_violation(summary.first_violation, f"--shape {name}", disabled)
     if failed:
         sys.exit(1)
 
@@ -128,15 +181,19 @@ def _fmt(value: float | None) -> str:
 
 def _print_summary(spec: ClusterSpec, s, wall_s: float, disabled) -> None:
     data = len(spec.data_members)
-    click.echo(f"cluster            {data} data + {len(spec.members) - data} witness, "
-               f"{spec.replication.mode.value} k={spec.replication.sync_count}, lease {spec.timing.lease_s:g} s, "
-               f"election timeout {spec.timing.election_timeout_min_s:g}-{spec.timing.election_timeout_max_s:g} s")
+    click.echo(
+        f"cluster            {data} data + {len(spec.members) - data} witness, "
+        f"{spec.replication.mode.value} k={spec.replication.sync_count}, lease {spec.timing.lease_s:g} s, "
+        f"election timeout {spec.timing.election_timeout_min_s:g}-{spec.timing.election_timeout_max_s:g} s"
+    )
     if disabled:
         click.echo(f"safeguards off     {', '.join(disabled)}")
     click.echo(f"seeds run          {s.seeds} ({SAFETY_S:g} s of faults + healing each)")
     click.echo(f"failovers          {s.failovers}")
-    click.echo(f"failover time      median {_fmt(s.failover_median_s)}, max {_fmt(s.failover_max_s)} "
-               "(last acknowledged write on the old primary to first on the new, simulated time)")
+    click.echo(
+        f"failover time      median {_fmt(s.failover_median_s)}, max {_fmt(s.failover_max_s)} "
+        "(last acknowledged write on the old primary to first on the new, simulated time)"
+    )
     click.echo(f"recovery on heal   max {_fmt(s.recovery_max_s)} (bound {LIVENESS_BOUND_S:g} s)")
     click.echo(f"violations         {s.violations}")
     click.echo(f"wall time          {wall_s:.1f} s")
@@ -152,8 +209,9 @@ def _summary_dict(spec: ClusterSpec, s, wall_s: float, disabled) -> dict:
         "failover_max_s": s.failover_max_s,
         "recovery_max_s": s.recovery_max_s,
         "violations": s.violations,
-        "first_violation": None if s.first_violation is None else {
-            "seed": s.first_violation.seed, "violation": s.first_violation.violation},
+        "first_violation": None
+        if s.first_violation is None
+        else {"seed": s.first_violation.seed, "violation": s.first_violation.violation},
         "wall_s": round(wall_s, 2),
     }
 

@@ -20,7 +20,7 @@ import collections
 import contextvars
 import heapq
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVarTuple, Unpack
 
 # A timer fires this much after its deadline in real time: converting a
 # host's local deadline to real time and back rounds, and a process that
@@ -28,10 +28,17 @@ from typing import Any
 # again, forever (time only moves when the scheduler moves it).
 DUE_EPSILON_S = 1e-9
 
+_Ts = TypeVarTuple("_Ts")
+
 
 class SimLoop(asyncio.AbstractEventLoop):
-    def __init__(self, name: str, clock: Callable[[], float], to_real: Callable[[float], float],
-                 on_error: Callable[[str, dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        clock: Callable[[], float],
+        to_real: Callable[[float], float],
+        on_error: Callable[[str, dict[str, Any]], None],
+    ) -> None:
         self.name = name
         self._clock = clock  # this process's monotonic time
         self._to_real = to_real  # a time of this loop's clock in the simulation's real time
@@ -46,18 +53,32 @@ class SimLoop(asyncio.AbstractEventLoop):
     def time(self) -> float:
         return self._clock()
 
-    def call_soon(self, callback: Callable[..., object], *args: Any,  # type: ignore[override]
-                  context: contextvars.Context | None = None) -> asyncio.Handle:
+    def call_soon(
+        self,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: Unpack[_Ts],
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
         handle = asyncio.Handle(callback, args, self, context)
         self._ready.append(handle)
         return handle
 
-    def call_later(self, delay: float, callback: Callable[..., object], *args: Any,  # type: ignore[override]
-                   context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+    def call_later(
+        self,
+        delay: float,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: Unpack[_Ts],
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
         return self.call_at(self.time() + delay, callback, *args, context=context)
 
-    def call_at(self, when: float, callback: Callable[..., object], *args: Any,  # type: ignore[override]
-                context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+    def call_at(
+        self,
+        when: float,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: Unpack[_Ts],
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
         handle = asyncio.TimerHandle(when, callback, args, self, context)
         heapq.heappush(self._scheduled, handle)
         handle._scheduled = True  # type: ignore[attr-defined]
@@ -69,8 +90,13 @@ class SimLoop(asyncio.AbstractEventLoop):
     def create_future(self) -> asyncio.Future[Any]:
         return asyncio.Future(loop=self)
 
-    def create_task(self, coro: Any, *, name: str | None = None,  # type: ignore[override]
-                    context: contextvars.Context | None = None) -> asyncio.Task[Any]:
+    def create_task(
+        self,
+        coro: Any,
+        *,
+        name: str | None = None,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Task[Any]:
         return asyncio.Task(coro, loop=self, name=name, context=context)
 
     def get_debug(self) -> bool:
@@ -108,10 +134,10 @@ class SimLoop(asyncio.AbstractEventLoop):
         now = self.time()
         scheduled = self._scheduled
         while scheduled and (scheduled[0].cancelled() or scheduled[0].when() <= now):
-            handle = heapq.heappop(scheduled)
-            if not handle.cancelled():
-                handle._scheduled = False  # type: ignore[attr-defined]
-                self._ready.append(handle)
+            timer = heapq.heappop(scheduled)
+            if not timer.cancelled():
+                timer._scheduled = False  # type: ignore[attr-defined]
+                self._ready.append(timer)
         ready = self._ready
         count = len(ready)
         asyncio.events._set_running_loop(self)

@@ -15,16 +15,16 @@ a probe of a hung server waits out its timeout.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from failoverd.core.follow import FollowFacts, FollowStep, may_discard_wal, plan_follow
 from failoverd.core.messages import Message, encode_message
 from failoverd.core.state import PersistentState, PgObservation, PgRole
-from failoverd.sim.postgres import SimRole
-
-if TYPE_CHECKING:
-    from failoverd.sim.world import Host, World
+from failoverd.sim.hosts import Host
+from failoverd.sim.network import SimNetwork
+from failoverd.sim.postgres import SimPostgres, SimRole
 
 PROBE_S = 0.001  # a probe's round trip over the kept connection
 PROBE_TIMEOUT_S = 1.0  # [postgres] probe_timeout_s: a hung server answers nothing
@@ -42,6 +42,36 @@ SYNC_S = 0.005
 CHECKPOINT_S = 0.05
 VIP_ADD_S = 0.01
 SLOW_PG_EXTRA_S = (0.2, 2.0)  # a slow disk or a busy server: every step drags
+
+
+class World(Protocol):
+    """What the ports need of the simulated world (failoverd.sim.world.World)."""
+
+    now: float
+    rng: random.Random
+    net: SimNetwork
+    hosts: dict[str, Host]
+    disabled: frozenset[str]
+
+    def alive(self, host: Host, incarnation: int) -> bool: ...
+    def log(self, text: str) -> None: ...
+    def on_log(self, host: Host, level: str, event: str, fields: dict[str, Any]) -> None: ...
+    def send(self, src: str, dst: str, wire: dict[str, Any]) -> None: ...
+    def slowness(self, host: Host) -> float: ...
+    def observation(self, host: Host, observed_at: float) -> PgObservation: ...
+    def bootstrap(self, host: Host) -> None: ...
+    def start_server(self, host: Host, upstream: str | None) -> None: ...
+    def finish_promote(self, host: Host, stops: int) -> bool: ...
+    def stop_server(self, host: Host, why: str) -> None: ...
+    def begin_fast_stop(self, host: Host) -> bool: ...
+    def configure_sync(self, host: Host, sync_count: int, standbys: tuple[str, ...]) -> None: ...
+    def stream_from(self, host: Host, upstream: str | None) -> None: ...
+    def clone(self, host: Host, leader: str) -> bool: ...
+    def reclone(self, host: Host, leader: str) -> bool: ...
+    def rewind(self, host: Host, leader: str) -> bool: ...
+    def arm_watchdog(self, host: Host, deadline: float | None) -> None: ...
+    def take_vip(self, host: Host) -> None: ...
+    def drop_vip(self, host: Host) -> None: ...
 
 
 class SimPostgresError(Exception):
@@ -70,8 +100,11 @@ class SimPostgresPort:
             raise asyncio.CancelledError  # a killed process does nothing more
 
     @property
-    def pg(self) -> Any:
-        return self.host.pg
+    def pg(self) -> SimPostgres:
+        pg = self.host.pg
+        if pg is None:
+            raise SimPostgresError(f"{self.host.name} has no PostgreSQL")
+        return pg
 
     # --------------------------------------------------------------- probe
 
@@ -197,15 +230,17 @@ class SimPostgresPort:
         if local is None:
             raise SimPostgresError(f"cannot follow {leader}: the server is {pg.role.value}")
         up = await self._ask(leader)
-        step, why = plan_follow(FollowFacts(local, up.role is not SimRole.PRIMARY, pg.compatible_with(up)),
-                                self.world.disabled)
+        step, why = plan_follow(
+            FollowFacts(local, up.role is not SimRole.PRIMARY, pg.compatible_with(up)), self.world.disabled
+        )
         if step is FollowStep.STOP:
             self.world.stop_server(self.host, f"to follow {leader}")
             await self._take(FAST_STOP_S)
             # Our WAL is final now; the upstream is asked again (the rule of core/follow.py).
             up = await self._ask(leader)
-            step, why = plan_follow(FollowFacts(PgRole.STOPPED, up.role is not SimRole.PRIMARY,
-                                                pg.compatible_with(up)), self.world.disabled)
+            step, why = plan_follow(
+                FollowFacts(PgRole.STOPPED, up.role is not SimRole.PRIMARY, pg.compatible_with(up)), self.world.disabled
+            )
         self.world.log(f"{self.host.name} follow step {step.value} toward {leader} ({why})")
         if step is FollowStep.CASCADE:
             if pg.lsn > up.lsn:

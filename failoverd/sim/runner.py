@@ -17,7 +17,7 @@ import statistics
 
 from failoverd.core.requests import Failover, Switchover
 from failoverd.core.spec import ClusterSpec, Member, MemberKind, Replication, ReplicationMode, Timing
-from failoverd.sim.world import World, Violation
+from failoverd.sim.world import Violation, World
 
 SAFETY_S = 30.0
 LIVENESS_BOUND_S = 15.0
@@ -38,8 +38,13 @@ class SeedResult:
         return self.violation is None
 
 
-def preset_spec(data_nodes: int = 3, witness: bool = False, sync_count: int = 1, timing: Timing | None = None,
-                mode: ReplicationMode = ReplicationMode.QUORUM) -> ClusterSpec:
+def preset_spec(
+    data_nodes: int = 3,
+    witness: bool = False,
+    sync_count: int = 1,
+    timing: Timing | None = None,
+    mode: ReplicationMode = ReplicationMode.QUORUM,
+) -> ClusterSpec:
     members = [Member(f"db{i + 1}") for i in range(data_nodes)]
     if witness:
         members.append(Member("witness", kind=MemberKind.WITNESS))
@@ -59,8 +64,20 @@ SHAPES: dict[str, dict] = {
 
 
 FAULT_KINDS = (
-    "kill_postmaster", "kill_supervisor", "quick_restart", "freeze", "isolate", "isolate_inbound", "cut_pair",
-    "cut_peer_only", "lossy", "stall_replication", "host_crash", "switchover", "pg_hang", "operator_failover",
+    "kill_postmaster",
+    "kill_supervisor",
+    "quick_restart",
+    "freeze",
+    "isolate",
+    "isolate_inbound",
+    "cut_pair",
+    "cut_peer_only",
+    "lossy",
+    "stall_replication",
+    "host_crash",
+    "switchover",
+    "pg_hang",
+    "operator_failover",
     "slow_pg",
 )
 # Swarm testing (Groce et al., ISSTA 2012): each seed draws its own mix of
@@ -169,8 +186,13 @@ class FaultInjector:
                 sim.thaw(name)
 
 
-def run_seed(spec: ClusterSpec, seed: int, disabled: frozenset[str] = frozenset(), safety_s: float = SAFETY_S,
-             keep_trace: bool = True) -> SeedResult:
+def run_seed(
+    spec: ClusterSpec,
+    seed: int,
+    disabled: frozenset[str] = frozenset(),
+    safety_s: float = SAFETY_S,
+    keep_trace: bool = True,
+) -> SeedResult:
     sim = World(spec, seed, disabled)
     faults = FaultInjector(sim)
     sim.start()
@@ -191,7 +213,9 @@ def run_seed(spec: ClusterSpec, seed: int, disabled: frozenset[str] = frozenset(
                 recovered = sim.now - start
                 break
         if sim.violation is None and recovered is None:
-            sim.violation = Violation("liveness", f"no writable primary acknowledging writes within {LIVENESS_BOUND_S} s of healing")
+            sim.violation = Violation(
+                "liveness", f"no writable primary acknowledging writes within {LIVENESS_BOUND_S} s of healing"
+            )
         if sim.violation is None:
             try:
                 sim.check_final()
@@ -222,8 +246,14 @@ def _run_one(args: tuple) -> SeedResult:
     return run_seed(spec, seed, disabled, keep_trace=keep_trace)
 
 
-def run_seeds(spec: ClusterSpec, seeds: list[int], disabled: frozenset[str] = frozenset(), workers: int | None = None,
-              stop_on_violation: bool = False, keep_traces: bool = True) -> list[SeedResult]:
+def run_seeds(
+    spec: ClusterSpec,
+    seeds: list[int],
+    disabled: frozenset[str] = frozenset(),
+    workers: int | None = None,
+    stop_on_violation: bool = False,
+    keep_traces: bool = True,
+) -> list[SeedResult]:
     """Run seeds, sharded over `workers` processes (default: every core).
     Without `keep_traces` only a violating seed keeps its trace, so that a
     sweep of 100,000 seeds does not hold 100,000 traces."""

@@ -13,7 +13,7 @@ with a message and the tail of the trace.
 from __future__ import annotations
 
 import collections
-import dataclasses
+import functools
 import heapq
 import random
 from collections.abc import Callable
@@ -23,8 +23,9 @@ from failoverd.core import events as ev
 from failoverd.core.node import Node
 from failoverd.core.requests import AdminRequest
 from failoverd.core.spec import ClusterSpec, ReplicationMode
-from failoverd.core.state import PersistentState, PgObservation, PgRole, Role
+from failoverd.core.state import PgObservation, Role
 from failoverd.runtime.supervisor import Supervisor
+from failoverd.sim.hosts import Host
 from failoverd.sim.loop import SimLoop
 from failoverd.sim.network import SimNetwork
 from failoverd.sim.ports import (
@@ -47,11 +48,24 @@ WALL_CLOCK_BASE = 1_900_000_000.0  # the supervisors' wall clocks: labels only
 LONG_STEP_P = 0.03  # a step of PostgreSQL work that takes long (see World.slowness)
 LONG_STEP_S = (0.5, 3.0)
 # Supervisor log events kept in the trace (the core's events always are).
-TRACED_LOG_EVENTS = frozenset({
-    "supervisor_started", "pg_action_queued", "pg_action_started", "pg_action_done", "pg_action_failed",
-    "pg_action_cancelled", "pg_action_dropped", "pg_action_interrupted", "fenced", "fence_failed",
-    "vip_release_failed", "supervisor_loop_failed", "state_write_failed", "shutdown_handover_failed",
-})
+TRACED_LOG_EVENTS = frozenset(
+    {
+        "supervisor_started",
+        "pg_action_queued",
+        "pg_action_started",
+        "pg_action_done",
+        "pg_action_failed",
+        "pg_action_cancelled",
+        "pg_action_dropped",
+        "pg_action_interrupted",
+        "fenced",
+        "fence_failed",
+        "vip_release_failed",
+        "supervisor_loop_failed",
+        "state_write_failed",
+        "shutdown_handover_failed",
+    }
+)
 
 
 class Violation(Exception):
@@ -59,37 +73,6 @@ class Violation(Exception):
         super().__init__(f"{invariant}: {detail}")
         self.invariant = invariant
         self.detail = detail
-
-
-@dataclasses.dataclass
-class Host:
-    name: str
-    is_data: bool
-    clock_rate: float
-    clock_offset: float
-    wall_offset: float
-    disk: PersistentState = dataclasses.field(default_factory=PersistentState)
-    supervisor: Supervisor | None = None  # None while the supervisor is down
-    loop: SimLoop | None = None
-    pg: SimPostgres | None = None
-    watchdog_deadline: float | None = None  # local time; None = disarmed
-    vip: bool = False
-    incarnation: int = 0
-    slow_until: float = 0.0  # PostgreSQL work drags until then (real time)
-
-    def local(self, real: float) -> float:
-        return self.clock_offset + self.clock_rate * real
-
-    def real(self, local: float) -> float:
-        return (local - self.clock_offset) / self.clock_rate
-
-    @property
-    def node(self) -> Node | None:
-        return None if self.supervisor is None else self.supervisor.node
-
-    @property
-    def frozen(self) -> bool:
-        return self.loop is not None and self.loop.frozen
 
 
 class World:
@@ -109,8 +92,13 @@ class World:
         drift = spec.timing.clock_drift_max
         self.hosts: dict[str, Host] = {}
         for m in spec.members:
-            host = Host(name=m.name, is_data=m.is_data, clock_rate=1 + self.rng.uniform(-drift, drift),
-                        clock_offset=self.rng.uniform(0, 1000), wall_offset=self.rng.uniform(-1, 1))
+            host = Host(
+                name=m.name,
+                is_data=m.is_data,
+                clock_rate=1 + self.rng.uniform(-drift, drift),
+                clock_offset=self.rng.uniform(0, 1000),
+                wall_offset=self.rng.uniform(-1, 1),
+            )
             if m.is_data:
                 host.pg = SimPostgres(m.name)
             self.hosts[m.name] = host
@@ -209,7 +197,13 @@ class World:
             return
         host.incarnation += 1
         inc = host.incarnation
-        loop = SimLoop(name, clock=lambda: host.local(self.now), to_real=host.real, on_error=self.on_loop_error)
+        # No I/O in the simulation: the parts of AbstractEventLoop it leaves out are never called.
+        loop = SimLoop(
+            name,
+            clock=lambda: host.local(self.now),
+            to_real=host.real,  # type: ignore[abstract]
+            on_error=self.on_loop_error,
+        )
         rng = random.Random(self.rng.getrandbits(64))
         node = Node(self.spec, name, host.disk, host.local(self.now), rng, self.core_disabled)
         postgres = SimPostgresPort(self, host, inc) if host.is_data else None
@@ -285,7 +279,7 @@ class World:
         for delay in self.net.deliveries(src, dst):
             target = self.hosts[dst]
             inc = target.incarnation
-            self.at(self.now + delay, lambda t=target, w=wire, i=inc: self._deliver(t, w, i))
+            self.at(self.now + delay, functools.partial(self._deliver, target, wire, inc))
 
     def _deliver(self, host: Host, wire: dict[str, Any], incarnation: int) -> None:
         from failoverd.core.messages import decode_message
@@ -349,8 +343,7 @@ class World:
         following = None
         if pg.role is SimRole.STANDBY and pg.upstream is not None:
             up = self.hosts[pg.upstream].pg
-            if (up is not None and up.running and pg.compatible_with(up)
-                    and self.net.connected(pg.upstream, host.name)):
+            if up is not None and up.running and pg.compatible_with(up) and self.net.connected(pg.upstream, host.name):
                 following = pg.upstream
         return pg.observation(observed_at, following)
 
@@ -386,7 +379,7 @@ class World:
                 spg = other.pg
                 if spg is not None and spg.role is SimRole.STANDBY and spg.upstream == host.name:
                     if self.net.connected(host.name, other.name) and spg.compatible_with(pg):
-                        for e in pg.wal[spg.lsn:]:
+                        for e in pg.wal[spg.lsn :]:
                             spg.append(e)
             pg.stop()
             self.log(f"{host.name} PostgreSQL stopped (fast)")
@@ -500,7 +493,7 @@ class World:
                 continue
             if self.now < pg.replication_stalled_until:
                 continue
-            for e in up.wal[pg.lsn: pg.lsn + 50]:
+            for e in up.wal[pg.lsn : pg.lsn + 50]:
                 pg.append(e)
             if up.role is not SimRole.STANDBY and self.net.connected(host.name, pg.upstream):
                 up.flush_acks[host.name] = pg.lsn
@@ -590,7 +583,7 @@ class World:
         return primary if lead is not None and lead.primary_ready else None
 
 
-def _subclasses(cls: type) -> list[type]:
+def _subclasses(cls: type[ev.Event]) -> list[type[ev.Event]]:
     out = [cls]
     for sub in cls.__subclasses__():
         out += _subclasses(sub)

@@ -59,8 +59,9 @@ class RunningWitness:
         return out
 
 
-def config_text(base: Path, peer_ports: dict[str, int], api_ports: dict[str, int], extra: str = "",
-                cluster_extra: str = "") -> str:
+def config_text(
+    base: Path, peer_ports: dict[str, int], api_ports: dict[str, int], extra: str = "", cluster_extra: str = ""
+) -> str:
     nodes = []
     for name in ("db1", "db2"):
         nodes.append(f'''
@@ -70,14 +71,15 @@ peer = "127.0.0.1:{peer_ports[name]}"
 api = "127.0.0.1:{api_ports[name]}"
 postgres = {{ data_dir = "{base}/{name}/data", port = {free_port()} }}
 ''')
-    nodes.append(f'''
+    nodes.append(f"""
 [[nodes]]
 name = "w1"
 kind = "witness"
 peer = "127.0.0.1:{peer_ports["w1"]}"
 api = "127.0.0.1:{api_ports["w1"]}"
-''')
-    return f'''
+""")
+    return (
+        f'''
 [cluster]
 name = "fuzz"
 secret_file = "{base}/secret"
@@ -90,11 +92,15 @@ token_file = "{base}/token"
 
 [logging]
 format = "json"
-''' + extra + "".join(nodes)
+'''
+        + extra
+        + "".join(nodes)
+    )
 
 
-def start_witness(base: Path, *, extra_config: str = "", cluster_extra: str = "",
-                  env: dict[str, str] | None = None) -> RunningWitness:
+def start_witness(
+    base: Path, *, extra_config: str = "", cluster_extra: str = "", env: dict[str, str] | None = None
+) -> RunningWitness:
     secret = secrets.token_hex(32).encode()
     token = secrets.token_hex(32).encode()
     for name, value in (("secret", secret), ("token", token)):
@@ -109,7 +115,10 @@ def start_witness(base: Path, *, extra_config: str = "", cluster_extra: str = ""
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "failoverd", "run", "--config", str(config), "--node", "w1"],
-            stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=REPO,
+            start_new_session=True,
             env=None if env is None else {**os.environ, **env},
         )
     w = RunningWitness(proc, base, secret, token, peer_ports["w1"], api_ports["w1"], stderr_path, config)

@@ -9,7 +9,6 @@ import socket
 import time
 
 import pytest
-
 from daemon_fixture import RunningWitness, start_witness, stop_witness
 
 

@@ -8,14 +8,20 @@ import http.client
 import json
 
 import pytest
+from daemon_fixture import RunningWitness, start_witness, stop_witness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon_fixture import RunningWitness, start_witness, stop_witness
-
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-ADMIN = [("POST", "/switchover"), ("DELETE", "/switchover"), ("POST", "/failover"), ("POST", "/pause"),
-         ("POST", "/resume"), ("POST", "/reinit"), ("POST", "/history")]
+ADMIN = [
+    ("POST", "/switchover"),
+    ("DELETE", "/switchover"),
+    ("POST", "/failover"),
+    ("POST", "/pause"),
+    ("POST", "/resume"),
+    ("POST", "/reinit"),
+    ("POST", "/history"),
+]
 READ = ["/health", "/primary", "/replica", "/read-only", "/cluster", "/history", "/metrics"]
 
 
@@ -26,7 +32,9 @@ def witness(tmp_path_factory) -> RunningWitness:
     stop_witness(w)
 
 
-def call(w: RunningWitness, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, bytes]:
+def call(
+    w: RunningWitness, method: str, path: str, body: bytes = b"", headers: dict | None = None
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=10)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -61,8 +69,11 @@ json_values = st.recursive(
 
 
 @FUZZ
-@given(endpoint=st.sampled_from(ADMIN), auth=st.one_of(st.none(), visible, visible.map("Bearer {}".format)),
-       body=st.binary(max_size=512))
+@given(
+    endpoint=st.sampled_from(ADMIN),
+    auth=st.one_of(st.none(), visible, visible.map("Bearer {}".format)),
+    body=st.binary(max_size=512),
+)
 def test_admin_without_the_token_is_401_or_403(witness, endpoint, auth, body):
     before = witness.state_bytes()
     headers = {} if auth is None else {"Authorization": auth}
@@ -72,12 +83,16 @@ def test_admin_without_the_token_is_401_or_403(witness, endpoint, auth, body):
 
 
 @FUZZ
-@given(endpoint=st.sampled_from(ADMIN), body=st.one_of(
-    st.binary(max_size=512).filter(lambda b: b.strip() != b"" and not is_json_object(b)),
-    json_values.filter(lambda v: not isinstance(v, dict)).map(lambda v: json.dumps(v).encode()),
-    st.dictionaries(st.text(max_size=12), json_values, max_size=4)
-      .map(lambda d: json.dumps({**d, "zz_not_a_field": 1}).encode()),
-))
+@given(
+    endpoint=st.sampled_from(ADMIN),
+    body=st.one_of(
+        st.binary(max_size=512).filter(lambda b: b.strip() != b"" and not is_json_object(b)),
+        json_values.filter(lambda v: not isinstance(v, dict)).map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(st.text(max_size=12), json_values, max_size=4).map(
+            lambda d: json.dumps({**d, "zz_not_a_field": 1}).encode()
+        ),
+    ),
+)
 def test_admin_with_the_token_and_a_malformed_body_is_400(witness, endpoint, body):
     before = witness.state_bytes()
     headers = {"Authorization": f"Bearer {witness.token.decode()}", "Content-Type": "application/json"}
@@ -90,6 +105,7 @@ def test_admin_with_the_token_and_a_malformed_body_is_400(witness, endpoint, bod
 @given(path=st.sampled_from(READ), query=st.dictionaries(visible, visible, min_size=1, max_size=3))
 def test_read_endpoints_with_random_queries_never_fail_the_server(witness, path, query):
     from urllib.parse import urlencode
+
     before = witness.state_bytes()
     status, text = call(witness, "GET", f"{path}?{urlencode(query)}")
     assert status in (200, 400, 503), (status, text[:200])

@@ -8,12 +8,12 @@ import json
 import time
 
 import pytest
+from daemon_fixture import RunningWitness, start_witness, stop_witness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon_fixture import RunningWitness, start_witness, stop_witness
-from failoverd.core.messages import MESSAGE_TYPES
 from failoverd.adapters.peers import PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from failoverd.core.messages import MESSAGE_TYPES
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -72,10 +72,31 @@ def test_signed_random_json_is_refused(witness, value):
 
 
 @FUZZ
-@given(kind=st.sampled_from(sorted(MESSAGE_TYPES)), fields=st.dictionaries(
-    st.sampled_from(["cluster", "sender", "term", "seq", "position", "stamp", "state", "granted", "reason",
-                     "transfer_from", "waive_wal_check", "accepted", "commit_version", "x"]),
-    json_values, max_size=8))
+@given(
+    kind=st.sampled_from(sorted(MESSAGE_TYPES)),
+    fields=st.dictionaries(
+        st.sampled_from(
+            [
+                "cluster",
+                "sender",
+                "term",
+                "seq",
+                "position",
+                "stamp",
+                "state",
+                "granted",
+                "reason",
+                "transfer_from",
+                "waive_wal_check",
+                "accepted",
+                "commit_version",
+                "x",
+            ]
+        ),
+        json_values,
+        max_size=8,
+    ),
+)
 def test_signed_message_shaped_garbage_is_refused(witness, kind, fields):
     """Message-shaped bodies with the right signature: wrong cluster, a sender
     that is no member, or fields of the wrong type; all refused before the core."""

@@ -11,10 +11,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from daemon_fixture import start_witness, stop_witness
-from failoverd.adapters.peers import PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from tls_helpers import self_signed_cert
+
+from failoverd.adapters.peers import PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 
 @pytest.fixture(scope="module")
@@ -66,4 +66,5 @@ def test_no_client_certificate_or_a_foreign_one_is_refused_in_the_handshake(tls_
 
 def http_client_errors():
     import http.client
+
     return http.client.HTTPException

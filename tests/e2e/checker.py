@@ -15,6 +15,7 @@ writes, every host's VIP, and every server's recovery state.
 from __future__ import annotations
 
 import datetime
+import itertools
 import re
 import subprocess
 import sys
@@ -44,18 +45,35 @@ class Ack:
 class ClientRun:
     """One client.py process in the client namespace, writing through the VIP."""
 
-    def __init__(self, lab: E2ELab, first_id: int, *, writers: int = 4, timeouts: dict[str, float] = FAST,
-                 tag: str = "client") -> None:
+    def __init__(
+        self, lab: E2ELab, first_id: int, *, writers: int = 4, timeouts: dict[str, float] = FAST, tag: str = "client"
+    ) -> None:
         self.lab = lab
         self.out_path = lab.base / f"{tag}-{first_id}.out"
-        argv = [*lab.net.exec_prefix(CLIENT), sys.executable, str(CLIENT_PY), "--host", lab.vip,
-                "--port", str(PG_PORT), "--user", WRITER_USER, "--first-id", str(first_id),
-                "--writers", str(writers), "--connect-timeout", str(timeouts["connect_timeout"]),
-                "--command-timeout", str(timeouts["command_timeout"])]
+        argv = [
+            *lab.net.exec_prefix(CLIENT),
+            sys.executable,
+            str(CLIENT_PY),
+            "--host",
+            lab.vip,
+            "--port",
+            str(PG_PORT),
+            "--user",
+            WRITER_USER,
+            "--first-id",
+            str(first_id),
+            "--writers",
+            str(writers),
+            "--connect-timeout",
+            str(timeouts["connect_timeout"]),
+            "--command-timeout",
+            str(timeouts["command_timeout"]),
+        ]
         env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "E2E_PASSWORD": WRITER_PASSWORD, "LANG": "C.UTF-8"}
         with open(self.out_path, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
         self._offset = 0
         self._acks: list[Ack] = []
         self.errors = 0
@@ -105,7 +123,11 @@ class VipMonitor:
             with open(self.paths[host], "wb") as out:
                 self.procs[host] = subprocess.Popen(
                     [*prefix, prefix[0], "-ts", "-o", "monitor", "address"],
-                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
         time.sleep(0.3)  # listening before the snapshot: a change in between shows in both
         self.started_wall = time.time()
         holders = self.lab.vip_holders()
@@ -144,7 +166,7 @@ class VipMonitor:
         spans = {h: self.intervals(h, end) for h in DATA}
         found = []
         for i, a in enumerate(DATA):
-            for b in DATA[i + 1:]:
+            for b in DATA[i + 1 :]:
                 for a0, a1 in spans[a]:
                     for b0, b1 in spans[b]:
                         lo, hi = max(a0, b0, start), min(a1, b1, end)
@@ -160,4 +182,4 @@ class VipMonitor:
 def longest_gap(start: float, end: float, times: list[float]) -> float:
     """The longest stretch within [start, end] without an acknowledged write."""
     points = [start, *sorted(t for t in times if start < t < end), end]
-    return max(b - a for a, b in zip(points, points[1:]))
+    return max(b - a for a, b in itertools.pairwise(points))

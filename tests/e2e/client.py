@@ -51,8 +51,14 @@ async def writer(args: argparse.Namespace, ids: itertools.count, stop: asyncio.E
     while not stop.is_set():
         try:
             if conn is None:
-                conn = await asyncpg.connect(host=args.host, port=args.port, user=args.user, password=password,
-                                             database="postgres", timeout=args.connect_timeout)
+                conn = await asyncpg.connect(
+                    host=args.host,
+                    port=args.port,
+                    user=args.user,
+                    password=password,
+                    database="postgres",
+                    timeout=args.connect_timeout,
+                )
                 async with asyncio.timeout(args.command_timeout):
                     member = await conn.fetchval("SELECT current_setting('cluster_name')")
             wid = next(ids)
@@ -63,7 +69,7 @@ async def writer(args: argparse.Namespace, ids: itertools.count, stop: asyncio.E
             await asyncio.sleep(args.pause)
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # noqa: BLE001 - every failure is reported and retried
+        except Exception as error:
             emit(f"E {time.monotonic():.6f} {type(error).__name__}")
             if conn is not None:
                 conn.terminate()
@@ -89,7 +95,7 @@ async def main(args: argparse.Namespace) -> int:
     except TimeoutError:
         stop.set()
     # Each writer ends its current attempt, bounded by its own timeouts.
-    done, pending = await asyncio.wait(tasks, timeout=args.connect_timeout + args.command_timeout + 1)
+    _, pending = await asyncio.wait(tasks, timeout=args.connect_timeout + args.command_timeout + 1)
     for task in pending:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

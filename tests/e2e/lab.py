@@ -46,9 +46,9 @@ from netns import Lab, unsupported_reason
 from pg_helpers import find_bin_dir, stop_servers_under, terminate
 
 from failoverd.adapters import processes
+from failoverd.adapters.postgres.adapter import PostgresAdapter
 from failoverd.config.load import Config, parse_config
 from failoverd.core.state import PgRole
-from failoverd.adapters.postgres.adapter import PostgresAdapter
 
 T = TypeVar("T")
 DATA = ("db1", "db2", "db3")
@@ -143,20 +143,23 @@ class E2ELab:
         return str(self.net.address(host).ip)
 
     def _config_text(self) -> str:
-        nodes = "".join(f"""
+        nodes = "".join(
+            f"""
 [[nodes]]
 name = "{name}"
 peer = "{self.address(name)}:{PEER_PORT}"
   [nodes.postgres]
   host = "{self.address(name)}"
   port = {PG_PORT}
-  data_dir = "{self.base / name / 'data'}"
-""" for name in DATA)
+  data_dir = "{self.base / name / "data"}"
+"""
+            for name in DATA
+        )
         return f"""
 [cluster]
 name = "e2e"
-secret_file = "{self.base / 'secret'}"
-state_dir = "{self.base / 'state'}"
+secret_file = "{self.base / "secret"}"
+state_dir = "{self.base / "state"}"
 
 [replication]
 mode = "quorum"
@@ -186,15 +189,30 @@ format = "json"
             self._note_watchdogs()
         run = [system_python(), "-m", "failoverd", "run", "--config", str(self.config_path), "--node", name]
         if self.modes[name] == "caps":
-            run = ["setpriv", f"--reuid={self.owner[0]}", f"--regid={self.owner[1]}", "--init-groups",
-                   f"--inh-caps={NET_CAPS}", f"--ambient-caps={NET_CAPS}", "--", *run]
+            run = [
+                "setpriv",
+                f"--reuid={self.owner[0]}",
+                f"--regid={self.owner[1]}",
+                "--init-groups",
+                f"--inh-caps={NET_CAPS}",
+                f"--ambient-caps={NET_CAPS}",
+                "--",
+                *run,
+            ]
         argv = [*self.net.exec_prefix(name), *run]
         log_path = self.base / f"{name}.supervisor.log"
         offset = log_path.stat().st_size if log_path.exists() else 0
         env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": str(self.bundle), "LANG": "C.UTF-8"}
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    cwd="/", start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd="/",
+                start_new_session=True,
+            )
         sup = Supervisor(name, self.modes[name], proc, log_path, offset)
         self.supervisors[name] = sup
         return sup
@@ -230,12 +248,12 @@ format = "json"
         errors: list[str] = []
         try:
             self.restore()
-        except Exception as error:  # noqa: BLE001 - the rest must still be cleaned up
+        except Exception as error:
             errors.append(f"restoring links: {error!r}")
         for name in list(self.supervisors):
             try:
                 self.stop_supervisor(name)
-            except Exception as error:  # noqa: BLE001 - the rest must still be cleaned up
+            except Exception as error:
                 errors.append(f"supervisor {name}: {error!r}")
         self._note_watchdogs()
         for pid in sorted(self.watchdogs):
@@ -258,8 +276,14 @@ format = "json"
     def run_in(self, host: str, argv: list[str], *, stdin: str | None = None, check: bool = True) -> str:
         """Run a command in `host`'s namespace (synchronously: faults are
         injected at a known instant)."""
-        done = subprocess.run([*self.net.exec_prefix(host), *argv], input=stdin,
-                              capture_output=True, text=True, timeout=_SETUP_TIMEOUT_S, check=False)
+        done = subprocess.run(
+            [*self.net.exec_prefix(host), *argv],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=_SETUP_TIMEOUT_S,
+            check=False,
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} in {host}: {done.stderr.strip() or done.returncode}")
         return done.stdout
@@ -273,19 +297,25 @@ format = "json"
 
     def block_inbound(self, host: str) -> None:
         """The host can send but receives nothing (IP; ARP still flows)."""
-        self._nft(host, f"""table inet fo_fault {{
+        self._nft(
+            host,
+            f"""table inet fo_fault {{
   chain input {{ type filter hook input priority filter; policy accept; iifname "{self.net.interface}" drop; }}
 }}
-""")
+""",
+        )
 
     def cut(self, host: str, peer: str) -> None:
         """No IP traffic between `host` and `peer`, either way (rules in `host`)."""
         other = self.address(peer)
-        self._nft(host, f"""table inet fo_fault {{
+        self._nft(
+            host,
+            f"""table inet fo_fault {{
   chain input {{ type filter hook input priority filter; policy accept; ip saddr {other} drop; }}
   chain output {{ type filter hook output priority filter; policy accept; ip daddr {other} drop; }}
 }}
-""")
+""",
+        )
 
     def clear_filters(self, host: str) -> None:
         self.run_in(host, ["nft", "delete", "table", "inet", "fo_fault"], check=False)
@@ -299,17 +329,46 @@ format = "json"
             raise RuntimeError(f"links already degraded ({self.degraded})")
         if self._netem_supported():
             for host in self.net.hosts:
-                self.run_in(host, ["tc", "qdisc", "replace", "dev", self.net.interface, "root", "netem",
-                                   "delay", f"{delay_ms:g}ms", f"{jitter_ms:g}ms", "loss", f"{loss_percent:g}%"])
+                self.run_in(
+                    host,
+                    [
+                        "tc",
+                        "qdisc",
+                        "replace",
+                        "dev",
+                        self.net.interface,
+                        "root",
+                        "netem",
+                        "delay",
+                        f"{delay_ms:g}ms",
+                        f"{jitter_ms:g}ms",
+                        "loss",
+                        f"{loss_percent:g}%",
+                    ],
+                )
             self.degraded = "tc netem"
             return self.degraded
         ports = [self.net.port(h) for h in self.net.hosts]
-        argv = [*self.net.exec_prefix(self.net.hosts[0])[:3], self.net.bridge_ns, sys.executable, str(SLOWLINK),
-                "--ports", ",".join(ports), "--delay-ms", f"{delay_ms:g}", "--jitter-ms", f"{jitter_ms:g}",
-                "--loss", f"{loss_percent / 100:g}", "--max-seconds", f"{seconds_max:g}"]
+        argv = [
+            *self.net.exec_prefix(self.net.hosts[0])[:3],
+            self.net.bridge_ns,
+            sys.executable,
+            str(SLOWLINK),
+            "--ports",
+            ",".join(ports),
+            "--delay-ms",
+            f"{delay_ms:g}",
+            "--jitter-ms",
+            f"{jitter_ms:g}",
+            "--loss",
+            f"{loss_percent / 100:g}",
+            "--max-seconds",
+            f"{seconds_max:g}",
+        ]
         with open(self.base / "slowlink.out", "ab") as out:
-            self.slowlink = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+            self.slowlink = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self.degraded = "slowlink (no netem in this kernel)"
         assert self.slowlink.stdout is not None
         if self.slowlink.stdout.readline().strip() != b"ready":
@@ -344,8 +403,12 @@ format = "json"
 
     def _netem_supported(self) -> bool:
         host = self.net.hosts[-1]
-        added = subprocess.run([*self.net.exec_prefix(host), "tc", "qdisc", "add", "dev", "lo", "root", "netem",
-                                "delay", "0ms"], capture_output=True, text=True, timeout=_SETUP_TIMEOUT_S)
+        added = subprocess.run(
+            [*self.net.exec_prefix(host), "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "0ms"],
+            capture_output=True,
+            text=True,
+            timeout=_SETUP_TIMEOUT_S,
+        )
         if added.returncode != 0:
             return False
         self.run_in(host, ["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
@@ -370,8 +433,9 @@ format = "json"
         """The primary's name once exactly one server is primary, every other
         streams from it, and it holds the VIP (alone)."""
         now = time.monotonic()
-        obs = dict(zip(self.adapters, await asyncio.gather(*(a.probe(now) for a in self.adapters.values())),
-                       strict=True))
+        obs = dict(
+            zip(self.adapters, await asyncio.gather(*(a.probe(now) for a in self.adapters.values())), strict=True)
+        )
         prim = [n for n, o in obs.items() if o.role is PgRole.PRIMARY]
         if len(prim) != 1:
             return None
@@ -392,8 +456,9 @@ format = "json"
     async def create_writer_role(self, primary: str) -> None:
         """The client's login and table, made once on the primary (they replicate)."""
         a = self.adapters[primary]
-        conn = await asyncpg.connect(host=str(a.socket_dir), port=a.pg.port, user="postgres", database="postgres",
-                                     timeout=10)
+        conn = await asyncpg.connect(
+            host=str(a.socket_dir), port=a.pg.port, user="postgres", database="postgres", timeout=10
+        )
         try:
             await conn.execute(f"CREATE ROLE {WRITER_USER} LOGIN PASSWORD '{WRITER_PASSWORD}'")
             await conn.execute("CREATE TABLE acked (id bigint PRIMARY KEY, at timestamptz DEFAULT now())")
@@ -403,8 +468,9 @@ format = "json"
 
     async def stored_ids(self, name: str) -> set[int]:
         a = self.adapters[name]
-        conn = await asyncpg.connect(host=str(a.socket_dir), port=a.pg.port, user="postgres", database="postgres",
-                                     timeout=10)
+        conn = await asyncpg.connect(
+            host=str(a.socket_dir), port=a.pg.port, user="postgres", database="postgres", timeout=10
+        )
         try:
             return {r["id"] for r in await conn.fetch("SELECT id FROM acked")}
         finally:
@@ -447,8 +513,12 @@ format = "json"
         """Copy every log of the lab (supervisors, PostgreSQL, client, VIP
         monitor, slowlink) to a new directory under /tmp that outlives it."""
         dest = Path(tempfile.mkdtemp(prefix="failoverd-e2e-logs-", dir="/tmp"))
-        for path in [*self.base.glob("*.log"), *self.base.glob("*.out"), self.config_path,
-                     *self.base.glob("*/*.run/postgresql.log")]:
+        for path in [
+            *self.base.glob("*.log"),
+            *self.base.glob("*.out"),
+            self.config_path,
+            *self.base.glob("*/*.run/postgresql.log"),
+        ]:
             with contextlib.suppress(OSError):
                 shutil.copy(path, dest / str(path.relative_to(self.base)).replace("/", "_"))
         return dest

@@ -74,22 +74,54 @@ def _kill_postmaster(lab: E2ELab, primary: str, standby: str) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-FAULTS = {f.name: f for f in (
-    Fault("isolate-primary", "link of the primary's host down", True,
-          lambda lab, p, s: lab.set_link(p, False), lambda lab, p, s: lab.set_link(p, True)),
-    Fault("kill-postmaster", "SIGKILL of the primary's postmaster", True, _kill_postmaster, _nothing),
-    Fault("kill-supervisor", "SIGKILL of the primary's supervisor (restarted to heal)", True,
-          lambda lab, p, s: lab.signal_supervisor(p, signal.SIGKILL), lambda lab, p, s: lab.start(p)),
-    Fault("stop-supervisor", "SIGSTOP of the primary's supervisor (SIGCONT to heal)", True,
-          lambda lab, p, s: lab.signal_supervisor(p, signal.SIGSTOP),
-          lambda lab, p, s: lab.signal_supervisor(p, signal.SIGCONT)),
-    Fault("leader-deaf", "the leader's host sends but receives nothing (nftables)", True,
-          lambda lab, p, s: lab.block_inbound(p), lambda lab, p, s: lab.clear_filters(p)),
-    Fault("leader-cut-from-one", "no traffic between the leader and one follower (nftables)", False,
-          lambda lab, p, s: lab.cut(p, s), lambda lab, p, s: lab.clear_filters(p)),
-    Fault("isolate-standby", "link of a standby's host down", False,
-          lambda lab, p, s: lab.set_link(s, False), lambda lab, p, s: lab.set_link(s, True)),
-)}
+FAULTS = {
+    f.name: f
+    for f in (
+        Fault(
+            "isolate-primary",
+            "link of the primary's host down",
+            True,
+            lambda lab, p, s: lab.set_link(p, False),
+            lambda lab, p, s: lab.set_link(p, True),
+        ),
+        Fault("kill-postmaster", "SIGKILL of the primary's postmaster", True, _kill_postmaster, _nothing),
+        Fault(
+            "kill-supervisor",
+            "SIGKILL of the primary's supervisor (restarted to heal)",
+            True,
+            lambda lab, p, s: lab.signal_supervisor(p, signal.SIGKILL),
+            lambda lab, p, s: lab.start(p),
+        ),
+        Fault(
+            "stop-supervisor",
+            "SIGSTOP of the primary's supervisor (SIGCONT to heal)",
+            True,
+            lambda lab, p, s: lab.signal_supervisor(p, signal.SIGSTOP),
+            lambda lab, p, s: lab.signal_supervisor(p, signal.SIGCONT),
+        ),
+        Fault(
+            "leader-deaf",
+            "the leader's host sends but receives nothing (nftables)",
+            True,
+            lambda lab, p, s: lab.block_inbound(p),
+            lambda lab, p, s: lab.clear_filters(p),
+        ),
+        Fault(
+            "leader-cut-from-one",
+            "no traffic between the leader and one follower (nftables)",
+            False,
+            lambda lab, p, s: lab.cut(p, s),
+            lambda lab, p, s: lab.clear_filters(p),
+        ),
+        Fault(
+            "isolate-standby",
+            "link of a standby's host down",
+            False,
+            lambda lab, p, s: lab.set_link(s, False),
+            lambda lab, p, s: lab.set_link(s, True),
+        ),
+    )
+}
 
 
 @dataclass
@@ -130,8 +162,9 @@ class _Run:
         self.client = ClientRun(lab, first_id, timeouts=timeouts)
         self.start_wall = time.time()
 
-    async def writes(self, count: int, since: float, timeout_s: float, what: str,
-                     by: Callable[[str], bool] = lambda m: True) -> float:
+    async def writes(
+        self, count: int, since: float, timeout_s: float, what: str, by: Callable[[str], bool] = lambda m: True
+    ) -> float:
         """Wait for `count` writes acknowledged after `since`; returns the first one's time."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -139,8 +172,10 @@ class _Run:
             if len(got) >= count:
                 return got[0].t
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what} "
-                                     f"({len(got)} of {count})\n{self.client.output_tail()}\n{self.lab.log_tails()}")
+                raise AssertionError(
+                    f"timed out after {timeout_s:g} s waiting for {what} "
+                    f"({len(got)} of {count})\n{self.client.output_tail()}\n{self.lab.log_tails()}"
+                )
             if self.client.proc.poll() is not None:
                 raise AssertionError(f"the client exited:\n{self.client.output_tail()}")
             await asyncio.sleep(0.02)
@@ -185,7 +220,8 @@ class _Run:
         if disrupting:  # named in the result, so a failed stability run says what happened
             result.note += " disruptions: " + ", ".join(
                 f"{e.get('node')} {e.get('event')} term {e.get('term')} {e.get('reason', '')}".strip()
-                for e in disrupting[:10])
+                for e in disrupting[:10]
+            )
         result.pre_votes = sum(1 for e in events if e.get("event") == "pre_vote_started")
         result.term_after = self.lab.leadership()[1]
         result.client_errors = self.client.errors
@@ -194,8 +230,9 @@ class _Run:
         return result
 
 
-async def start_run(lab: E2ELab, monitor: VipMonitor, first_id: int,
-                    timeouts: dict[str, float] = FAST) -> tuple[_Run, str]:
+async def start_run(
+    lab: E2ELab, monitor: VipMonitor, first_id: int, timeouts: dict[str, float] = FAST
+) -> tuple[_Run, str]:
     primary = await lab.wait_for("a healthy cluster", lab.healthy, HEALTHY_TIMEOUT_S)
     run = _Run(lab, monitor, first_id, timeouts)
     run.sampler.start()
@@ -213,8 +250,9 @@ async def run_fault(lab: E2ELab, monitor: VipMonitor, fault: Fault, first_id: in
         fault.inject(lab, primary, standby)
         try:
             if fault.failover:
-                first = await run.writes(1, fault_t, RECOVERY_TIMEOUT_S, "a write on a new primary",
-                                         by=lambda m: m != primary)
+                first = await run.writes(
+                    1, fault_t, RECOVERY_TIMEOUT_S, "a write on a new primary", by=lambda m: m != primary
+                )
                 result.first_write_s = round(first - fault_t, 3)
                 await asyncio.sleep(HOLD_AFTER_FAILOVER_S)
             else:
@@ -254,16 +292,18 @@ def _disrupts(event: dict) -> bool:
     return True
 
 
-async def run_stability(lab: E2ELab, monitor: VipMonitor, first_id: int, duration_s: float,
-                        profile: Profile = Profile()) -> RunResult:
+async def run_stability(
+    lab: E2ELab, monitor: VipMonitor, first_id: int, duration_s: float, profile: Profile = Profile()
+) -> RunResult:
     """`profile` on every link for `duration_s`: no leadership change, no
     fence, no failover may follow."""
     run, primary = await start_run(lab, monitor, first_id, SLOW)
     result = RunResult("stability", primary, term_before=lab.leadership()[1])
     try:
         start_wall, start_t = time.time(), time.monotonic()
-        how = await asyncio.to_thread(lab.degrade, profile.delay_ms, profile.jitter_ms, profile.loss_percent,
-                                      duration_s + 120)
+        how = await asyncio.to_thread(
+            lab.degrade, profile.delay_ms, profile.jitter_ms, profile.loss_percent, duration_s + 120
+        )
         result.note = f"{profile} for {duration_s:g} s via {how}"
         try:
             await asyncio.sleep(duration_s)
@@ -315,7 +355,15 @@ async def measure_idle(lab: E2ELab, seconds: float) -> dict[str, dict[str, Any]]
     def share(n: str, i: int) -> float:
         return round(100 * (after[n][i][1] - before[n][i][1]) / elapsed, 2)
 
-    return {n: {"role": "primary" if n == primary else "standby", "mode": lab.modes[n],
-                "rss_mb": round(after[n][0][0] / 2**20, 1), "cpu_percent": share(n, 0),
-                "watchdog_rss_mb": round(after[n][1][0] / 2**20, 1), "watchdog_cpu_percent": share(n, 1),
-                "seconds": round(elapsed, 1)} for n in DATA}
+    return {
+        n: {
+            "role": "primary" if n == primary else "standby",
+            "mode": lab.modes[n],
+            "rss_mb": round(after[n][0][0] / 2**20, 1),
+            "cpu_percent": share(n, 0),
+            "watchdog_rss_mb": round(after[n][1][0] / 2**20, 1),
+            "watchdog_cpu_percent": share(n, 1),
+            "seconds": round(elapsed, 1),
+        }
+        for n in DATA
+    }

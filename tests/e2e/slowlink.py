@@ -94,8 +94,9 @@ async def main(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    switch = Switch(args.ports.split(","), args.delay_ms / 1000, args.jitter_ms / 1000, args.loss,
-                    random.Random(args.seed))
+    switch = Switch(
+        args.ports.split(","), args.delay_ms / 1000, args.jitter_ms / 1000, args.loss, random.Random(args.seed)
+    )
     switch.start(loop)
     print("ready", flush=True)
     try:
@@ -103,8 +104,11 @@ async def main(args: argparse.Namespace) -> int:
     except TimeoutError:
         pass
     late = sorted(switch.late_s) or [0.0]
-    print(f"forwarded {switch.forwarded} dropped {switch.dropped} late_ms_p50 {1000 * late[len(late) // 2]:.1f} "
-          f"late_ms_p99 {1000 * late[int(len(late) * 0.99)]:.1f} late_ms_max {1000 * late[-1]:.1f}", flush=True)
+    print(
+        f"forwarded {switch.forwarded} dropped {switch.dropped} late_ms_p50 {1000 * late[len(late) // 2]:.1f} "
+        f"late_ms_p99 {1000 * late[int(len(late) * 0.99)]:.1f} late_ms_max {1000 * late[-1]:.1f}",
+        flush=True,
+    )
     return 0
 
 

@@ -48,8 +48,9 @@ async def cluster() -> AsyncIterator[tuple[E2ELab, VipMonitor]]:
         try:
             lab.build()
             lab.start_all()
-            primary = await lab.wait_for("bootstrap: a primary with the VIP and two streaming standbys",
-                                         lab.healthy, 180)
+            primary = await lab.wait_for(
+                "bootstrap: a primary with the VIP and two streaming standbys", lab.healthy, 180
+            )
             await lab.create_writer_role(primary)
             monitor.start()
             yield lab, monitor
@@ -62,7 +63,8 @@ def _record(r: RunResult) -> None:
     REPORT.append(
         f"{r.fault:20} {r.old_primary}->{r.new_primary} term {r.term_before}->{r.term_after} "
         f"unavailable {r.unavailable_s} s (first write elsewhere {r.first_write_s}) acked {r.acked} lost {r.lost} "
-        f"dual pg {r.dual_primary_samples} dual vip {r.dual_vip} samples {r.samples} (max gap {r.sample_max_gap_s} s)")
+        f"dual pg {r.dual_primary_samples} dual vip {r.dual_vip} samples {r.samples} (max gap {r.sample_max_gap_s} s)"
+    )
     if r.note:
         REPORT.append(f"    {r.note}; disruptions {r.disruptions}, pre-votes {r.pre_votes}")
     REPORT.append("    " + ", ".join(f"+{t:.2f} {node} {what}" for t, node, what in r.timeline[:25]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -33,9 +34,9 @@ import asyncpg
 from pg_helpers import free_ports, stop_servers_under, terminate
 
 import failoverd
+from failoverd.adapters.postgres.adapter import PostgresAdapter, socket_dir_for
 from failoverd.config.load import Config, parse_config
 from failoverd.core.state import PgRole
-from failoverd.adapters.postgres.adapter import PostgresAdapter, socket_dir_for
 
 SECRET = b"integration-test-secret-0123456789"
 API_TOKEN = "integration-test-api-token-0123456789"
@@ -49,12 +50,21 @@ def make_runtime_bundle(base: Path) -> Path:
     bundle = base / "bundle"
     site = Path(_asyncpg.__file__).resolve().parent.parent
     skip = {"pip", "setuptools", "_distutils_hack", "pkg_resources", "failoverd"}
-    shutil.copytree(site, bundle, ignore=lambda d, names: [
-        n for n in names if d == str(site) and (n in skip or n.startswith("__editable__") or n.endswith(".pth")
-                                                or n.startswith(("pip-", "setuptools-")))
-    ])
-    shutil.copytree(Path(failoverd.__file__).resolve().parent, bundle / "failoverd",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        site,
+        bundle,
+        ignore=lambda d, names: [
+            n
+            for n in names
+            if d == str(site)
+            and (
+                n in skip or n.startswith(("__editable__", "pip-", "setuptools-")) or n.endswith(".pth")
+            )
+        ],
+    )
+    shutil.copytree(
+        Path(failoverd.__file__).resolve().parent, bundle / "failoverd", ignore=shutil.ignore_patterns("__pycache__")
+    )
     subprocess.run(["chmod", "-R", "a+rX", str(bundle)], check=True)
     return bundle
 
@@ -98,8 +108,8 @@ class LocalCluster:
         names = self.data_names + self.witness_names
         ports = free_ports(3 * len(names))
         self.pg_ports = dict(zip(names, ports[: len(names)], strict=True))
-        self.peer_ports = dict(zip(names, ports[len(names): 2 * len(names)], strict=True))
-        self.api_ports = dict(zip(names, ports[2 * len(names):], strict=True))
+        self.peer_ports = dict(zip(names, ports[len(names) : 2 * len(names)], strict=True))
+        self.api_ports = dict(zip(names, ports[2 * len(names) :], strict=True))
         secret = self.base / "secret"
         secret.write_bytes(SECRET)
         os.chmod(secret, 0o600)
@@ -114,8 +124,9 @@ class LocalCluster:
         self.config_path = self.base / "cluster.toml"
         self.config_path.write_text(self._config_text())
         os.chmod(self.config_path, 0o644)
-        self.config: Config = parse_config(self.config_path.read_text(), source=str(self.config_path),
-                                           node=self.data_names[0])
+        self.config: Config = parse_config(
+            self.config_path.read_text(), source=str(self.config_path), node=self.data_names[0]
+        )
         self.adapters = {n.name: PostgresAdapter(self.config, n, SECRET) for n in self.config.nodes if n.postgres}
 
     def _config_text(self) -> str:
@@ -129,7 +140,7 @@ api = "{LOOPBACK}:{self.api_ports[name]}"
   [nodes.postgres]
   host = "{LOOPBACK}"
   port = {self.pg_ports[name]}
-  data_dir = "{self.base / name / 'data'}"
+  data_dir = "{self.base / name / "data"}"
 """
         for name in self.witness_names:
             nodes += f"""
@@ -142,8 +153,8 @@ api = "{LOOPBACK}:{self.api_ports[name]}"
         return f"""
 [cluster]
 name = "itest"
-secret_file = "{self.base / 'secret'}"
-state_dir = "{self.base / 'state'}"
+secret_file = "{self.base / "secret"}"
+state_dir = "{self.base / "state"}"
 
 [timing]
 {self.timing}
@@ -202,7 +213,9 @@ format = "json"
         stop_servers_under(self.base)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {n}\n" + s.log_path.read_text(errors="replace")[-6000:] for n, s in self.supervisors.items())
+        return "\n".join(
+            f"--- {n}\n" + s.log_path.read_text(errors="replace")[-6000:] for n, s in self.supervisors.items()
+        )
 
     # --------------------------------------------------------------- probes
 
@@ -245,8 +258,16 @@ format = "json"
     def api_url(self, name: str, path: str) -> str:
         return f"http://{LOOPBACK}:{self.api_ports[name]}{path}"
 
-    async def api(self, name: str, method: str, path: str, *, body: object = None, token: str | None = API_TOKEN,
-                  timeout_s: float = 60.0) -> tuple[int, object]:
+    async def api(
+        self,
+        name: str,
+        method: str,
+        path: str,
+        *,
+        body: object = None,
+        token: str | None = API_TOKEN,
+        timeout_s: float = 60.0,
+    ) -> tuple[int, object]:
         """One call to a member's API: (status, decoded JSON or the text)."""
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
@@ -322,7 +343,7 @@ class DualPrimarySampler:
 
     def max_gap_s(self) -> float:
         t = list(self.sample_times)
-        return max((b - a for a, b in zip(t, t[1:])), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(t)), default=0.0)
 
     def start(self) -> None:
         argv = [sys.executable, str(Path(__file__).with_name("sampler_proc.py")), "--interval", str(self.interval_s)]
@@ -377,8 +398,15 @@ class Writer(_Background):
 
     async def _connect(self) -> asyncpg.Connection:
         hosts, ports = self.cluster.dsn_hosts()
-        return await asyncpg.connect(host=hosts, port=ports, user="postgres", database="postgres",
-                                     target_session_attrs="read-write", timeout=2, command_timeout=3)
+        return await asyncpg.connect(
+            host=hosts,
+            port=ports,
+            user="postgres",
+            database="postgres",
+            target_session_attrs="read-write",
+            timeout=2,
+            command_timeout=3,
+        )
 
     async def setup(self) -> None:
         conn = await self._connect()
@@ -413,7 +441,7 @@ class Writer(_Background):
                 await asyncio.sleep(self.pause_s)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a failover shows up as errors; keep trying
+            except Exception:
                 self.errors += 1
                 if conn is not None:
                     with contextlib.suppress(Exception):
@@ -423,8 +451,9 @@ class Writer(_Background):
 
     async def missing_on(self, name: str) -> list[int]:
         adapter = self.cluster.adapters[name]
-        conn = await asyncpg.connect(host=str(adapter.socket_dir), port=adapter.pg.port, user="postgres",
-                                     database="postgres", timeout=5)
+        conn = await asyncpg.connect(
+            host=str(adapter.socket_dir), port=adapter.pg.port, user="postgres", database="postgres", timeout=5
+        )
         try:
             rows = await conn.fetch("SELECT id FROM acked")
         finally:
@@ -433,8 +462,9 @@ class Writer(_Background):
         return [w for w in self.acked if w not in present]
 
 
-async def start_watched(cluster: LocalCluster, *, healthy_timeout_s: float, settle_s: float,
-                        writer_pause_s: float | None = None) -> tuple[str, Writer, DualPrimarySampler]:
+async def start_watched(
+    cluster: LocalCluster, *, healthy_timeout_s: float, settle_s: float, writer_pause_s: float | None = None
+) -> tuple[str, Writer, DualPrimarySampler]:
     """Start every member, wait for a primary with every standby streaming,
     then start a Writer and a DualPrimarySampler and let them run `settle_s`.
     Returns (primary, writer, sampler)."""
@@ -456,8 +486,14 @@ async def first_write_not_by(writer: Writer, member: str, since: float, timeout_
     server other than `member`; None if none came within `timeout_s`."""
     deadline = since + timeout_s
     while True:
-        first = next((t for t, by in zip(writer.acked_at, writer.acked_by, strict=True)
-                      if t > since and by not in (None, member)), None)
+        first = next(
+            (
+                t
+                for t, by in zip(writer.acked_at, writer.acked_by, strict=True)
+                if t > since and by not in (None, member)
+            ),
+            None,
+        )
         if first is not None or time.monotonic() >= deadline:
             return first
         await asyncio.sleep(0.01)

@@ -47,8 +47,9 @@ def unsupported_reason(programs: Sequence[str] = ("ip", "arping", "ping")) -> st
             return f"{program!r} not found (apt-get install iproute2 iputils-arping iputils-ping)"
     probe = f"fo-{secrets.token_hex(3)}-probe"
     try:
-        subprocess.run([_ip(), "netns", "add", probe], capture_output=True, text=True, timeout=SETUP_TIMEOUT_S,
-                       check=True)
+        subprocess.run(
+            [_ip(), "netns", "add", probe], capture_output=True, text=True, timeout=SETUP_TIMEOUT_S, check=True
+        )
     except subprocess.CalledProcessError as error:
         return f"'ip netns add' failed: {error.stderr.strip() or error.returncode}"
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -104,8 +105,9 @@ class Lab:
 
     def _sh(self, *argv: str) -> str:
         try:
-            done = subprocess.run([self._ip, *argv], capture_output=True, text=True, timeout=SETUP_TIMEOUT_S,
-                                  check=True)
+            done = subprocess.run(
+                [self._ip, *argv], capture_output=True, text=True, timeout=SETUP_TIMEOUT_S, check=True
+            )
         except subprocess.CalledProcessError as error:
             raise RuntimeError(f"ip {' '.join(argv)}: {error.stderr.strip()}") from None
         return done.stdout
@@ -123,8 +125,20 @@ class Lab:
             for n, host in enumerate(self.hosts, 1):
                 ns, port = self.ns(host), f"p{n}"
                 self._add_ns(ns)
-                self._sh("-n", ns, "link", "add", self.interface, "type", "veth", "peer", "name", port,
-                         "netns", self.bridge_ns)
+                self._sh(
+                    "-n",
+                    ns,
+                    "link",
+                    "add",
+                    self.interface,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    port,
+                    "netns",
+                    self.bridge_ns,
+                )
                 self._sh("-n", self.bridge_ns, "link", "set", port, "master", "br0")
                 self._sh("-n", self.bridge_ns, "link", "set", port, "up")
                 self._sh("-n", ns, "addr", "add", self.address(host).with_prefixlen, "dev", self.interface)
@@ -139,8 +153,9 @@ class Lab:
         """Delete every namespace this lab created (and only those)."""
         errors = []
         for name in reversed(self.created):
-            done = subprocess.run([self._ip, "netns", "del", name], capture_output=True, text=True,
-                                  timeout=SETUP_TIMEOUT_S, check=False)
+            done = subprocess.run(
+                [self._ip, "netns", "del", name], capture_output=True, text=True, timeout=SETUP_TIMEOUT_S, check=False
+            )
             if done.returncode != 0 and os.path.exists(f"/run/netns/{name}"):
                 errors.append(f"{name}: {done.stderr.strip()}")
         self.created.clear()
@@ -153,8 +168,9 @@ class Lab:
         """Run a program inside `host`'s namespace; never raises on exit status.
         The program is looked up here, sbin directories included."""
         program = shutil.which(argv[0], path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or argv[0]
-        return await programs.run([self._ip, "netns", "exec", self.ns(host), program, *argv[1:]], user=None,
-                               timeout_s=timeout_s, check=False)
+        return await programs.run(
+            [self._ip, "netns", "exec", self.ns(host), program, *argv[1:]], user=None, timeout_s=timeout_s, check=False
+        )
 
     async def ping(self, host: str, address: str) -> bool:
         done = await self.run(host, "ping", "-c", "1", "-W", "1", address)

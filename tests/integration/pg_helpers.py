@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from failoverd.config.load import Config, parse_config
 from failoverd.adapters.postgres.adapter import PostgresAdapter, socket_dir_for
 from failoverd.adapters.processes import process_alive
+from failoverd.config.load import Config, parse_config
 
 T = TypeVar("T")
 SECRET = b"integration-test-secret"
@@ -49,8 +49,10 @@ def require_bin_dir() -> Path:
     """find_bin_dir() for the bench scripts: exits 2, saying why, when there is none."""
     bin_dir = find_bin_dir()
     if bin_dir is None:
-        raise SystemExit("PostgreSQL server programs not found (pg_config --bindir); "
-                         "as root: apt-get install postgresql (or make postgres-server)")
+        raise SystemExit(
+            "PostgreSQL server programs not found (pg_config --bindir); "
+            "as root: apt-get install postgresql (or make postgres-server)"
+        )
     return bin_dir
 
 
@@ -93,8 +95,16 @@ def free_ports(count: int) -> list[int]:
     return found
 
 
-def config_text(base: Path, names: list[str], pg_ports: list[int], peer_ports: list[int], *,
-                bin_dir: Path, os_user: str, extra_postgres: str = "") -> str:
+def config_text(
+    base: Path,
+    names: list[str],
+    pg_ports: list[int],
+    peer_ports: list[int],
+    *,
+    bin_dir: Path,
+    os_user: str,
+    extra_postgres: str = "",
+) -> str:
     nodes = "".join(
         f"""
 [[nodes]]
@@ -104,15 +114,15 @@ peer = "{LOOPBACK}:{peer}"
   [nodes.postgres]
   host = "{LOOPBACK}"
   port = {pg}
-  data_dir = "{base / name / 'data'}"
+  data_dir = "{base / name / "data"}"
 """
         for name, pg, peer in zip(names, pg_ports, peer_ports, strict=True)
     )
     return f"""
 [cluster]
 name = "itest"
-secret_file = "{base / 'secret'}"
-state_dir = "{base / 'state'}"
+secret_file = "{base / "secret"}"
+state_dir = "{base / "state"}"
 
 [postgres]
 bin_dir = "{bin_dir}"
@@ -123,11 +133,19 @@ command_timeout_s = 60
 {nodes}"""
 
 
-def make_config(base: Path, *, bin_dir: Path, os_user: str, names: tuple[str, ...] = ("db1", "db2", "db3"),
-                extra_postgres: str = "") -> Config:
+def make_config(
+    base: Path, *, bin_dir: Path, os_user: str, names: tuple[str, ...] = ("db1", "db2", "db3"), extra_postgres: str = ""
+) -> Config:
     ports = free_ports(2 * len(names))
-    text = config_text(base, list(names), ports[: len(names)], ports[len(names):], bin_dir=bin_dir,
-                       os_user=os_user, extra_postgres=extra_postgres)
+    text = config_text(
+        base,
+        list(names),
+        ports[: len(names)],
+        ports[len(names) :],
+        bin_dir=bin_dir,
+        os_user=os_user,
+        extra_postgres=extra_postgres,
+    )
     return parse_config(text, source="integration-test", node=names[0])
 
 
@@ -150,7 +168,11 @@ async def connect(adapter: PostgresAdapter, **settings: str) -> AsyncIterator[as
     """A superuser connection over the member's private socket."""
     pg = adapter.pg
     conn = await asyncpg.connect(
-        host=str(adapter.socket_dir), port=pg.port, user=pg.superuser, database=pg.database, timeout=10,
+        host=str(adapter.socket_dir),
+        port=pg.port,
+        user=pg.superuser,
+        database=pg.database,
+        timeout=10,
         server_settings=settings or None,
     )
     try:

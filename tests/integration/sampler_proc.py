@@ -26,16 +26,18 @@ import time
 import asyncpg
 
 
-async def is_primary(conns: dict[str, asyncpg.Connection | None], name: str, socket_dir: str, port: int,
-                     timeout_s: float) -> bool:
+async def is_primary(
+    conns: dict[str, asyncpg.Connection | None], name: str, socket_dir: str, port: int, timeout_s: float
+) -> bool:
     conn = conns.get(name)
     try:
         if conn is None or conn.is_closed():
-            conn = await asyncpg.connect(host=socket_dir, port=port, user="postgres", database="postgres",
-                                         timeout=timeout_s)
+            conn = await asyncpg.connect(
+                host=socket_dir, port=port, user="postgres", database="postgres", timeout=timeout_s
+            )
             conns[name] = conn
         return not await conn.fetchval("SELECT pg_is_in_recovery()", timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - down, starting, or too slow to answer
+    except Exception:
         if conn is not None:
             conn.terminate()
         conns[name] = None

@@ -27,8 +27,11 @@ async def _api_primary(cluster: LocalCluster, expect: str | None = None) -> str 
 
 async def _all_streaming(cluster: LocalCluster) -> bool:
     status, view = await cluster.api(cluster.data_names[0], "GET", "/cluster", token=None)
-    return status == 200 and view["primary"] is not None and all(
-        m["reachable"] and (m["writable"] or m["postgres"]["streaming"]) for m in view["members"])
+    return (
+        status == 200
+        and view["primary"] is not None
+        and all(m["reachable"] and (m["writable"] or m["postgres"]["streaming"]) for m in view["members"])
+    )
 
 
 async def test_read_endpoints_match_the_servers_and_auth_is_enforced(make_cluster):
@@ -57,8 +60,9 @@ async def test_read_endpoints_match_the_servers_and_auth_is_enforced(make_cluste
     assert (view["cluster"], view["leader"], view["primary"], view["paused"]) == ("itest", primary, primary, False)
     members = {m["name"]: m for m in view["members"]}
     assert members[primary]["lag_bytes"] == 0 and members[primary]["lease_remaining_s"] > 0
-    assert all(isinstance(members[s]["lag_bytes"], int) and members[s]["postgres"]["following"] == primary
-               for s in standbys)
+    assert all(
+        isinstance(members[s]["lag_bytes"], int) and members[s]["postgres"]["following"] == primary for s in standbys
+    )
 
     status, body = await cluster.api(standbys[1], "GET", "/history", token=None)
     assert status == 200 and body["history"][0]["reason"] == "bootstrap" and body["history"][0]["to"] == primary
@@ -98,7 +102,9 @@ async def test_admin_requests_through_any_member(make_cluster):
     # A scheduled switchover is kept in the replicated state and can be cancelled.
     status, body = await cluster.api(a, "POST", "/switchover", body={"to": b, "at": time.time() + 3600})
     assert status == 200, body
-    await cluster.wait_for("the schedule replicated", _every(cluster, lambda h: (h["switchover"] or {}).get("to") == b), 10)
+    await cluster.wait_for(
+        "the schedule replicated", _every(cluster, lambda h: (h["switchover"] or {}).get("to") == b), 10
+    )
     assert (await cluster.api(b, "DELETE", "/switchover"))[0] == 200
     await cluster.wait_for("the schedule gone", _every(cluster, lambda h: h["switchover"] is None), 10)
     status, body = await cluster.api(b, "DELETE", "/switchover")
@@ -134,4 +140,5 @@ def _every(cluster: LocalCluster, check):
     async def all_members() -> bool:
         answers = await asyncio.gather(*(cluster.api(n, "GET", "/health", token=None) for n in cluster.data_names))
         return all(isinstance(body, dict) and check(body) for _, body in answers)
+
     return all_members

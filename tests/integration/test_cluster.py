@@ -22,7 +22,9 @@ async def _started(cluster: LocalCluster) -> tuple[str, Writer, DualPrimarySampl
     return await start_watched(cluster, healthy_timeout_s=90, settle_s=1.0)
 
 
-async def _finish(cluster: LocalCluster, writer: Writer, sampler: DualPrimarySampler, expect_primary_not: str | None = None):
+async def _finish(
+    cluster: LocalCluster, writer: Writer, sampler: DualPrimarySampler, expect_primary_not: str | None = None
+):
     # Writes must flow again before we stop looking.
     count = len(writer.acked)
     await cluster.wait_for("acknowledged writes after the fault", _async(lambda: len(writer.acked) > count + 20), 60)
@@ -41,6 +43,7 @@ async def _finish(cluster: LocalCluster, writer: Writer, sampler: DualPrimarySam
 def _async(fn):
     async def check():
         return fn()
+
     return check
 
 
@@ -109,18 +112,21 @@ def _new_primary(cluster: LocalCluster, old: str):
     async def check():
         p = await cluster.primary()
         return p if p is not None and p != old else None
+
     return check
 
 
 def _role_is(cluster: LocalCluster, name: str, role: PgRole):
     async def check():
         return (await cluster.roles())[name] is role
+
     return check
 
 
 def _not_primary(cluster: LocalCluster, name: str):
     async def check():
         return (await cluster.roles())[name] is not PgRole.PRIMARY
+
     return check
 
 

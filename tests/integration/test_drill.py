@@ -28,8 +28,7 @@ def _dsn(cluster: LocalCluster) -> str:
     """Every member over its Unix socket (where the superuser may log in), as
     an operator would pass the VIP or the members' addresses with --dsn."""
     hosts, ports = cluster.dsn_hosts()
-    return (f"postgresql:///postgres?host={','.join(hosts)}&port={','.join(map(str, ports))}"
-            "&user=postgres")
+    return f"postgresql:///postgres?host={','.join(hosts)}&port={','.join(map(str, ports))}&user=postgres"
 
 
 async def _history(cluster: LocalCluster) -> list[dict]:
@@ -40,8 +39,9 @@ async def _history(cluster: LocalCluster) -> list[dict]:
 
 async def _rows_by_run(cluster: LocalCluster, primary: str) -> dict[int, int]:
     adapter = cluster.adapters[primary]
-    conn = await asyncpg.connect(host=str(adapter.socket_dir), port=adapter.pg.port, user="postgres",
-                                 database="postgres", timeout=5)
+    conn = await asyncpg.connect(
+        host=str(adapter.socket_dir), port=adapter.pg.port, user="postgres", database="postgres", timeout=5
+    )
     try:
         rows = await conn.fetch(f"SELECT run, count(*) AS n FROM {TABLE} GROUP BY run")
     finally:
@@ -74,7 +74,9 @@ async def test_drill_switches_over_measures_and_records(cluster: LocalCluster) -
         assert phases["switchover requested"]["at_s"] == 0.0
         assert phases[f"{target} caught up"]["at_s"] is None
         assert "not exposed by the API" in phases[f"{target} caught up"]["source"]
-        assert phases[f"VIP on {target}"]["at_s"] is None and phases[f"VIP on {target}"]["source"] == "no [vip] configured"
+        assert (
+            phases[f"VIP on {target}"]["at_s"] is None and phases[f"VIP on {target}"]["source"] == "no [vip] configured"
+        )
         for what in (f"{target} elected", f"{target} promoted", f"last write on {old}", f"first write on {target}"):
             assert phases[what]["at_s"] is not None, (what, phases)
         assert "GET /history" in phases[f"{target} elected"]["source"]

@@ -8,6 +8,7 @@ of it with one member down."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ def _listed_primary(cluster: LocalCluster, expect: str):
     async def check() -> bool:
         done = await cluster.actl("list", "--json")
         return done.returncode == 0 and json.loads(done.stdout)["primary"] == expect
+
     return check
 
 
@@ -62,8 +64,12 @@ async def test_list_history_dsn_and_everything_with_one_member_down(make_cluster
 
     dsn = (await _ctl_ok(cluster, "dsn", "--user", "app")).strip()
     assert dsn.endswith("/postgres?target_session_attrs=read-write") and dsn.count(",") == 2
-    admin = await asyncpg.connect(host=str(cluster.adapters[primary].socket_dir), port=cluster.pg_ports[primary],
-                                  user="postgres", database="postgres")
+    admin = await asyncpg.connect(
+        host=str(cluster.adapters[primary].socket_dir),
+        port=cluster.pg_ports[primary],
+        user="postgres",
+        database="postgres",
+    )
     try:
         await admin.execute("CREATE ROLE app LOGIN PASSWORD 'app-password-123'")
     finally:
@@ -72,8 +78,10 @@ async def test_list_history_dsn_and_everything_with_one_member_down(make_cluster
     async def via_dsn() -> tuple[bool, int]:
         conn = await asyncpg.connect(dsn, password="app-password-123", timeout=5)
         try:
-            return (await conn.fetchval("SELECT pg_is_in_recovery()"),
-                    int(await conn.fetchval("SELECT current_setting('port')")))
+            return (
+                await conn.fetchval("SELECT pg_is_in_recovery()"),
+                int(await conn.fetchval("SELECT current_setting('port')")),
+            )
         finally:
             await conn.close()
 
@@ -89,8 +97,10 @@ async def test_list_history_dsn_and_everything_with_one_member_down(make_cluster
     view = await _listed(cluster)
     assert [m["name"] for m in view["members"] if not m["reachable"]] == [down]
     table = await _ctl_ok(cluster, "list")
-    assert any(line.split()[:4] == [down, f"127.0.0.1:{cluster.pg_ports[down]}", "?", "unreachable"]
-               for line in table.splitlines())
+    assert any(
+        line.split()[:4] == [down, f"127.0.0.1:{cluster.pg_ports[down]}", "?", "unreachable"]
+        for line in table.splitlines()
+    )
     assert (await _ctl_ok(cluster, "pause")).strip() == "paused"
     assert (await _listed(cluster))["paused"] is True
     assert (await _ctl_ok(cluster, "resume")).strip() == "resumed"
@@ -121,12 +131,12 @@ async def test_switchover_under_writes_and_old_primary_rejoins_without_rewind(ma
 
     # The write outage: the longest gap between acknowledged writes around the switchover.
     times = [t for t in writer.acked_at if t >= started - 1]
-    outage = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+    outage = max((b - a for a, b in itertools.pairwise(times)), default=0.0)
     print(f"switchover write gap {outage:.3f} s")
     events = [e for e in cluster.supervisors[old].log_events() if e.get("event")]
     names = [(e["event"], e.get("action")) for e in events]
     assert names.index(("pg_action_done", "Checkpoint")) < names.index(("switchover_started", None))
-    later = events[names.index(("switchover_started", None)):]
+    later = events[names.index(("switchover_started", None)) :]
     stops = [e for e in later if e["event"] == "pg_stopped"]
     assert stops and stops[0]["mode"] == "fast"  # a clean stop, not a fence
     for forbidden in ("pg_rewind_done", "pg_rewind_failed", "pg_data_dir_moved_aside", "pg_clone_done"):
@@ -196,6 +206,7 @@ def _all_paused(cluster: LocalCluster):
             if not (isinstance(body, dict) and body["paused"]):
                 return False
         return True
+
     return check
 
 

@@ -19,12 +19,11 @@ import pytest
 from pg_helpers import SECRET, adapters, connect, make_config, prepare_node_dirs, query, wait_for
 from structlog.testing import capture_logs
 
-from failoverd.adapters import programs
-from failoverd.adapters import processes
+from failoverd.adapters import processes, programs
 from failoverd.adapters.postgres import setup
+from failoverd.adapters.postgres.adapter import PostgresAdapter
 from failoverd.config.load import NodeConfig
 from failoverd.core.state import PgObservation, PgRole, Position
-from failoverd.adapters.postgres.adapter import PostgresAdapter
 
 
 async def probe(adapter: PostgresAdapter) -> PgObservation:
@@ -91,7 +90,9 @@ async def test_cluster_life(base_dir: Path, bin_dir: Path, os_user: str, owner: 
     await db2.follow(members["db1"])  # already streaming from db1: nothing to do
     assert db2.postmaster_pid() == pid
     await db1.ensure_slots(("db1", "db2", "db3"))
-    slots = await query(db1, "SELECT string_agg(slot_name || ':' || active, ',' ORDER BY slot_name) FROM pg_replication_slots")
+    slots = await query(
+        db1, "SELECT string_agg(slot_name || ':' || active, ',' ORDER BY slot_name) FROM pg_replication_slots"
+    )
     assert slots == "db2:true,db3:true"
 
     # Quorum commit: a write commits because one of the two standbys confirms it.
@@ -170,8 +171,9 @@ async def _following_none(adapter: PostgresAdapter) -> bool:
     return obs.role is PgRole.STANDBY and obs.following is None
 
 
-async def primary_and_standby(base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None
-                              ) -> tuple[dict[str, PostgresAdapter], dict[str, NodeConfig]]:
+async def primary_and_standby(
+    base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None
+) -> tuple[dict[str, PostgresAdapter], dict[str, NodeConfig]]:
     """Members db1-db3 configured; db1 a bootstrapped primary, db2 streaming from it, db3 nothing."""
     config = make_config(base_dir, bin_dir=bin_dir, os_user=os_user)
     prepare_node_dirs(config, owner)
@@ -324,12 +326,16 @@ def test_slot_names_are_valid_and_distinct() -> None:
 @pytest.mark.parametrize(
     ("stderr", "end"),
     [
-        ("pg_waldump: error: error in WAL record at 0/3637000: invalid record length at 0/3637198: wanted 24, got 0",
-         0x3637198),
-        ("pg_waldump: error: error in WAL record at 0/5000028: invalid magic number 0000 in log segment "
-         "000000010000000000000006, offset 8192", 0x6002000),
-        ('pg_waldump: error: could not find file "000000020000000100000002": No such file or directory',
-         0x102000000),
+        (
+            "pg_waldump: error: error in WAL record at 0/3637000: invalid record length at 0/3637198: wanted 24, got 0",
+            0x3637198,
+        ),
+        (
+            "pg_waldump: error: error in WAL record at 0/5000028: invalid magic number 0000 in log segment "
+            "000000010000000000000006, offset 8192",
+            0x6002000,
+        ),
+        ('pg_waldump: error: could not find file "000000020000000100000002": No such file or directory', 0x102000000),
         ("pg_waldump: error: could not find a valid record after 0/5000000", None),
     ],
 )
@@ -375,8 +381,6 @@ async def test_programs_timeout_kills_the_process_group() -> None:
 async def test_programs_runs_as_the_postgres_user(os_user: str) -> None:
     done = await programs.run(["/usr/bin/id", "-un"], user=os_user, timeout_s=5, env={"X": "1"})
     assert done.stdout.strip() == os_user
-
-
 
 
 async def test_kept_probe_connection_still_sees_a_frozen_or_restarted_server(

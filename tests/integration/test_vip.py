@@ -32,8 +32,8 @@ from structlog.testing import capture_logs
 
 import failoverd.adapters.vip as vip_module
 from failoverd.adapters import programs
-from failoverd.config.load import VipConfig
 from failoverd.adapters.vip import VipError, VirtualIp
+from failoverd.config.load import VipConfig
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -18,8 +18,8 @@ import sys
 import structlog
 
 from failoverd.adapters import programs
-from failoverd.config.load import VipConfig
 from failoverd.adapters.vip import VIP_CAPABILITIES, VipError, VirtualIp
+from failoverd.config.load import VipConfig
 
 
 def child_caps(status: str) -> dict[str, str]:

@@ -24,11 +24,11 @@ from failoverd.sim.runner import SHAPES, preset_spec, run_seed, run_seeds, summa
 # 100,000 of each. The counts follow each shape's cost (5 members take twice
 # as long as 3).
 SEEDS = {
-    "3-data": range(0, 1000),
-    "3-data-k2": range(0, 500),
-    "5-data": range(0, 300),
-    "5-data-k2": range(0, 400),
-    "2-data-witness": range(0, 800),
+    "3-data": range(1000),
+    "3-data-k2": range(500),
+    "5-data": range(300),
+    "5-data-k2": range(400),
+    "2-data-witness": range(800),
 }
 # Seeds that once violated a safety property, with the shape they did it in.
 # Each stays in make test; the comment names the cause (docs/design.md).
@@ -91,9 +91,13 @@ def test_a_seed_replays_in_another_process_with_another_hash_seed():
     nothing may depend on the order of a set or on object ids."""
     outputs = []
     for hash_seed in ("1", "2"):
-        done = subprocess.run([sys.executable, "-m", "failoverd", "simulate", "--seed", "7", "--shape", "3-data"],
-                              capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        done = subprocess.run(
+            [sys.executable, "-m", "failoverd", "simulate", "--seed", "7", "--shape", "3-data"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        )
         assert done.returncode == 0, done.stderr
         outputs.append([line for line in done.stdout.splitlines() if not line.startswith("wall time")])
     assert outputs[0] == outputs[1]
@@ -117,13 +121,20 @@ SAFEGUARD_CASES = [
     ("lsn-check", dict(data_nodes=5, sync_count=2), 120, {"no-lost-acked-write"}),
     ("persist-vote", dict(data_nodes=3), 300, {"one-leader-per-term"}),
     ("rewind-source", dict(data_nodes=3), 400, {"no-lost-acked-write"}),
-    ("fence-drops-queue", dict(data_nodes=3), 600, {"no-lost-acked-write", "fenced-primary-accepts-nothing",
-                                                     "one-writable-primary"}),
+    (
+        "fence-drops-queue",
+        dict(data_nodes=3),
+        600,
+        {"no-lost-acked-write", "fenced-primary-accepts-nothing", "one-writable-primary"},
+    ),
 ]
 
 
-@pytest.mark.parametrize(("safeguard", "shape", "max_seeds", "expected"), SAFEGUARD_CASES,
-                         ids=[f"{c[0]}-{c[1]['data_nodes']}" for c in SAFEGUARD_CASES])
+@pytest.mark.parametrize(
+    ("safeguard", "shape", "max_seeds", "expected"),
+    SAFEGUARD_CASES,
+    ids=[f"{c[0]}-{c[1]['data_nodes']}" for c in SAFEGUARD_CASES],
+)
 def test_disabling_a_safeguard_is_caught(safeguard, shape, max_seeds, expected):
     spec = preset_spec(**shape)
     results = run_seeds(spec, list(range(max_seeds)), frozenset({safeguard}), workers=1, stop_on_violation=True)

@@ -34,16 +34,21 @@ def make_spec(
     """Data members a, b, c, ... then witnesses w1, w2, ..."""
     priorities = priorities or {}
     nofailover = set(nofailover)
-    members = [
-        Member(n, priority=priorities.get(n, 100), nofailover=n in nofailover)
-        for n in "abcdefghi"[:data]
-    ]
+    members = [Member(n, priority=priorities.get(n, 100), nofailover=n in nofailover) for n in "abcdefghi"[:data]]
     members += [Member(f"w{i + 1}", kind=MemberKind.WITNESS) for i in range(witnesses)]
-    return ClusterSpec(CLUSTER, tuple(members), timing, Replication(mode=mode, sync_count=k if mode is ReplicationMode.QUORUM else 0))
+    return ClusterSpec(
+        CLUSTER, tuple(members), timing, Replication(mode=mode, sync_count=k if mode is ReplicationMode.QUORUM else 0)
+    )
 
 
-def make_node(spec: ClusterSpec, name: str, now: float = 0.0, seed: int = 0,
-              persisted: PersistentState | None = None, disabled: Iterable[str] = ()) -> Node:
+def make_node(
+    spec: ClusterSpec,
+    name: str,
+    now: float = 0.0,
+    seed: int = 0,
+    persisted: PersistentState | None = None,
+    disabled: Iterable[str] = (),
+) -> Node:
     return Node(spec, name, persisted or PersistentState(), now, random.Random(seed), disabled)
 
 
@@ -51,8 +56,13 @@ def pos(lsn: int, timeline: int = 1) -> Position:
     return Position(timeline, lsn)
 
 
-def obs(role: PgRole = PgRole.STANDBY, at: float = 0.0, lsn: int | None = 1000,
-        following: str | None = None, timeline: int = 1) -> PgObservation:
+def obs(
+    role: PgRole = PgRole.STANDBY,
+    at: float = 0.0,
+    lsn: int | None = 1000,
+    following: str | None = None,
+    timeline: int = 1,
+) -> PgObservation:
     return PgObservation(role, at, None if lsn is None else Position(timeline, lsn), following)
 
 
@@ -71,13 +81,15 @@ def voter(name: str = "b", lsn: int | None = 1000, spec: ClusterSpec | None = No
 
 # ------------------------------------------------------------- action queries
 
+
 def of_type(actions: Iterable[act.Action], cls: type) -> list:
     return [a for a in actions if isinstance(a, cls)]
 
 
 def sends(actions: Iterable[act.Action], msg_cls: type | None = None, to: str | None = None) -> list[act.Send]:
     return [
-        a for a in actions
+        a
+        for a in actions
         if isinstance(a, act.Send)
         and (msg_cls is None or isinstance(a.message, msg_cls))
         and (to is None or a.to == to)
@@ -115,11 +127,13 @@ def switchover(node: Node, req, now: float) -> list[act.Action]:
 
 # --------------------------------------------------------------------- wire
 
+
 class Wire:
     """A dict of nodes plus synchronous, FIFO, droppable delivery of their Sends."""
 
-    def __init__(self, spec: ClusterSpec, now: float = 0.0, seed: int = 0,
-                 persisted: dict[str, PersistentState] | None = None) -> None:
+    def __init__(
+        self, spec: ClusterSpec, now: float = 0.0, seed: int = 0, persisted: dict[str, PersistentState] | None = None
+    ) -> None:
         self.spec = spec
         persisted = persisted or {}
         self.nodes: dict[str, Node] = {
@@ -148,8 +162,9 @@ class Wire:
         self.cut.clear()
 
     # -- driving
-    def deliver(self, origin: str, actions: list[act.Action], now: float,
-                hold: Iterable[type] = ()) -> dict[str, list[act.Action]]:
+    def deliver(
+        self, origin: str, actions: list[act.Action], now: float, hold: Iterable[type] = ()
+    ) -> dict[str, list[act.Action]]:
         """Record `origin`'s actions and deliver every Send they lead to, transitively.
 
         Messages of a type in `hold` are not delivered (kept in `self.held`), so a
@@ -191,15 +206,22 @@ class Wire:
     def observe(self, name: str, pg: PgObservation, now: float) -> dict[str, list[act.Action]]:
         return self.deliver(name, self.nodes[name].observe(pg, now), now)
 
-    def observe_data(self, now: float, role: PgRole = PgRole.STANDBY, at: float | None = None,
-                     lsn: dict[str, int] | int = 1000, following: str | None = None) -> None:
+    def observe_data(
+        self,
+        now: float,
+        role: PgRole = PgRole.STANDBY,
+        at: float | None = None,
+        lsn: dict[str, int] | int = 1000,
+        following: str | None = None,
+    ) -> None:
         """Give every data member an observation (same role; per-node or shared LSN)."""
         for m in self.spec.data_members:
             n = lsn[m.name] if isinstance(lsn, dict) else lsn
             self.observe(m.name, obs(role, now if at is None else at, n, following), now)
 
-    def elect(self, name: str, now: float = 2.0, obs_at: float | None = None,
-              lsn: dict[str, int] | int = 1000) -> dict[str, list[act.Action]]:
+    def elect(
+        self, name: str, now: float = 2.0, obs_at: float | None = None, lsn: dict[str, int] | int = 1000
+    ) -> dict[str, list[act.Action]]:
         """Observe every data member as a standby, then let `name` time out and win.
 
         With `obs_at` < `now` the probes predate the election, so the new leader

@@ -54,8 +54,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config_text(ports: dict[str, int], *, health_auth: bool = False, witness: str | None = None,
-                tls: tuple[Path, Path] | None = None) -> str:
+def config_text(
+    ports: dict[str, int],
+    *,
+    health_auth: bool = False,
+    witness: str | None = None,
+    tls: tuple[Path, Path] | None = None,
+) -> str:
     nodes = ""
     for i, name in enumerate(NAMES):
         if name == witness:
@@ -71,30 +76,70 @@ secret_file = "/nonexistent/secret"
 [api]
 token_file = "/nonexistent/token"
 health_auth = {str(health_auth).lower()}
-{"" if tls is None else f'tls_cert = "{tls[0]}"{chr(10)}tls_key = "{tls[1]}"{chr(10)}tls_ca = "{tls[0]}"'
-                        f'{chr(10)}tls_client_ca = "{tls[0]}"'}
+{
+        ""
+        if tls is None
+        else f'tls_cert = "{tls[0]}"{chr(10)}tls_key = "{tls[1]}"{chr(10)}tls_ca = "{tls[0]}"'
+        f'{chr(10)}tls_client_ca = "{tls[0]}"'
+    }
 [vip]
 address = "198.18.0.100/24"
 interface = "eth0"
 {nodes}"""
 
 
-def status(name: str, *, role: str = "follower", leader: str | None = "a", leader_live: bool = True,
-           pg_role: PgRole | None = PgRole.STANDBY, position: Position | None = Position(1, 1000),
-           following: str | None = "a", lease: float | None = None, primary_ready: bool = False,
-           primary_position: Position | None = Position(1, 1000), **more: Any) -> MemberStatus:
+def status(
+    name: str,
+    *,
+    role: str = "follower",
+    leader: str | None = "a",
+    leader_live: bool = True,
+    pg_role: PgRole | None = PgRole.STANDBY,
+    position: Position | None = Position(1, 1000),
+    following: str | None = "a",
+    lease: float | None = None,
+    primary_ready: bool = False,
+    primary_position: Position | None = Position(1, 1000),
+    **more: Any,
+) -> MemberStatus:
     """A member's status as its core would report it (core.status.MemberStatus)."""
     pg = None if pg_role is None else PgObservation(pg_role, 0.0, position, following)
-    base = dict(name=name, role=Role(role), term=3, leader=leader, leader_live=leader_live, pg=pg, pg_age_s=0.05,
-                lease_remaining_s=lease, primary_ready=primary_ready, vip_held=False, vip_error=None, paused=False,
-                primary_position=primary_position, switchover_to=None, switchover_at=None,
-                state_stamp=StateStamp(3, 7), history=(), rebuild=None, last_failover=None)
+    base = dict(
+        name=name,
+        role=Role(role),
+        term=3,
+        leader=leader,
+        leader_live=leader_live,
+        pg=pg,
+        pg_age_s=0.05,
+        lease_remaining_s=lease,
+        primary_ready=primary_ready,
+        vip_held=False,
+        vip_error=None,
+        paused=False,
+        primary_position=primary_position,
+        switchover_to=None,
+        switchover_at=None,
+        state_stamp=StateStamp(3, 7),
+        history=(),
+        rebuild=None,
+        last_failover=None,
+    )
     return MemberStatus(**{**base, **more})
 
 
 def leader_status(name: str = "a", **more: Any) -> MemberStatus:
-    values = dict(role="leader", leader=name, pg_role=PgRole.PRIMARY, following=None, lease=0.6,
-                  primary_ready=True, position=Position(1, 5000), primary_position=Position(1, 5000), vip_held=True)
+    values = dict(
+        role="leader",
+        leader=name,
+        pg_role=PgRole.PRIMARY,
+        following=None,
+        lease=0.6,
+        primary_ready=True,
+        position=Position(1, 5000),
+        primary_position=Position(1, 5000),
+        vip_held=True,
+    )
     return status(name, **{**values, **more})
 
 
@@ -158,9 +203,16 @@ class FakeSupervisor:
 class Cluster:
     """ApiServers for some members (the others are down), in front of fakes."""
 
-    def __init__(self, statuses: dict[str, MemberStatus], *, token: str | None = TOKEN,
-                 health_auth: bool = False, witness: str | None = None, down: tuple[str, ...] = (),
-                 tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self,
+        statuses: dict[str, MemberStatus],
+        *,
+        token: str | None = TOKEN,
+        health_auth: bool = False,
+        witness: str | None = None,
+        down: tuple[str, ...] = (),
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         self.ports = {n: free_port() for n in NAMES}
         self.config_text = config_text(self.ports, health_auth=health_auth, witness=witness, tls=tls)
         self.config = parse_config(self.config_text, source="unit.toml")
@@ -178,9 +230,16 @@ class Cluster:
                 continue
             node = next(x for x in self.config.nodes if x.name == n)
             self.servers[n] = server = ApiServer(
-                self.config, node, fake, host="127.0.0.1", port=self.ports[n], token=self._token,
-                peer_metrics=self.peer_metrics, ssl_context=server_ssl_context(self.config.api),
-                client=ApiClient(token=self._token, ssl_context=client_tls))
+                self.config,
+                node,
+                fake,
+                host="127.0.0.1",
+                port=self.ports[n],
+                token=self._token,
+                peer_metrics=self.peer_metrics,
+                ssl_context=server_ssl_context(self.config.api),
+                client=ApiClient(token=self._token, ssl_context=client_tls),
+            )
             await server.start()
         self.session = aiohttp.ClientSession()
         return self
@@ -191,8 +250,16 @@ class Cluster:
             await server.close()
             await server.client.close()
 
-    async def call(self, member: str, method: str, path: str, *, body: Any = None, raw: bytes | None = None,
-                   headers: dict[str, str] | None = None) -> tuple[int, Any, aiohttp.ClientResponse]:
+    async def call(
+        self,
+        member: str,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         url = f"http://127.0.0.1:{self.ports[member]}{path}"
         async with self.session.request(method, url, data=data, headers=headers or {}) as resp:
@@ -205,9 +272,11 @@ class Cluster:
 
 
 def three(**leader_more: Any) -> dict[str, MemberStatus]:
-    return {"a": leader_status(**leader_more),
-            "b": status("b", position=Position(1, 4000), primary_position=Position(1, 5000)),
-            "c": status("c", position=Position(1, 3000), primary_position=Position(1, 5000))}
+    return {
+        "a": leader_status(**leader_more),
+        "b": status("b", position=Position(1, 4000), primary_position=Position(1, 5000)),
+        "c": status("c", position=Position(1, 3000), primary_position=Position(1, 5000)),
+    }
 
 
 @pytest.fixture
@@ -224,8 +293,15 @@ async def test_health_reports_the_member(cluster: Cluster) -> None:
     assert code == 200
     assert body["name"] == "b" and body["role"] == "follower" and body["leader"] == "a" and body["term"] == 3
     assert body["postgres"] == {
-        "host": "127.0.0.1", "port": 5501, "state": "standby", "timeline": 1, "lsn": "0/FA0", "lsn_bytes": 4000,
-        "following": "a", "streaming": True, "observed_s_ago": 0.05,
+        "host": "127.0.0.1",
+        "port": 5501,
+        "state": "standby",
+        "timeline": 1,
+        "lsn": "0/FA0",
+        "lsn_bytes": 4000,
+        "following": "a",
+        "streaming": True,
+        "observed_s_ago": 0.05,
     }
     assert body["lag_bytes"] == 1000 and body["paused"] is False and body["writable"] is False
     assert body["state_version"] == [3, 7] and body["api"] == f"127.0.0.1:{cluster.ports['b']}"
@@ -256,11 +332,21 @@ async def test_health_shows_vip_trouble_the_last_failover_and_a_rebuild() -> Non
         _, other, _ = await c.call("b", "GET", "/health")
         _, rebuilding, _ = await c.call("c", "GET", "/health")
     assert body["vip_held"] is True and body["vip_error"] == "198.18.0.100 answers from another host"
-    assert body["last_failover"] == {"term": 4, "reason": "election", "duration_s": 1.25,
-                                     "wall_time": 1_700_000_000.0, "time": "2023-11-14T22:13:20Z"}
+    assert body["last_failover"] == {
+        "term": 4,
+        "reason": "election",
+        "duration_s": 1.25,
+        "wall_time": 1_700_000_000.0,
+        "time": "2023-11-14T22:13:20Z",
+    }
     assert other["vip_error"] is None and other["last_failover"] is None and other["reinit"] is None
-    assert rebuilding["reinit"] == {"from": "a", "started": "2023-11-14T22:13:20Z", "finished": None, "running": True,
-                                    "error": None}
+    assert rebuilding["reinit"] == {
+        "from": "a",
+        "started": "2023-11-14T22:13:20Z",
+        "finished": None,
+        "running": True,
+        "error": None,
+    }
 
 
 async def test_witness_health_has_no_postgres() -> None:
@@ -339,16 +425,32 @@ async def test_cluster_lag_is_unknown_on_another_timeline() -> None:
 
 
 async def test_history() -> None:
-    entries = (HistoryEntry(1, None, "a", "bootstrap", None, 1_700_000_000.0),
-               HistoryEntry(2, "a", "b", "switchover", Position(1, 0x3000060), 1_700_000_100.5))
+    entries = (
+        HistoryEntry(1, None, "a", "bootstrap", None, 1_700_000_000.0),
+        HistoryEntry(2, "a", "b", "switchover", Position(1, 0x3000060), 1_700_000_100.5),
+    )
     async with Cluster(three(history=entries)) as c:
         code, body, _ = await c.call("a", "GET", "/history")
     assert code == 200 and body["member"] == "a" and body["state_version"] == [3, 7]
     assert body["history"] == [
-        {"term": 1, "from": None, "to": "a", "reason": "bootstrap", "position": None,
-         "wall_time": 1_700_000_000.0, "time": "2023-11-14T22:13:20Z"},
-        {"term": 2, "from": "a", "to": "b", "reason": "switchover", "position": "1/0/3000060",
-         "wall_time": 1_700_000_100.5, "time": "2023-11-14T22:15:00Z"},
+        {
+            "term": 1,
+            "from": None,
+            "to": "a",
+            "reason": "bootstrap",
+            "position": None,
+            "wall_time": 1_700_000_000.0,
+            "time": "2023-11-14T22:13:20Z",
+        },
+        {
+            "term": 2,
+            "from": "a",
+            "to": "b",
+            "reason": "switchover",
+            "position": "1/0/3000060",
+            "wall_time": 1_700_000_100.5,
+            "time": "2023-11-14T22:15:00Z",
+        },
     ]
 
 
@@ -362,8 +464,7 @@ async def test_metrics_are_prometheus_text() -> None:
         fake.counters.events.update({"election_started": 2, "fence": 1, "vote_granted": 4})
         # Elected and promoted by an election: one failover, counted from the core's typed events.
         fake.counters.count(ev.RoleChanged(node="a", term=3, role="leader", previous="candidate", reason="election"))
-        fake.counters.count(ev.Promoted(node="a", term=3, position=Position(1, 5000), reason="election",
-                                        outage_s=0.75))
+        fake.counters.count(ev.Promoted(node="a", term=3, position=Position(1, 5000), reason="election", outage_s=0.75))
         cluster.peer_metrics.received = 42
         cluster.peer_metrics.rejected["unauthenticated"] += 3
         await cluster.call("a", "POST", "/pause")  # a 401, counted
@@ -458,8 +559,9 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize(("method", "path", "raw", "reason"), MALFORMED, ids=[f"{m[1]}:{m[3]}" for m in MALFORMED])
-async def test_malformed_requests_get_400_with_a_reason(cluster: Cluster, method: str, path: str, raw: bytes,
-                                                        reason: str) -> None:
+async def test_malformed_requests_get_400_with_a_reason(
+    cluster: Cluster, method: str, path: str, raw: bytes, reason: str
+) -> None:
     if len(raw) > api_module.BODY_BYTES_MAX:
         raw = raw[: api_module.BODY_BYTES_MAX]
     code, body, _ = await cluster.call("a", method, path, raw=raw, headers=AUTH)
@@ -519,10 +621,14 @@ REPLY_STATUSES = [
 ]
 
 
-@pytest.mark.parametrize(("code", "method", "path", "body", "expected"), REPLY_STATUSES,
-                         ids=[f"{r[0].name}:{r[1]} {r[2]}" for r in REPLY_STATUSES])
-async def test_reply_codes_map_to_http_statuses(cluster: Cluster, code: ReplyCode, method: str, path: str,
-                                                body: Any, expected: int) -> None:
+@pytest.mark.parametrize(
+    ("code", "method", "path", "body", "expected"),
+    REPLY_STATUSES,
+    ids=[f"{r[0].name}:{r[1]} {r[2]}" for r in REPLY_STATUSES],
+)
+async def test_reply_codes_map_to_http_statuses(
+    cluster: Cluster, code: ReplyCode, method: str, path: str, body: Any, expected: int
+) -> None:
     cluster.fakes["a"].reply = (code, f"the core says {code.value}")
     status_, answer, _ = await cluster.call("a", method, path, body=body, headers=AUTH)
     assert status_ == expected, answer
@@ -572,8 +678,13 @@ async def test_a_scheduled_switchover_goes_to_the_core_with_its_time() -> None:
         await c.call("a", "POST", "/switchover", body={"to": "b", "at": at}, headers=AUTH)
         code, _, _ = await c.call("a", "POST", "/switchover", body={"at": "2099-01-01T00:00:00Z"}, headers=AUTH)
         assert code == 400  # more than 30 days ahead
-        await c.call("a", "POST", "/switchover", body={"at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00",
-                                                                            time.gmtime(at))}, headers=AUTH)
+        await c.call(
+            "a",
+            "POST",
+            "/switchover",
+            body={"at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(at))},
+            headers=AUTH,
+        )
         reqs = c.fakes["a"].requests()
         assert [what for what, _ in c.fakes["a"].calls] == ["request", "request"]
         assert reqs[0].at == at and reqs[1].at == float(int(at))
@@ -655,8 +766,7 @@ async def test_failover_without_a_live_leader_goes_to_the_target() -> None:
     async with Cluster(orphaned) as c:
         c.fakes["a"].reply = (ReplyCode.REDIRECT, "no live leader: the failover goes to c", "c")
         c.fakes["c"].reply = (ReplyCode.OK, "c campaigns")
-        code, body, _ = await c.call("a", "POST", "/failover", body={"to": "c", "allow_data_loss": True},
-                                     headers=AUTH)
+        code, body, _ = await c.call("a", "POST", "/failover", body={"to": "c", "allow_data_loss": True}, headers=AUTH)
         assert code == 200 and body == {"ok": True, "message": "c campaigns", "member": "c", "forwarded_by": "a"}
         req = c.fakes["c"].requests()[0]
         assert isinstance(req, Failover) and (req.target, req.allow_data_loss) == ("c", True)

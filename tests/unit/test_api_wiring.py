@@ -24,14 +24,12 @@ from failoverd.core.actions import ReplyCode
 from failoverd.core.requests import Pause, Reinit
 from failoverd.core.state import PgRole, Role
 
-
 # ------------------------------------------- in front of real supervisors
 
 
 async def test_real_supervisors_report_status_and_count_a_failover() -> None:
-    from test_supervisor import TIMING
+    from test_supervisor import TIMING, _ready
     from test_supervisor import Cluster as SupervisorCluster
-    from test_supervisor import _ready
 
     async with SupervisorCluster() as c:
         await c.wait_for(lambda: _ready(c))
@@ -68,8 +66,10 @@ async def test_real_supervisors_report_status_and_count_a_failover() -> None:
 
         ports = {n: free_port() for n in NAMES}
         config = parse_config(config_text(ports), source="unit.toml")
-        servers = [ApiServer(config, node, c.sups[node.name], host="127.0.0.1", port=ports[node.name], token=TOKEN)
-                   for node in config.nodes]
+        servers = [
+            ApiServer(config, node, c.sups[node.name], host="127.0.0.1", port=ports[node.name], token=TOKEN)
+            for node in config.nodes
+        ]
         for server in servers:
             await server.start()
         try:
@@ -103,8 +103,10 @@ async def test_admin_requests_through_the_api_reach_the_leaders_core() -> None:
         await c.wait_for(lambda: c.sups[follower].status().leader_live)
         ports = {n: free_port() for n in NAMES}
         config = parse_config(config_text(ports), source="unit.toml")
-        servers = [ApiServer(config, node, c.sups[node.name], host="127.0.0.1", port=ports[node.name], token=TOKEN)
-                   for node in config.nodes]
+        servers = [
+            ApiServer(config, node, c.sups[node.name], host="127.0.0.1", port=ports[node.name], token=TOKEN)
+            for node in config.nodes
+        ]
         for server in servers:
             await server.start()
         try:
@@ -112,12 +114,17 @@ async def test_admin_requests_through_the_api_reach_the_leaders_core() -> None:
                 # The follower's core redirects; its API forwards to the leader's.
                 async with session.post(f"http://127.0.0.1:{ports[follower]}/pause", headers=AUTH) as resp:
                     body = await resp.json()
-                assert resp.status == 200 and body == {"ok": True, "message": "paused", "member": leader,
-                                                       "forwarded_by": follower}
+                assert resp.status == 200 and body == {
+                    "ok": True,
+                    "message": "paused",
+                    "member": leader,
+                    "forwarded_by": follower,
+                }
                 assert c.sups[leader].status().paused
                 # A reinit goes to the member it names, whose core refuses a primary's.
-                async with session.post(f"http://127.0.0.1:{ports[follower]}/reinit", json={"node": leader},
-                                        headers=AUTH) as resp:
+                async with session.post(
+                    f"http://127.0.0.1:{ports[follower]}/reinit", json={"node": leader}, headers=AUTH
+                ) as resp:
                     body = await resp.json()
                 assert resp.status == 409 and body["member"] == leader and "only a follower" in body["error"]
         finally:
@@ -202,7 +209,7 @@ def _witness_config(tmp_path: Path, api_port: int, token_mode: int = 0o600):
     text = config_text({"a": free_port(), "b": free_port(), "c": api_port}, witness="c")
     text = text.replace("/nonexistent/secret", str(secret)).replace("/nonexistent/token", str(token))
     text = text.replace('peer = "127.0.0.1:7402"', f'peer = "127.0.0.1:{free_port()}"')
-    text = text.replace('[cluster]\n', f'[cluster]\nstate_dir = "{tmp_path / "state"}"\n')
+    text = text.replace("[cluster]\n", f'[cluster]\nstate_dir = "{tmp_path / "state"}"\n')
     return parse_config(text, source="unit.toml", node="c")
 
 
@@ -248,5 +255,5 @@ async def test_daemon_start_up_errors_are_one_line(tmp_path: Path) -> None:
         assert text.startswith(f"API address 127.0.0.1:{port} ([api] listen / nodes.api): ")
         assert "address already in use" in text.lower() and "\n" not in text
     (tmp_path / "two").mkdir()
-    with pytest.raises(StartupError, match="token file .* chmod 600"):
+    with pytest.raises(StartupError, match=r"token file .* chmod 600"):
         await run_daemon(_witness_config(tmp_path / "two", free_port(), token_mode=0o640))

@@ -317,7 +317,7 @@ PROBLEMS: list[tuple[str, Mutation, str]] = [
     (
         "socket dir too long",
         _set("postgres.socket_dir", "/" + "s" * 92),
-        "postgres.socket_dir: \"/sssss",
+        'postgres.socket_dir: "/sssss',
     ),
     ("reclone int", _set("postgres.reclone_on_rewind_failure", 1), "postgres.reclone_on_rewind_failure: 1 is not true"),
     ("probe timeout zero", _set("postgres.probe_timeout_s", 0), "postgres.probe_timeout_s: 0 is not within 0..60 s"),
@@ -556,15 +556,26 @@ def test_api_defaults_and_full_table() -> None:
     assert not parse(base()).api.tls and parse(base()).api.health_auth is False
     doc = base()
     doc["api"] = {
-        "listen": "127.0.0.1:9000", "token_file": "/etc/failoverd/token", "health_auth": True,
-        "tls_cert": "/etc/failoverd/api.crt", "tls_key": "/etc/failoverd/api.key",
-        "tls_ca": "/etc/failoverd/ca.crt", "tls_client_ca": "/etc/failoverd/clients.crt",
+        "listen": "127.0.0.1:9000",
+        "token_file": "/etc/failoverd/token",
+        "health_auth": True,
+        "tls_cert": "/etc/failoverd/api.crt",
+        "tls_key": "/etc/failoverd/api.key",
+        "tls_ca": "/etc/failoverd/ca.crt",
+        "tls_client_ca": "/etc/failoverd/clients.crt",
     }
     api = parse(doc).api
     assert api.tls and api.health_auth and api.listen == HostPort("127.0.0.1", 9000)
     assert (api.token_file, api.tls_cert, api.tls_key, api.tls_ca, api.tls_client_ca) == tuple(
-        Path(p) for p in ("/etc/failoverd/token", "/etc/failoverd/api.crt", "/etc/failoverd/api.key",
-                          "/etc/failoverd/ca.crt", "/etc/failoverd/clients.crt"))
+        Path(p)
+        for p in (
+            "/etc/failoverd/token",
+            "/etc/failoverd/api.crt",
+            "/etc/failoverd/api.key",
+            "/etc/failoverd/ca.crt",
+            "/etc/failoverd/clients.crt",
+        )
+    )
 
 
 API_PROBLEMS: list[tuple[str, Mutation, str]] = [

@@ -5,13 +5,13 @@ history notes."""
 from __future__ import annotations
 
 import pytest
+from core_helpers import T, Wire, env, events, kinds, make_spec, obs, of_type, pos, switchover
+from test_core_leader import elected, promoted, ready_for_switchover, run
 
 from failoverd.core import actions as act
 from failoverd.core.messages import ProtocolError, TimeoutNow, VoteRequest, decode_message, encode_message
 from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Switchover
 from failoverd.core.state import ClusterState, PgRole, Role
-from core_helpers import T, Wire, env, events, kinds, make_spec, obs, of_type, pos, switchover
-from test_core_leader import elected, promoted, ready_for_switchover, run
 
 WALL = 1_800_000_000.0  # a wall-clock time for the scheduling tests
 
@@ -71,10 +71,13 @@ def test_scheduled_switchover_dropped_with_history_when_target_unhealthy_at_due_
     assert a.state.history[-1].reason.startswith("scheduled switchover dropped: b is not a healthy standby")
 
 
-@pytest.mark.parametrize(("req", "text"), [
-    (Switchover(2, "zz", WALL + 60), "not a member"),
-    (Switchover(2, "a", WALL + 60), "already the primary"),
-])
+@pytest.mark.parametrize(
+    ("req", "text"),
+    [
+        (Switchover(2, "zz", WALL + 60), "not a member"),
+        (Switchover(2, "a", WALL + 60), "already the primary"),
+    ],
+)
 def test_schedule_refused_for_bad_target(req, text):
     w = ready_for_switchover()
     wall_tick(w, "a", 2.26, WALL)

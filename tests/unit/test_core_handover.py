@@ -130,8 +130,9 @@ def test_no_early_follow_when_the_target_is_behind_the_final_position():
     w = ready_for_switchover()
     c = w["c"]
     c.ctx.handover = (1, pos(1200))
-    out = c.receive(VoteRequest(cluster="pgc", sender="b", term=2, position=pos(1100), stamp=c.state.stamp,
-                                transfer_from="a"), 2.5)
+    out = c.receive(
+        VoteRequest(cluster="pgc", sender="b", term=2, position=pos(1100), stamp=c.state.stamp, transfer_from="a"), 2.5
+    )
     assert of_type(out, act.Follow) == []
 
 
@@ -181,7 +182,7 @@ def test_new_leader_promotes_without_waiting_for_a_heartbeat_interval():
     w.observe("a", obs(PgRole.STANDBY, at=2.46, lsn=1200, following="b"), 2.46)
     w.observe("b", obs(at=2.47, lsn=1200), 2.47)
     assert of_type(w.log["b"][mark:], act.Promote) == [act.Promote(2)]
-    assert b.lead.lease_until > 2.47 and 2.47 - 2.45 < T.heartbeat_interval_s
+    assert b.lead.lease_until > 2.47 and T.heartbeat_interval_s > 2.47 - 2.45
 
 
 def test_two_data_members_and_a_witness_switch_over_too():
@@ -230,7 +231,9 @@ def test_old_primary_restarts_once_streaming_from_the_successor():
     assert v["a"].role is Role.FOLLOWER and of_type(v.log["a"], act.Follow)[-1:] != [act.Follow("b", 2)]
     out = v.observe("a", obs(PgRole.STOPPED, at=2.5, lsn=1200), 2.5)
     assert of_type(out["a"], act.StartStandby) == []
-    out = v.observe("a", obs(PgRole.STOPPED, at=2.45 + T.election_timeout_min_s, lsn=1200), 2.45 + T.election_timeout_min_s)
+    out = v.observe(
+        "a", obs(PgRole.STOPPED, at=2.45 + T.election_timeout_min_s, lsn=1200), 2.45 + T.election_timeout_min_s
+    )
     assert of_type(out["a"], act.StartStandby) == [act.StartStandby()]
     assert v["a"].ctx.start_standby_after == 2.45 + T.election_timeout_min_s
     assert a.ctx.start_standby_after == 2.45 + T.election_timeout_min_s
@@ -296,8 +299,12 @@ def test_the_next_leader_ends_the_release():
     w, _ = _dead_primary_hands_over_on_stale_positions()
     b = w["b"]
     assert b.leader == "c" and b.ctx.released_by is None and b.ctx.promise_until > 2.4
-    out = b.receive(VoteRequest(cluster=b.spec.name, sender="a", term=4, position=pos(2000), stamp=b.state.stamp,
-                                transfer_from="a"), 2.41)
+    out = b.receive(
+        VoteRequest(
+            cluster=b.spec.name, sender="a", term=4, position=pos(2000), stamp=b.state.stamp, transfer_from="a"
+        ),
+        2.41,
+    )
     (resp,) = messages(out, type(out[-1].message))
     assert not resp.granted and b.leader == "c" and b.term == 3
 

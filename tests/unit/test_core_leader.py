@@ -6,7 +6,21 @@ from __future__ import annotations
 
 import pytest
 from core_helpers import (
-    LEASE_REFUSAL, T, Wire, env, events, first_index, kinds, make_spec, messages, obs, of_type, pos, sends, switchover, voter,
+    LEASE_REFUSAL,
+    T,
+    Wire,
+    env,
+    events,
+    first_index,
+    kinds,
+    make_spec,
+    messages,
+    obs,
+    of_type,
+    pos,
+    sends,
+    switchover,
+    voter,
 )
 
 from failoverd.core import actions as act
@@ -21,8 +35,14 @@ ELECTION_STAMP = StateStamp(1, 1)  # what a writes on winning term 1 in a fresh 
 
 def ack(sender, seq, term=1, accepted=ELECTION_STAMP, lsn=1000, fresh=True, healthy=True, following=False):
     return HeartbeatAck(
-        **env(sender, term), seq=seq, success=True, accepted=accepted, position=None if lsn is None else pos(lsn),
-        position_fresh=fresh, pg_healthy=healthy, following_leader=following,
+        **env(sender, term),
+        seq=seq,
+        success=True,
+        accepted=accepted,
+        position=None if lsn is None else pos(lsn),
+        position_fresh=fresh,
+        pg_healthy=healthy,
+        following_leader=following,
     )
 
 
@@ -132,7 +152,10 @@ def test_no_promote_until_d_minus_k_fresh_positions():
     a = w["a"]
     a.observe(obs(at=2.05), 2.05)
     out = a.receive(ack("b", 1, fresh=False), 2.06)
-    assert of_type(out, act.Promote) == [] and a.lead.blocked_reason == "1 of 2 data members have confirmed our WAL is the longest"
+    assert (
+        of_type(out, act.Promote) == []
+        and a.lead.blocked_reason == "1 of 2 data members have confirmed our WAL is the longest"
+    )
     out = a.receive(ack("c", 1, lsn=1001, fresh=True, healthy=False), 2.07)  # ahead of us: no evidence
     assert of_type(out, act.Promote) == [] and a.role is Role.LEADER
     out = a.receive(ack("b", 1, lsn=900, fresh=True), 2.08)
@@ -299,8 +322,10 @@ def test_paused_leader_does_not_step_down_when_postgres_stops():
 def test_leader_hands_over_to_a_peer_with_more_wal():
     w = Wire(make_spec())
     w.elect("a", now=2.0, lsn={"a": 1000, "b": 1500, "c": 1000})
-    assert any(e.event.NAME == "role_changed" and e.event.fields().get("role") == "leader" and e.event.fields()["term"] == 1
-               for e in of_type(w.log["a"], act.Emit))
+    assert any(
+        e.event.NAME == "role_changed" and e.event.fields().get("role") == "leader" and e.event.fields()["term"] == 1
+        for e in of_type(w.log["a"], act.Emit)
+    )
     assert of_type(w.log["a"], act.Promote) == [] and of_type(w.log["a"], act.Fence) == []
     assert [m.term for m in messages(w.log["a"], TimeoutNow, to="b")] == [1]
     assert w["b"].role is Role.LEADER and w["b"].term == 2 and of_type(w.log["b"], act.Promote) == [act.Promote(2)]
@@ -377,11 +402,14 @@ def test_switchover_refused_when_target_lags():
     assert not reply.ok and "lags by" in reply.message and of_type(out, act.Demote) == []
 
 
-@pytest.mark.parametrize(("kw", "text"), [
-    ({"b_following": False}, "not a healthy standby"),
-    ({"b_role": PgRole.UNRESPONSIVE}, "not a healthy standby"),
-    ({"b_role": PgRole.STOPPED}, "not a healthy standby"),
-])
+@pytest.mark.parametrize(
+    ("kw", "text"),
+    [
+        ({"b_following": False}, "not a healthy standby"),
+        ({"b_role": PgRole.UNRESPONSIVE}, "not a healthy standby"),
+        ({"b_role": PgRole.STOPPED}, "not a healthy standby"),
+    ],
+)
 def test_switchover_refused_when_target_not_healthy(kw, text):
     w = ready_for_switchover(**kw)
     (reply,) = of_type(out := switchover(w["a"], Switchover(4, "b"), 2.3), act.Reply)

@@ -7,15 +7,38 @@ import statistics
 
 import pytest
 from core_helpers import (
-    CLUSTER, LEASE_REFUSAL, T, Wire, env, events, first_index, kinds, make_node, make_spec, messages, obs, of_type, pos, sends, voter,
+    CLUSTER,
+    LEASE_REFUSAL,
+    T,
+    Wire,
+    env,
+    events,
+    first_index,
+    kinds,
+    make_node,
+    make_spec,
+    messages,
+    obs,
+    of_type,
+    pos,
+    sends,
+    voter,
 )
 
 from failoverd.core import actions as act
 from failoverd.core.messages import (
-    Heartbeat, HeartbeatAck, PreVoteRequest, PreVoteResponse, ProtocolError, TimeoutNow, VoteRequest, VoteResponse,
+    Heartbeat,
+    HeartbeatAck,
+    PreVoteRequest,
+    PreVoteResponse,
+    ProtocolError,
+    TimeoutNow,
+    VoteRequest,
+    VoteResponse,
 )
 from failoverd.core.node import Role
 from failoverd.core.state import ClusterState, PersistentState, PgRole, StateStamp
+
 
 def vote_req(sender="a", term=1, lsn=1000, **kw) -> VoteRequest:
     return VoteRequest(**env(sender, term), position=None if lsn is None else pos(lsn), **kw)
@@ -65,8 +88,13 @@ def test_witness_cannot_observe_postgres():
 def _all_message_kinds(cluster: str, sender: str, term: int) -> list:
     e = env(sender, term, cluster)
     return [
-        PreVoteRequest(**e), PreVoteResponse(**e, granted=True), VoteRequest(**e), VoteResponse(**e, granted=True),
-        Heartbeat(**e, seq=1, primary_ready=True), HeartbeatAck(**e, seq=1, success=True), TimeoutNow(**e),
+        PreVoteRequest(**e),
+        PreVoteResponse(**e, granted=True),
+        VoteRequest(**e),
+        VoteResponse(**e, granted=True),
+        Heartbeat(**e, seq=1, primary_ready=True),
+        HeartbeatAck(**e, seq=1, success=True),
+        TimeoutNow(**e),
     ]
 
 
@@ -82,7 +110,9 @@ def _nodes_in_various_roles():
 def test_bad_envelope_raises_protocol_error_and_changes_nothing(case):
     for label, node in _nodes_in_various_roles():
         cluster, sender = {
-            "wrong-cluster": ("other", "c"), "unknown-sender": (CLUSTER, "zz"), "self-sender": (CLUSTER, node.name),
+            "wrong-cluster": ("other", "c"),
+            "unknown-sender": (CLUSTER, "zz"),
+            "self-sender": (CLUSTER, node.name),
         }[case]
         for msg in _all_message_kinds(cluster, sender, node.term + 5):
             before, persisted, role = snapshot(node), node.persistent_state(), node.role

@@ -6,14 +6,14 @@ its leader liveness and last failover."""
 from __future__ import annotations
 
 import pytest
-
 from core_helpers import T, Wire, events, make_spec, obs, of_type
+from test_core_leader import promoted, ready_for_switchover, run
+
 from failoverd.core import actions as act
 from failoverd.core.actions import ReplyCode
 from failoverd.core.requests import Failover, Pause, Reinit, Switchover
 from failoverd.core.state import PgRole, Role
 from failoverd.core.switchover import CHECKPOINT_AHEAD_S, CHECKPOINT_WAIT_S
-from test_core_leader import elected, promoted, ready_for_switchover, run
 
 WALL = 1_800_000_000.0
 

@@ -21,11 +21,11 @@ from click.testing import CliRunner
 from test_api_server import TOKEN, Cluster, config_text, leader_status, status, three
 from test_api_wiring import tls_files  # noqa: F401 (a fixture)
 
-from failoverd.ctl import drill
 from failoverd.core.actions import ReplyCode
 from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Reinit, Resume, Switchover
-from failoverd.core.status import RebuildStatus
 from failoverd.core.state import HistoryEntry, Position
+from failoverd.core.status import RebuildStatus
+from failoverd.ctl import drill
 from failoverd.ctl.commands import failoverctl_main
 
 
@@ -80,8 +80,19 @@ def test_list_shows_every_member(served: Served) -> None:
     assert lines[0] == "cluster unit, leader a, term 3, primary a"
     assert lines[1].split() == ["member", "host", "role", "state", "tl", "lsn", "lag", "term", "vip"]
     assert lines[2].split() == ["a", "127.0.0.1:5500", "primary", "running", "1", "0/1388", "0", "B", "3", "*"]
-    assert lines[3].split() == ["b", "127.0.0.1:5501", "standby", "streaming", "from", "a", "1", "0/FA0", "1000", "B",
-                                "3"]
+    assert lines[3].split() == [
+        "b",
+        "127.0.0.1:5501",
+        "standby",
+        "streaming",
+        "from",
+        "a",
+        "1",
+        "0/FA0",
+        "1000",
+        "B",
+        "3",
+    ]
     assert lines[4].split()[7:11] == ["0/BB8", "2.0", "kB", "3"]
 
 
@@ -99,7 +110,9 @@ def test_list_with_a_member_down_and_with_all_down(tmp_path: Path) -> None:
     with Served(Cluster(three(), down=("a",)), tmp_path) as s:
         result = s.ctl("list")
         assert result.exit_code == 0, result.output
-        assert any(line.split()[:4] == ["a", "127.0.0.1:5500", "?", "unreachable"] for line in result.output.splitlines())
+        assert any(
+            line.split()[:4] == ["a", "127.0.0.1:5500", "?", "unreachable"] for line in result.output.splitlines()
+        )
         assert "primary none" in result.output.splitlines()[0]
     with Served(Cluster(three(), down=NAMES_ALL), tmp_path) as s:
         result = s.ctl("list")
@@ -111,8 +124,20 @@ NAMES_ALL = ("a", "b", "c")
 
 def test_list_watch_redraws_until_interrupted(served: Served) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "failoverd.ctl.commands", "--config", str(served.config), "list", "--watch", "--interval", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "failoverd.ctl.commands",
+            "--config",
+            str(served.config),
+            "list",
+            "--watch",
+            "--interval",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         time.sleep(2.5)
@@ -127,8 +152,10 @@ def test_list_watch_redraws_until_interrupted(served: Served) -> None:
 
 
 def test_history(tmp_path: Path) -> None:
-    entries = (HistoryEntry(1, None, "a", "bootstrap", None, 1_700_000_000.0),
-               HistoryEntry(4, "a", "b", "switchover", Position(1, 0x3000060), 1_700_000_100.0))
+    entries = (
+        HistoryEntry(1, None, "a", "bootstrap", None, 1_700_000_000.0),
+        HistoryEntry(4, "a", "b", "switchover", Position(1, 0x3000060), 1_700_000_100.0),
+    )
     with Served(Cluster(three(history=entries)), tmp_path) as s:
         result = s.ctl("history")
         assert result.exit_code == 0
@@ -163,7 +190,7 @@ def test_config_from_the_environment_and_config_errors(served: Served, tmp_path:
     result = CliRunner().invoke(failoverctl_main, ["--config", str(tmp_path / "missing.toml"), "list"])
     assert result.exit_code == 3 and "cannot read the configuration file" in result.output
     bad = tmp_path / "bad.toml"
-    bad.write_text(served.config.read_text().replace('name = "unit"', 'name = 5'))
+    bad.write_text(served.config.read_text().replace('name = "unit"', "name = 5"))
     result = CliRunner().invoke(failoverctl_main, ["--config", str(bad), "pause"])
     assert result.exit_code == 3 and "cluster.name" in result.output
 
@@ -262,8 +289,9 @@ def test_failover(served: Served) -> None:
 def test_reinit(served: Served) -> None:
     def rebuilt(error: str | None) -> None:
         served.fake("c").st = dataclasses.replace(
-            served.fake("c").st, rebuild=RebuildStatus("a", time.time(), running=False, finished_at=time.time(),
-                                                       error=error))
+            served.fake("c").st,
+            rebuild=RebuildStatus("a", time.time(), running=False, finished_at=time.time(), error=error),
+        )
 
     result = served.ctl("reinit", "c", "--force", "--no-wait")
     assert result.exit_code == 0 and result.output.strip() == "rebuilding c from a"
@@ -317,7 +345,8 @@ def test_drill_refused_without_a_writable_primary(tmp_path: Path) -> None:
 
 
 def test_drill_that_cannot_write_switches_nothing_and_is_recorded_as_failed(
-        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(drill, "WARM_UP_TIMEOUT_S", 0.5)
     result = served.ctl("drill", "--force", "--json", "--dsn", "postgresql://127.0.0.1:9/postgres")
     assert result.exit_code == 1, result.output
@@ -325,7 +354,9 @@ def test_drill_that_cannot_write_switches_nothing_and_is_recorded_as_failed(
     assert out["ok"] is False and out["old_primary"] == "a" and out["new_primary"] is None
     assert out["error"].startswith("the write endpoint: ") or "do not succeed" in out["error"]
     (req,) = served.fake("a").requests()
-    assert isinstance(req, RecordEvent) and req.reason == out["note"] and req.reason.startswith("drill from a: FAILED: ")
+    assert (
+        isinstance(req, RecordEvent) and req.reason == out["note"] and req.reason.startswith("drill from a: FAILED: ")
+    )
     assert out["recorded"] is True
 
 
@@ -337,26 +368,39 @@ def test_write_endpoint_from_the_configuration(tmp_path: Path, monkeypatch: pyte
     config = parse_config(text, source="unit.toml")
     with pytest.raises(ValueError, match="pass --dsn"):
         drill.write_endpoint(config, None, None, None)
-    same_port = parse_config(text.replace("port = 5501", 'host = "127.0.0.2"\nport = 5500')
-                             .replace("port = 5502", 'host = "127.0.0.3"\nport = 5500'), source="unit.toml")
+    same_port = parse_config(
+        text.replace("port = 5501", 'host = "127.0.0.2"\nport = 5500').replace(
+            "port = 5502", 'host = "127.0.0.3"\nport = 5500'
+        ),
+        source="unit.toml",
+    )
     monkeypatch.setenv("PGUSER", "prober")
     vip = drill.write_endpoint(same_port, None, None, "app")
     assert vip.kwargs == {"host": "198.18.0.100", "port": 5500, "user": "prober", "database": "app"}
     assert vip.description == "the VIP 198.18.0.100:5500"
-    no_vip = parse_config(text.replace('[vip]\naddress = "198.18.0.100/24"\ninterface = "eth0"\n', ""),
-                          source="unit.toml")
+    no_vip = parse_config(
+        text.replace('[vip]\naddress = "198.18.0.100/24"\ninterface = "eth0"\n', ""), source="unit.toml"
+    )
     monkeypatch.delenv("PGUSER")
     every = drill.write_endpoint(no_vip, None, None, None)
-    assert every.kwargs == {"host": ["127.0.0.1"] * 3, "port": [5500, 5501, 5502], "user": "postgres",
-                            "database": "postgres"}
+    assert every.kwargs == {
+        "host": ["127.0.0.1"] * 3,
+        "port": [5500, 5501, 5502],
+        "user": "postgres",
+        "database": "postgres",
+    }
     given = drill.write_endpoint(no_vip, "postgresql://h:1/d", "u", None)
     assert given.kwargs == {"dsn": "postgresql://h:1/d", "user": "u"}
 
 
 def test_probe_writer_pause_and_missing_writes() -> None:
     writer = drill.ProbeWriter(_never_connect, run=7)
-    writer.acks = [drill.Ack(1, 10.0, 0.0, "a"), drill.Ack(2, 10.1, 0.0, "a"), drill.Ack(3, 10.9, 0.0, "b"),
-                   drill.Ack(4, 11.0, 0.0, "b")]
+    writer.acks = [
+        drill.Ack(1, 10.0, 0.0, "a"),
+        drill.Ack(2, 10.1, 0.0, "a"),
+        drill.Ack(3, 10.9, 0.0, "b"),
+        drill.Ack(4, 11.0, 0.0, "b"),
+    ]
     assert writer.pause_after("a", since=10.05) == drill.Pause(writer.acks[1], writer.acks[2])
     assert writer.pause_after("a", since=10.05).seconds == pytest.approx(0.8)
     assert writer.pause_after("b", since=10.05) is None  # nothing after a write of b on another server
@@ -371,9 +415,19 @@ def test_probe_writer_pause_and_missing_writes() -> None:
 
 
 def test_drill_note_and_text() -> None:
-    ok = drill.DrillResult(ok=True, old_primary="a", new_primary="b", endpoint="the VIP", write_pause_s=0.412,
-                           acked=300, lost=0, phases=[drill.Phase("switchover requested", 0.0, "failoverctl's clock"),
-                                                      drill.Phase("b caught up", None, "not exposed by the API")])
+    ok = drill.DrillResult(
+        ok=True,
+        old_primary="a",
+        new_primary="b",
+        endpoint="the VIP",
+        write_pause_s=0.412,
+        acked=300,
+        lost=0,
+        phases=[
+            drill.Phase("switchover requested", 0.0, "failoverctl's clock"),
+            drill.Phase("b caught up", None, "not exposed by the API"),
+        ],
+    )
     assert ok.note_text() == "drill a->b: ok, write pause 0.41 s, 0 of 300 acknowledged probe writes lost"
     text = drill.render(ok)
     assert "   +0.000 s  switchover requested" in text and "         -    b caught up" in text

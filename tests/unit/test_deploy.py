@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from failoverd.adapters.watchdog import WatchdogHandle
 from failoverd.config.load import ConfigError, parse_config
 from failoverd.runtime.supervisor import FENCE_TIMEOUT_S, SHUTDOWN_GRACE_S
-from failoverd.adapters.watchdog import WatchdogHandle
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "failoverd.service"
@@ -109,7 +109,9 @@ def test_unit_exposure_stays_low(tmp_path: Path) -> None:
     # capability bound pushes it over 4.0 and fails here.
     done = subprocess.run(
         [SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=40", "--no-pager", str(unit)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "Overall exposure level for failoverd.service" in done.stdout
@@ -189,7 +191,10 @@ def _unit_credentials() -> list[str]:
     bound = [c.removeprefix("CAP_").lower() for c in one(unit, "Service", "CapabilityBoundingSet").split()]
     user = one(unit, "Service", "User")
     args = [
-        "setpriv", f"--reuid={user}", f"--regid={one(unit, 'Service', 'Group')}", "--init-groups",
+        "setpriv",
+        f"--reuid={user}",
+        f"--regid={one(unit, 'Service', 'Group')}",
+        "--init-groups",
         "--inh-caps=-all" + "".join(f",+{c}" for c in caps),
         "--ambient-caps=-all" + "".join(f",+{c}" for c in caps),
         "--bounding-set=-all" + "".join(f",+{c}" for c in bound),
@@ -297,12 +302,17 @@ def test_firewall_table_loads_and_drops_what_it_should() -> None:
         f" && ip addr add 198.18.0.99/32 dev lo && nft -f {ruleset} && nft -f {ruleset}"  # loading twice is fine
         f' && exec "{sys.executable}" -c "$0"'
     )
-    done = subprocess.run(["unshare", "--net", "--", "sh", "-c", script, _FIREWALL_PROBE],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["unshare", "--net", "--", "sh", "-c", script, _FIREWALL_PROBE], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [
-        "198.18.0.12:7400=True", "198.18.0.12:8008=True", "198.18.0.12:5432=True",
-        "198.18.0.99:7400=False", "198.18.0.99:8008=False", "198.18.0.99:5432=False",
+        "198.18.0.12:7400=True",
+        "198.18.0.12:8008=True",
+        "198.18.0.12:5432=True",
+        "198.18.0.99:7400=False",
+        "198.18.0.99:8008=False",
+        "198.18.0.99:5432=False",
     ]
 
 
@@ -310,8 +320,14 @@ def test_install_guide_matches_the_unit() -> None:
     guide = (ROOT / "deploy" / "README.md").read_text()
     unit = parse_unit(UNIT.read_text())
     config_path = one(unit, "Service", "ExecStart").split()[3]
-    for needed in (INSTALLED_BINARY, config_path, "/etc/systemd/system/failoverd.service",
-                   "/etc/default/failoverd", "FAILOVERD_OPTIONS", "create_main_cluster = false"):
+    for needed in (
+        INSTALLED_BINARY,
+        config_path,
+        "/etc/systemd/system/failoverd.service",
+        "/etc/default/failoverd",
+        "FAILOVERD_OPTIONS",
+        "create_main_cluster = false",
+    ):
         assert needed in guide, needed
 
 
@@ -329,7 +345,9 @@ def test_example_passes_check_config_on_every_member(path: Path) -> None:
     for member in members:
         done = subprocess.run(
             [*failoverd_cli(), "check-config", str(path), "--node", member],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 0, f"--node {member}: {done.stderr}"
         assert done.stderr == ""
@@ -355,8 +373,19 @@ def _known_keys() -> dict[str, list[str]]:
         assert match, problem
         table = re.sub(r"\[\d+\]", "", match[1]) or "top"
         known[table] = list(dict.fromkeys(match[2].split(", ")))
-    assert set(known) == {"top", "cluster", "timing", "replication", "postgres", "vip", "api", "hooks", "logging",
-                          "nodes", "nodes.postgres"}
+    assert set(known) == {
+        "top",
+        "cluster",
+        "timing",
+        "replication",
+        "postgres",
+        "vip",
+        "api",
+        "hooks",
+        "logging",
+        "nodes",
+        "nodes.postgres",
+    }
     return known
 
 

@@ -24,14 +24,24 @@ def script(tmp_path: Path, name: str, body: str) -> str:
 
 
 def runner(hooks: HooksConfig) -> HookRunner:
-    return HookRunner(hooks, cluster="pgc", node="a", vip="198.18.0.10/24", log=structlog.get_logger("t"),
-                      run=functools.partial(programs.run, user=None, check=False))
+    return HookRunner(
+        hooks,
+        cluster="pgc",
+        node="a",
+        vip="198.18.0.10/24",
+        log=structlog.get_logger("t"),
+        run=functools.partial(programs.run, user=None, check=False),
+    )
 
 
 async def test_role_change_hooks_run_in_order_with_documented_environment(tmp_path):
     out = tmp_path / "events"
-    hook = script(tmp_path, "h", f'echo "$FAILOVERD_HOOK $FAILOVERD_CLUSTER $FAILOVERD_NODE $FAILOVERD_TERM '
-                                 f'$FAILOVERD_ROLE $FAILOVERD_PREVIOUS_ROLE $FAILOVERD_REASON" >> {out}\n')
+    hook = script(
+        tmp_path,
+        "h",
+        f'echo "$FAILOVERD_HOOK $FAILOVERD_CLUSTER $FAILOVERD_NODE $FAILOVERD_TERM '
+        f'$FAILOVERD_ROLE $FAILOVERD_PREVIOUS_ROLE $FAILOVERD_REASON" >> {out}\n',
+    )
     r = runner(HooksConfig(on_role_change=hook))
     r.role_changed(term=3, role="leader", previous="candidate", reason="election")
     r.role_changed(term=4, role="follower", previous="leader", reason="lease lost")
@@ -95,10 +105,13 @@ async def test_pre_promote_times_out_and_kills_the_hook(tmp_path):
         pytest.fail(f"hook process {pid} still running")
 
 
-@pytest.mark.parametrize(("command", "text"), [
-    ("/nonexistent/hook", "did not start"),
-    ("'unterminated", "cannot parse"),
-])
+@pytest.mark.parametrize(
+    ("command", "text"),
+    [
+        ("/nonexistent/hook", "did not start"),
+        ("'unterminated", "cannot parse"),
+    ],
+)
 async def test_pre_promote_vetoes_a_hook_that_cannot_run(command, text):
     why = await runner(HooksConfig(pre_promote=command)).pre_promote(1)
     assert why is not None and text in why

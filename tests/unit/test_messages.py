@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
+from failoverd.core import actions as act
 from failoverd.core.messages import (
     MAX_MESSAGE_BYTES,
     MAX_SEQ,
@@ -58,7 +59,6 @@ from failoverd.core.state import (
     Position,
     StateStamp,
 )
-from failoverd.core import actions as act
 
 # Budget: the whole file runs in well under 20 s. FAST for cheap inputs, HEAVY for
 # big generated structures, QUICK for the specialised ones.
@@ -120,13 +120,22 @@ def message_strategy(cls: type, **env: st.SearchStrategy) -> st.SearchStrategy:
         fields.update(granted=st.booleans(), vouches_wal=st.booleans(), reason=reason)
     elif cls is Heartbeat:
         fields.update(
-            seq=st.integers(0, MAX_SEQ), state=cluster_states, commit_version=u62,
-            primary_ready=st.booleans(), primary_position=positions_or_none,
+            seq=st.integers(0, MAX_SEQ),
+            state=cluster_states,
+            commit_version=u62,
+            primary_ready=st.booleans(),
+            primary_position=positions_or_none,
         )
     elif cls is HeartbeatAck:
         fields.update(
-            seq=st.integers(0, MAX_SEQ), success=st.booleans(), accepted=stamps, position=positions_or_none,
-            position_fresh=st.booleans(), pg_healthy=st.booleans(), following_leader=st.booleans(), reason=reason,
+            seq=st.integers(0, MAX_SEQ),
+            success=st.booleans(),
+            accepted=stamps,
+            position=positions_or_none,
+            position_fresh=st.booleans(),
+            pg_healthy=st.booleans(),
+            following_leader=st.booleans(),
+            reason=reason,
         )
     return st.builds(cls, **fields)
 
@@ -140,19 +149,53 @@ messages = any_message()
 # Integers that matter to the checks, and "huge" ones that CPython can still
 # print (beyond INT_DIGITS_LIMIT digits see the regression tests below).
 edge_ints = st.sampled_from(
-    [0, 1, -1, 2**31, 2**32 - 1, 2**32, 2**53 + 1, 2**62, 2**62 + 1, 2**63, 2**64 - 1, 2**64, -(2**64), 10**100, -(10**300)]
+    [
+        0,
+        1,
+        -1,
+        2**31,
+        2**32 - 1,
+        2**32,
+        2**53 + 1,
+        2**62,
+        2**62 + 1,
+        2**63,
+        2**64 - 1,
+        2**64,
+        -(2**64),
+        10**100,
+        -(10**300),
+    ]
 )
 big_ints = st.integers(-(10**1000), 10**1000)
 special_floats = st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 0.0, 1.0, 1e308, 5e-324, 2.0**62, 2.0**64])
 FIELD_NAMES = sorted(
     {f.name for cls in MESSAGE_CLASSES for f in dataclasses.fields(cls)}
-    | {"type", "stamp", "primary", "sync_count", "paused", "switchover_to", "history",
-       "from", "to", "wall_time", "voted_for"}
+    | {
+        "type",
+        "stamp",
+        "primary",
+        "sync_count",
+        "paused",
+        "switchover_to",
+        "history",
+        "from",
+        "to",
+        "wall_time",
+        "voted_for",
+    }
 )
 json_keys = st.sampled_from(FIELD_NAMES) | st.text(any_char, max_size=10)
 json_scalars = (
-    st.none() | st.booleans() | st.integers() | edge_ints | big_ints
-    | st.floats() | special_floats | st.text(any_char, max_size=80) | st.sampled_from(sorted(MESSAGE_TYPES))
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | edge_ints
+    | big_ints
+    | st.floats()
+    | special_floats
+    | st.text(any_char, max_size=80)
+    | st.sampled_from(sorted(MESSAGE_TYPES))
 )
 json_values = st.recursive(
     json_scalars,
@@ -162,6 +205,7 @@ json_values = st.recursive(
 
 
 # --------------------------------------------------------------------- helpers
+
 
 def assert_well_formed(msg: Any) -> None:
     """A decoded message holds only checked values of the declared types."""
@@ -185,8 +229,15 @@ def assert_well_formed(msg: Any) -> None:
             assert type(value.history) is tuple and len(value.history) <= MAX_HISTORY
             assert all(type(h) is HistoryEntry for h in value.history)
             assert all(h.position is None or type(h.position) is Position for h in value.history)
-        elif f.name in ("granted", "vouches_wal", "success", "position_fresh", "pg_healthy",
-                        "following_leader", "primary_ready"):
+        elif f.name in (
+            "granted",
+            "vouches_wal",
+            "success",
+            "position_fresh",
+            "pg_healthy",
+            "following_leader",
+            "primary_ready",
+        ):
             assert type(value) is bool
         elif f.name == "reason":
             assert type(value) is str and len(value) <= 500
@@ -247,12 +298,12 @@ def json_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
     out = []
     if isinstance(value, dict):
         for k, v in value.items():
-            out.append(prefix + (k,))
-            out.extend(json_paths(v, prefix + (k,)))
+            out.append((*prefix, k))
+            out.extend(json_paths(v, (*prefix, k)))
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            out.append(prefix + (i,))
-            out.extend(json_paths(v, prefix + (i,)))
+            out.append((*prefix, i))
+            out.extend(json_paths(v, (*prefix, i)))
     return out
 
 
@@ -263,6 +314,7 @@ def parent_of(root: Any, path: tuple) -> Any:
 
 
 # ============================================================ 1. round trip
+
 
 @pytest.mark.parametrize("cls", MESSAGE_CLASSES, ids=lambda c: c.TYPE)
 @HEAVY
@@ -301,15 +353,23 @@ def test_position_and_stamp_round_trip(p, s):
 def test_boundary_values_round_trip():
     top = Position(MAX_TIMELINE, MAX_LSN)
     msg = Heartbeat(
-        cluster="c" * 63, sender="s" * 63, term=MAX_TERM, seq=MAX_SEQ, commit_version=2**62,
-        state=ClusterState(stamp=StateStamp(2**62, 2**62), sync_count=16,
-                           history=tuple(HistoryEntry(2**62, None, "n", "r" * 200, top, 1e11 - 1) for _ in range(MAX_HISTORY))),
+        cluster="c" * 63,
+        sender="s" * 63,
+        term=MAX_TERM,
+        seq=MAX_SEQ,
+        commit_version=2**62,
+        state=ClusterState(
+            stamp=StateStamp(2**62, 2**62),
+            sync_count=16,
+            history=tuple(HistoryEntry(2**62, None, "n", "r" * 200, top, 1e11 - 1) for _ in range(MAX_HISTORY)),
+        ),
         primary_position=top,
     )
     assert decode_message_bytes(encode_message_bytes(msg)) == msg
 
 
 # ====================================================== 2. malformed input
+
 
 @FAST
 @given(body=st.binary(max_size=2048))
@@ -333,7 +393,10 @@ def test_arbitrary_json_values(value):
 
 
 @HEAVY
-@given(kind=st.sampled_from(sorted(MESSAGE_TYPES)), fields=st.dictionaries(json_keys, json_scalars | json_values, max_size=8))
+@given(
+    kind=st.sampled_from(sorted(MESSAGE_TYPES)),
+    fields=st.dictionaries(json_keys, json_scalars | json_values, max_size=8),
+)
 def test_message_shaped_objects(kind, fields):
     check_value({**fields, "type": kind})
 
@@ -360,9 +423,9 @@ def test_one_field_removed(msg, data):
 @given(msg=messages, key=st.text(any_char, max_size=20), value=json_values, data=st.data())
 def test_unknown_field_added(msg, key, value, data):
     wire = encode_message(msg)
-    containers = [()] + [p for p in json_paths(wire) if isinstance(parent_of(wire, p + (None,)), (dict, list))]
+    containers = [()] + [p for p in json_paths(wire) if isinstance(parent_of(wire, (*p, None)), (dict, list))]
     path = data.draw(st.sampled_from(containers))
-    target = parent_of(wire, path + (None,))
+    target = parent_of(wire, (*path, None))
     if isinstance(target, dict):
         target[key] = value
     else:
@@ -429,7 +492,9 @@ def test_oversized_body_is_rejected(msg, extra, pad):
 
 
 @QUICK
-@given(head=st.binary(max_size=64), fill=st.sampled_from([b" ", b"[", b"1", b"\x00", b"\xff"]), extra=st.integers(1, 4096))
+@given(
+    head=st.binary(max_size=64), fill=st.sampled_from([b" ", b"[", b"1", b"\x00", b"\xff"]), extra=st.integers(1, 4096)
+)
 def test_oversized_garbage_is_rejected(head, fill, extra):
     body = head + fill * (MAX_MESSAGE_BYTES - len(head) + extra)
     with pytest.raises(ProtocolError, match="exceeds"):
@@ -452,12 +517,15 @@ def test_deeply_nested_json(msg, depth, data):
     text = json.dumps(wire).replace('"@@HOLE@@"', "[" * depth + "]" * depth)
     check_bytes(text.encode())
     check_bytes(("[" * depth + "]" * depth).encode())
-    check_bytes(("{\"a\":" * depth + "1" + "}" * depth).encode())
+    check_bytes(('{"a":' * depth + "1" + "}" * depth).encode())
 
 
 @QUICK
-@given(msg=messages, literal=st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1.0", "-0", "1E2"]),
-       data=st.data())
+@given(
+    msg=messages,
+    literal=st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1.0", "-0", "1E2"]),
+    data=st.data(),
+)
 def test_nan_and_infinity_literals(msg, literal, data):
     wire = encode_message(msg)
     path = data.draw(st.sampled_from(json_paths(wire)))
@@ -481,7 +549,10 @@ def _base_wire(kind: str) -> dict:
         "pre_vote": PreVoteRequest(cluster="c", sender="s", term=1, position=pos),
         "vote": VoteRequest(cluster="c", sender="s", term=1, position=pos, transfer_from="t"),
         "heartbeat": Heartbeat(
-            cluster="c", sender="s", term=1, primary_position=pos,
+            cluster="c",
+            sender="s",
+            term=1,
+            primary_position=pos,
             state=ClusterState(history=(HistoryEntry(1, None, "s", "r", pos, 0.0),)),
         ),
         "heartbeat_ack": HeartbeatAck(cluster="c", sender="s", term=1, position=pos),
@@ -580,9 +651,22 @@ def test_extreme_valid_positions_are_accepted(timeline, lsn):
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b" ", b"null", b"[]", b"{}", b'"heartbeat"', b"\xff\xfe\x00", b"\xef\xbb\xbf{}", b"\x00" * 8,
-     b'{"type":"heartbeat"}', b'{"type":"timeout_now","cluster":"c","sender":"s","term":1,"type":"x"}',
-     b'{"type":"timeout_now","cluster":"c","sender":"s","term":1', b"NaN", b"Infinity"],
+    [
+        b"",
+        b" ",
+        b"null",
+        b"[]",
+        b"{}",
+        b'"heartbeat"',
+        b"\xff\xfe\x00",
+        b"\xef\xbb\xbf{}",
+        b"\x00" * 8,
+        b'{"type":"heartbeat"}',
+        b'{"type":"timeout_now","cluster":"c","sender":"s","term":1,"type":"x"}',
+        b'{"type":"timeout_now","cluster":"c","sender":"s","term":1',
+        b"NaN",
+        b"Infinity",
+    ],
 )
 def test_small_garbage_is_rejected(body):
     with pytest.raises(ProtocolError):
@@ -590,6 +674,7 @@ def test_small_garbage_is_rejected(body):
 
 
 # ------------------------------------------- regressions: found by hypothesis (decode)
+
 
 @pytest.mark.parametrize(
     "body",
@@ -726,6 +811,7 @@ def test_stale_term_message_does_not_change_persistent_state(setup, msg, now):
 
 # ================================================= 4. state file form
 
+
 @HEAVY
 @given(state=persistent_states)
 def test_persistent_state_round_trip(state):
@@ -767,7 +853,8 @@ def test_persistent_state_with_one_field_removed(state, data):
 
 
 @pytest.mark.parametrize(
-    "value", [10**5000, -(10**5000), nested(50), math.nan, math.inf],
+    "value",
+    [10**5000, -(10**5000), nested(50), math.nan, math.inf],
     ids=["10**5000", "-10**5000", "nested50", "nan", "inf"],
 )
 @pytest.mark.parametrize("field", ["term", "voted_for", "commit_version"])

@@ -21,20 +21,45 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tls_helpers import self_signed_cert
 
+from failoverd.adapters.peers import PATH, PeerClient, PeerMetrics, PeerServer, sign
 from failoverd.config.load import HostPort
 from failoverd.core.messages import (
-    MAX_MESSAGE_BYTES, Heartbeat, HeartbeatAck, Message, ProtocolError, TimeoutNow, VoteRequest, encode_message_bytes,
+    MAX_MESSAGE_BYTES,
+    Heartbeat,
+    HeartbeatAck,
+    Message,
+    ProtocolError,
+    TimeoutNow,
+    VoteRequest,
+    encode_message_bytes,
 )
 from failoverd.core.state import ClusterState, Position, StateStamp
-from failoverd.adapters.peers import PATH, PeerClient, PeerMetrics, PeerServer, sign
 
 CLUSTER = "pgc"
 SECRET = b"s3cret-s3cret-s3cret-0123456789"
 MESSAGES: list[Message] = [
-    Heartbeat(CLUSTER, "a", 3, seq=9, state=ClusterState(stamp=StateStamp(3, 4), primary="a"), commit_version=4,
-              primary_ready=True, primary_position=Position(2, 1 << 40)),
-    HeartbeatAck(CLUSTER, "b", 3, seq=9, success=True, accepted=StateStamp(3, 4), position=Position(2, 77),
-                 position_fresh=True, pg_healthy=True, following_leader=True),
+    Heartbeat(
+        CLUSTER,
+        "a",
+        3,
+        seq=9,
+        state=ClusterState(stamp=StateStamp(3, 4), primary="a"),
+        commit_version=4,
+        primary_ready=True,
+        primary_position=Position(2, 1 << 40),
+    ),
+    HeartbeatAck(
+        CLUSTER,
+        "b",
+        3,
+        seq=9,
+        success=True,
+        accepted=StateStamp(3, 4),
+        position=Position(2, 77),
+        position_fresh=True,
+        pg_healthy=True,
+        following_leader=True,
+    ),
     VoteRequest(CLUSTER, "c", 4, position=None, transfer_from="a"),
     TimeoutNow(CLUSTER, "a", 4),
 ]
@@ -114,8 +139,15 @@ async def test_sync_callback_is_supported(http: aiohttp.ClientSession) -> None:
         await srv.close()
 
 
-async def rejected(http: aiohttp.ClientSession, server: tuple[PeerServer, Receiver], body: Any,
-                   headers: dict[str, str], status: int, reason: str, text: str = "") -> dict:
+async def rejected(
+    http: aiohttp.ClientSession,
+    server: tuple[PeerServer, Receiver],
+    body: Any,
+    headers: dict[str, str],
+    status: int,
+    reason: str,
+    text: str = "",
+) -> dict:
     srv, receiver = server
     before = srv.metrics.rejected[reason]
     with structlog.testing.capture_logs() as logs:
@@ -141,8 +173,15 @@ async def test_unsigned_is_401(http, server) -> None:
 
 
 async def test_wrong_secret_is_401(http, server) -> None:
-    await rejected(http, server, BODY, signed(BODY, secret=b"another-secret-of-enough-length"), 401,
-                   "unauthenticated", "bad signature")
+    await rejected(
+        http,
+        server,
+        BODY,
+        signed(BODY, secret=b"another-secret-of-enough-length"),
+        401,
+        "unauthenticated",
+        "bad signature",
+    )
 
 
 async def test_tampered_body_or_timestamp_is_401(http, server) -> None:
@@ -170,13 +209,16 @@ async def test_replay_is_401(http, server) -> None:
     await rejected(http, server, BODY, headers, 401, "replayed")
 
 
-@pytest.mark.parametrize("body, text", [
-    (b"garbage", "not JSON"),
-    (b"[]", "not a JSON object"),
-    (b'{"type": "heartbeat"}', "missing field"),
-    (b'{"type": "coup", "cluster": "pgc", "sender": "a", "term": 1}', "unknown message type"),
-    (BODY.replace(b'"term":3', b'"term":-3'), "term"),
-])
+@pytest.mark.parametrize(
+    "body, text",
+    [
+        (b"garbage", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"type": "heartbeat"}', "missing field"),
+        (b'{"type": "coup", "cluster": "pgc", "sender": "a", "term": 1}', "unknown message type"),
+        (BODY.replace(b'"term":3', b'"term":-3'), "term"),
+    ],
+)
 async def test_signed_garbage_is_400_with_reason(http, server, body: bytes, text: str) -> None:
     await rejected(http, server, body, signed(body), 400, "malformed", text)
 
@@ -231,8 +273,9 @@ printable = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_s
     stamp=st.one_of(st.none(), printable, st.floats(allow_nan=True).map(str), st.just("now")),
     signature=st.one_of(st.none(), printable, st.just("valid"), st.just("v1=" + "0" * 64)),
 )
-async def test_random_requests_never_reach_the_receiver(http, server, body: bytes, stamp: str | None,
-                                                         signature: str | None) -> None:
+async def test_random_requests_never_reach_the_receiver(
+    http, server, body: bytes, stamp: str | None, signature: str | None
+) -> None:
     srv, receiver = server
     headers: dict[str, str] = {}
     if stamp is not None:
@@ -282,8 +325,11 @@ async def blackhole() -> AsyncIterator[int]:
 
 async def test_dead_and_slow_peers_do_not_block_a_live_one(server, blackhole: int) -> None:
     srv, receiver = server
-    peers = {"x": HostPort("127.0.0.1", srv.port), "dead": HostPort("127.0.0.1", closed_port()),
-             "slow": HostPort("127.0.0.1", blackhole)}
+    peers = {
+        "x": HostPort("127.0.0.1", srv.port),
+        "dead": HostPort("127.0.0.1", closed_port()),
+        "slow": HostPort("127.0.0.1", blackhole),
+    }
     client = PeerClient(CLUSTER, SECRET, peers, timeout_s=0.5, queue_max=8)
     try:
         started = time.monotonic()
@@ -304,8 +350,15 @@ async def test_dead_and_slow_peers_do_not_block_a_live_one(server, blackhole: in
 
 
 async def test_queue_drops_oldest_and_expires_old_messages(blackhole: int) -> None:
-    client = PeerClient(CLUSTER, SECRET, {"slow": HostPort("127.0.0.1", blackhole)},
-                        timeout_s=0.2, queue_max=3, max_age_s=0.05, concurrency=1)
+    client = PeerClient(
+        CLUSTER,
+        SECRET,
+        {"slow": HostPort("127.0.0.1", blackhole)},
+        timeout_s=0.2,
+        queue_max=3,
+        max_age_s=0.05,
+        concurrency=1,
+    )
     try:
         for seq in range(10):
             client.send("slow", Heartbeat(CLUSTER, "a", 3, seq=seq))
@@ -349,8 +402,6 @@ async def test_tls(tls_files: tuple[Path, Path]) -> None:
     finally:
         await client.close()
         await srv.close()
-
-
 
 
 async def test_bodies_that_break_the_json_parser_are_400(http, server) -> None:

@@ -15,8 +15,12 @@ NET = (1 << 12) | (1 << 13)  # net_admin, net_raw
 @pytest.fixture
 def holding(monkeypatch: pytest.MonkeyPatch):
     def hold(ambient: int, inheritable: int | None = None) -> None:
-        sets = {"CapInh": ambient if inheritable is None else inheritable, "CapPrm": ambient,
-                "CapEff": ambient, "CapAmb": ambient}
+        sets = {
+            "CapInh": ambient if inheritable is None else inheritable,
+            "CapPrm": ambient,
+            "CapEff": ambient,
+            "CapAmb": ambient,
+        }
         monkeypatch.setattr(programs, "own_capabilities", lambda: sets)
 
     return hold
@@ -40,14 +44,23 @@ def test_vip_commands_keep_exactly_their_capabilities(holding) -> None:
     assert programs.command_for(["ip"], None, ("net_admin", "net_raw"))[0] == ["ip"]
     holding(NET | 1 << 21)  # sys_admin too: dropped, the two kept
     argv, _ = programs.command_for(["ip"], None, ("net_admin", "net_raw"))
-    assert argv == [programs.SETPRIV, "--inh-caps=-all,+net_admin,+net_raw", "--ambient-caps=-all,+net_admin,+net_raw",
-                    "--", "ip"]
+    assert argv == [
+        programs.SETPRIV,
+        "--inh-caps=-all,+net_admin,+net_raw",
+        "--ambient-caps=-all,+net_admin,+net_raw",
+        "--",
+        "ip",
+    ]
 
 
 def test_extra_inheritable_capabilities_are_dropped_too(holding) -> None:
     holding(NET, inheritable=NET | 1 << 21)
     argv, _ = programs.command_for(["ip"], None, ("net_admin", "net_raw"))
-    assert argv[:3] == [programs.SETPRIV, "--inh-caps=-all,+net_admin,+net_raw", "--ambient-caps=-all,+net_admin,+net_raw"]
+    assert argv[:3] == [
+        programs.SETPRIV,
+        "--inh-caps=-all,+net_admin,+net_raw",
+        "--ambient-caps=-all,+net_admin,+net_raw",
+    ]
 
 
 def test_a_capability_we_do_not_hold_is_not_granted(holding) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+from test_config import base, parse
 
 from failoverd.config.load import HooksConfig, LoggingConfig
 from failoverd.core.spec import Timing
 from failoverd.runtime.reload import lease_fits, plan_reload
-from test_config import base, parse
 
 
 def changed(**sections) -> tuple:
@@ -27,8 +27,9 @@ def test_nothing_changed_plans_nothing():
 
 
 def test_hooks_and_logging_apply_live():
-    old, new = changed(hooks={"on_role_change": "/usr/local/bin/notify", "timeout_s": 3},
-                       logging={"level": "debug", "format": "json"})
+    old, new = changed(
+        hooks={"on_role_change": "/usr/local/bin/notify", "timeout_s": 3}, logging={"level": "debug", "format": "json"}
+    )
     plan = plan_reload(old, new)
     assert plan.hooks == HooksConfig(on_role_change="/usr/local/bin/notify", timeout_s=3)
     assert plan.logging == LoggingConfig("debug", "json")
@@ -49,19 +50,23 @@ def test_a_timing_change_unsafe_while_members_differ_is_refused():
 
 
 def test_the_two_step_route_is_accepted():
-    step1_old, step1_new = changed(timing={"lease_s": 0.8, "election_timeout_min_s": 2.0,
-                                           "election_timeout_max_s": 2.5})
+    step1_old, step1_new = changed(
+        timing={"lease_s": 0.8, "election_timeout_min_s": 2.0, "election_timeout_max_s": 2.5}
+    )
     assert plan_reload(step1_old, step1_new).timing is not None
     step2_new = base() | {"timing": {"lease_s": 1.7, "election_timeout_min_s": 2.0, "election_timeout_max_s": 2.5}}
     assert plan_reload(step1_new, parse(step2_new)).timing is not None
 
 
-@pytest.mark.parametrize(("section", "value", "label"), [
-    ("vip", {"address": "198.18.0.101/24", "interface": "eth0"}, "vip"),
-    ("api", {"listen": "0.0.0.0:8009"}, "api"),
-    ("postgres", {"port": 5433}, "postgres"),
-    ("replication", {"mode": "quorum", "sync_count": 2}, "cluster membership or replication"),
-])
+@pytest.mark.parametrize(
+    ("section", "value", "label"),
+    [
+        ("vip", {"address": "198.18.0.101/24", "interface": "eth0"}, "vip"),
+        ("api", {"listen": "0.0.0.0:8009"}, "api"),
+        ("postgres", {"port": 5433}, "postgres"),
+        ("replication", {"mode": "quorum", "sync_count": 2}, "cluster membership or replication"),
+    ],
+)
 def test_other_changes_need_a_restart_and_are_not_applied(section, value, label):
     old, new = changed(**{section: value})
     plan = plan_reload(old, new)

@@ -201,7 +201,9 @@ def test_from_environment_unset_hides_the_socket_from_children(manager: tuple[Ma
         ({"WATCHDOG_PID": "42"}, 42, None),
     ],
 )
-def test_watchdog_interval_is_half_the_period_for_this_process_only(env: dict, pid: int, expected: float | None) -> None:
+def test_watchdog_interval_is_half_the_period_for_this_process_only(
+    env: dict, pid: int, expected: float | None
+) -> None:
     assert watchdog_interval(env, pid) == expected
 
 
@@ -242,7 +244,7 @@ async def test_pinger_pings_until_the_loop_stalls(manager: tuple[Manager, str]) 
     try:
         await asyncio.sleep(0.5)
         stalled_at = time.monotonic()
-        time.sleep(0.5)  # a hung event loop: nothing on it runs
+        time.sleep(0.5)  # noqa: ASYNC251 - a hung event loop: nothing on it runs
         resumed_at = time.monotonic()
         await asyncio.sleep(0.3)
     finally:
@@ -344,21 +346,43 @@ async def test_pinger_returns_at_once_without_socket_or_watchdog(manager: tuple[
         await watchdog_pinger(Notifier(path), None, status=lambda: "x", status_interval_s=0)
 
 
-def _member(name: str, role: Role, term: int, leader: str | None, pg: PgObservation | None, *,
-            vip_held: bool = False, paused: bool = False) -> MemberStatus:
+def _member(
+    name: str,
+    role: Role,
+    term: int,
+    leader: str | None,
+    pg: PgObservation | None,
+    *,
+    vip_held: bool = False,
+    paused: bool = False,
+) -> MemberStatus:
     return MemberStatus(
-        name=name, role=role, term=term, leader=leader, leader_live=leader is not None, pg=pg, pg_age_s=None,
-        lease_remaining_s=0.5 if role is Role.LEADER else None, primary_ready=role is Role.LEADER,
-        vip_held=vip_held, vip_error=None, paused=paused, primary_position=None, switchover_to=None,
-        switchover_at=None, state_stamp=StateStamp(term, 1), history=(), rebuild=None, last_failover=None,
+        name=name,
+        role=role,
+        term=term,
+        leader=leader,
+        leader_live=leader is not None,
+        pg=pg,
+        pg_age_s=None,
+        lease_remaining_s=0.5 if role is Role.LEADER else None,
+        primary_ready=role is Role.LEADER,
+        vip_held=vip_held,
+        vip_error=None,
+        paused=paused,
+        primary_position=None,
+        switchover_to=None,
+        switchover_at=None,
+        state_stamp=StateStamp(term, 1),
+        history=(),
+        rebuild=None,
+        last_failover=None,
     )
 
 
 def test_status_line() -> None:
     leader = _member("db1", Role.LEADER, 7, "db1", PgObservation(PgRole.PRIMARY, 1.0), vip_held=True)
     assert status_line(leader) == "leader, term 7; PostgreSQL primary; VIP held"
-    follower = _member("db2", Role.FOLLOWER, 7, "db1", PgObservation(PgRole.STANDBY, 1.0, following="db1"),
-                       paused=True)
+    follower = _member("db2", Role.FOLLOWER, 7, "db1", PgObservation(PgRole.STANDBY, 1.0, following="db1"), paused=True)
     assert status_line(follower) == "follower of db1, term 7; PostgreSQL standby following db1; cluster paused"
     alone = _member("w1", Role.PRE_CANDIDATE, 3, None, None)
     assert status_line(alone) == "pre_candidate, no leader known, term 3"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from failoverd.adapters import statefile
-from failoverd.core.state import ClusterState, HistoryEntry, PersistentState, Position, StateStamp
 from failoverd.adapters.statefile import StateFile, StateFileError, decode_state, encode_state
+from failoverd.core.state import ClusterState, HistoryEntry, PersistentState, Position, StateStamp
 
 RICH = PersistentState(
     term=7,
@@ -39,7 +39,7 @@ def test_missing_file_in_existing_dir_is_fresh(sf: StateFile) -> None:
 
 
 def test_missing_directory_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(StateFileError, match="state directory .* does not exist"):
+    with pytest.raises(StateFileError, match=r"state directory .* does not exist"):
         StateFile(tmp_path / "gone" / "state.json").load()
 
 
@@ -111,7 +111,7 @@ def test_every_single_byte_change_is_detected(sf: StateFile) -> None:
         except ValueError:
             continue
         # Only changes the checksum cannot see (whitespace, key order) may pass, and they change nothing.
-        assert decoded == RICH, (index, bytes(flipped[max(0, index - 20): index + 20]))
+        assert decoded == RICH, (index, bytes(flipped[max(0, index - 20) : index + 20]))
 
 
 def test_wrong_version(sf: StateFile) -> None:
@@ -128,7 +128,9 @@ def test_not_our_format(sf: StateFile) -> None:
 def test_valid_checksum_but_invalid_state(sf: StateFile) -> None:
     payload = RICH.to_wire() | {"term": -1}
     document = {
-        "format": "failoverd-state", "version": 1, "payload": payload,
+        "format": "failoverd-state",
+        "version": 1,
+        "payload": payload,
         "sha256": statefile.hashlib.sha256(statefile._canonical(payload)).hexdigest(),
     }
     refused(sf, json.dumps(document).encode(), "state is invalid")

@@ -26,8 +26,14 @@ from failoverd.core.spec import ClusterSpec, Member, Timing
 from failoverd.core.state import PersistentState, PgObservation, PgRole, Position
 from failoverd.runtime.supervisor import FENCE_DROPS_QUEUE, Supervisor, SupervisorCounters
 
-TIMING = Timing(heartbeat_interval_s=0.02, election_timeout_min_s=0.2, election_timeout_max_s=0.3, lease_s=0.12,
-                fence_margin_s=0.02, promote_timeout_s=2.0)
+TIMING = Timing(
+    heartbeat_interval_s=0.02,
+    election_timeout_min_s=0.2,
+    election_timeout_max_s=0.3,
+    lease_s=0.12,
+    fence_margin_s=0.02,
+    promote_timeout_s=2.0,
+)
 SPEC = ClusterSpec("t", (Member("a"), Member("b"), Member("c")), timing=TIMING)
 
 
@@ -180,9 +186,15 @@ class Cluster:
             pg = FakePostgres(m.name, self.journal, self.pgs)
             self.pgs[m.name] = pg
             self.sups[m.name] = Supervisor(
-                node, state=FakeState(m.name, self.journal), peers=FakePeers(m.name, self.journal, self.sups),
-                postgres=pg, watchdog=FakeWatchdog(m.name, self.journal), vip=None,
-                members={n.name: n.name for n in SPEC.members}, probe_interval_s=0.02, clock=clock,
+                node,
+                state=FakeState(m.name, self.journal),
+                peers=FakePeers(m.name, self.journal, self.sups),
+                postgres=pg,
+                watchdog=FakeWatchdog(m.name, self.journal),
+                vip=None,
+                members={n.name: n.name for n in SPEC.members},
+                probe_interval_s=0.02,
+                clock=clock,
                 disabled_safeguards=disabled_safeguards,
             )
 
@@ -352,8 +364,14 @@ async def test_orderly_stop_of_a_follower_leaves_its_standby_running():
 
 # A lease long enough to span a jump of a leader's clock by most of the
 # VIP retry interval (core.context.VIP_RETRY_S, 2 s) without real waiting.
-LONG_LEASE = Timing(heartbeat_interval_s=0.02, election_timeout_min_s=4.0, election_timeout_max_s=4.5, lease_s=3.0,
-                    fence_margin_s=0.02, promote_timeout_s=2.0)
+LONG_LEASE = Timing(
+    heartbeat_interval_s=0.02,
+    election_timeout_min_s=4.0,
+    election_timeout_max_s=4.5,
+    lease_s=3.0,
+    fence_margin_s=0.02,
+    promote_timeout_s=2.0,
+)
 
 
 async def _move_clock(c: Cluster, name: str, seconds: float) -> None:
@@ -571,8 +589,9 @@ async def test_a_fence_drops_queued_work_and_reports_a_dropped_checkpoint_or_reb
         await _execute(sup, act.Checkpoint("switchover"), act.Rebuild("b"), act.StartStandby())
         await _execute(sup, act.Fence("test"))
         assert not sup._pg_queue and pg.role is PgRole.STOPPED
-        await c.wait_for(lambda: ("pg_action_cancelled", "ConfigureSync") in
-                         [(e["event"], e.get("action")) for e in _captured_logs])
+        await c.wait_for(
+            lambda: ("pg_action_cancelled", "ConfigureSync") in [(e["event"], e.get("action")) for e in _captured_logs]
+        )
         await asyncio.sleep(0.05)
     assert reported == [("checkpoint_done", "dropped by a fence"), ("rebuild_done", "dropped by a fence")]
     dropped = [(e["action"], e["reason"]) for e in _captured_logs if e["event"] == "pg_action_dropped"]
@@ -617,7 +636,11 @@ async def test_a_rebuild_cut_short_by_a_fence_is_reported_to_the_core():
         sup = c.sups[follower]
         c.pgs[follower].gates["reinit"] = asyncio.Event()  # the clone takes "forever"
         reply = await sup.request(Reinit(7, follower))
-        assert (reply.request_id, reply.code, reply.message) == (7, ReplyCode.OK, f"rebuilding {follower} from {leader}")
+        assert (reply.request_id, reply.code, reply.message) == (
+            7,
+            ReplyCode.OK,
+            f"rebuilding {follower} from {leader}",
+        )
         await c.wait_for(lambda: "reinit" in c.done(follower))
         assert sup.status().rebuild.running
         c.pgs[follower].role = PgRole.PRIMARY  # its core fences a primary it does not lead
@@ -660,7 +683,7 @@ async def test_a_switchover_is_answered_once_its_checkpoint_is_done():
 async def test_a_failed_checkpoint_does_not_stop_the_switchover():
     c = Cluster()
     async with c:
-        leader, target = await _leader_with_a_healthy_successor(c)
+        leader, _ = await _leader_with_a_healthy_successor(c)
         c.pgs[leader].failures["checkpoint"] = TimeoutError("canceling statement due to statement timeout")
         reply = await c.sups[leader].request(Switchover(12, None))
         assert reply.code is ReplyCode.OK and reply.message.startswith("switchover to ")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+from test_supervisor import Cluster, _ready
+
 from failoverd.core.spec import Timing
 from failoverd.core.state import PgRole
-from test_supervisor import Cluster, _ready
 
 
 class RecordingHooks:

@@ -98,7 +98,15 @@ def postmaster(children: list[Child], data_dir: Path, stubborn: bool = False) ->
 
 
 def watchdog(children: list[Child], data_dir: Path, *extra: str) -> Child:
-    argv = [sys.executable, "-m", "failoverd.adapters.watchdog", "--data-dir", str(data_dir), "--pg-bin-dir", "/nonexistent"]
+    argv = [
+        sys.executable,
+        "-m",
+        "failoverd.adapters.watchdog",
+        "--data-dir",
+        str(data_dir),
+        "--pg-bin-dir",
+        "/nonexistent",
+    ]
     child = Child([*argv, *extra])
     children.append(child)
     assert child.line().startswith("ready ")
@@ -239,8 +247,12 @@ def test_bad_commands_and_termination_signals_are_ignored(children: list[Child],
     pm, marker, _ = postmaster(children, data_dir)
     wd = watchdog(children, data_dir)
     for line, answer in [
-        ("arm soon", "error bad deadline"), ("arm nan", "error bad deadline"), ("explode", "error unknown command"),
-        ("x" * 5000, "error line longer"), ("y" * 70000, "error line longer"), ("ping", "pong"),
+        ("arm soon", "error bad deadline"),
+        ("arm nan", "error bad deadline"),
+        ("explode", "error unknown command"),
+        ("x" * 5000, "error line longer"),
+        ("y" * 70000, "error line longer"),
+        ("ping", "pong"),
     ]:
         wd.send(line)
         assert wd.line().startswith(answer), line[:20]

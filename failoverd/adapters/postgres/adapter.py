@@ -75,17 +75,28 @@ from typing import Any, Literal
 import asyncpg
 import structlog
 
-from failoverd.adapters import programs
-from failoverd.adapters import processes
+from failoverd.adapters import processes, programs
 from failoverd.adapters.postgres import setup
+from failoverd.adapters.postgres.probe import PROBE_RECONNECT_S, PostgresProbe
+from failoverd.adapters.postgres.replication import (
+    UPSTREAM_CONNECT_TIMEOUT_S,
+    PostgresError,
+    PostgresReplication,
+    _create_slot,
+)
 from failoverd.config.load import Config, NodeConfig, PostgresNodeConfig
 from failoverd.core.state import PgRole, Position
-from failoverd.adapters.postgres.probe import PROBE_RECONNECT_S, PostgresProbe
-from failoverd.adapters.postgres.replication import UPSTREAM_CONNECT_TIMEOUT_S, PostgresError, PostgresReplication, _create_slot
 
 __all__ = [
-    "IMMEDIATE_STOP_S", "KILL_WAIT_S", "PROBE_RECONNECT_S", "START_GRACE_S", "SYNC_APPLY_WAIT_S",
-    "UPSTREAM_CONNECT_TIMEOUT_S", "PostgresAdapter", "PostgresError", "socket_dir_for",
+    "IMMEDIATE_STOP_S",
+    "KILL_WAIT_S",
+    "PROBE_RECONNECT_S",
+    "START_GRACE_S",
+    "SYNC_APPLY_WAIT_S",
+    "UPSTREAM_CONNECT_TIMEOUT_S",
+    "PostgresAdapter",
+    "PostgresError",
+    "socket_dir_for",
 ]
 
 IMMEDIATE_STOP_S = 3  # our wait for an immediate stop before we SIGKILL
@@ -320,7 +331,9 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
                 pass  # bootstrap writes it before the first start
             elif role is PgRole.STOPPED:
                 await asyncio.to_thread(
-                    setup.update_auto_conf, self.data_dir, set_values={"synchronous_standby_names": value},
+                    setup.update_auto_conf,
+                    self.data_dir,
+                    set_values={"synchronous_standby_names": value},
                     owner=self._owner(),
                 )
             elif role in (PgRole.PRIMARY, PgRole.STANDBY):
@@ -357,8 +370,18 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
         await asyncio.to_thread(setup.check_replaceable, self.data_dir)
         tmp = await asyncio.to_thread(setup.fresh_sibling_dir, self.data_dir, self._owner())
         argv = [
-            str(await self._bin("initdb")), "-D", str(tmp), "--data-checksums", "-U", self.pg.superuser,
-            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions",
+            str(await self._bin("initdb")),
+            "-D",
+            str(tmp),
+            "--data-checksums",
+            "-U",
+            self.pg.superuser,
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-instructions",
         ]
         started = time.monotonic()
         await programs.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s)
@@ -444,8 +467,9 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
         await conn.execute("SELECT pg_reload_conf()")
         await self._await_setting(name, value, SYNC_APPLY_WAIT_S, conn)
 
-    async def _await_setting(self, name: str, value: str, timeout_s: float,
-                             conn: asyncpg.Connection | None = None) -> None:
+    async def _await_setting(
+        self, name: str, value: str, timeout_s: float, conn: asyncpg.Connection | None = None
+    ) -> None:
         """Until the server runs with `name` = `value` after a reload. A
         session applies a reload before its next command, so `conn` (the one
         that reloaded) sees it as soon as the server has read the files."""
@@ -495,8 +519,12 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
     async def _local(self, timeout_s: float | None = None) -> AsyncIterator[asyncpg.Connection]:
         async with asyncio.timeout(timeout_s or self.probe_timeout_s):
             conn = await asyncpg.connect(
-                host=str(self.socket_dir), port=self.pg.port, user=self.pg.superuser, database=self.pg.database,
-                server_settings={"application_name": "failoverd"}, statement_cache_size=0,
+                host=str(self.socket_dir),
+                port=self.pg.port,
+                user=self.pg.superuser,
+                database=self.pg.database,
+                server_settings={"application_name": "failoverd"},
+                statement_cache_size=0,
             )
             try:
                 yield conn
@@ -529,8 +557,12 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
 
     async def _write_member_files(self, conninfo: str, slot: str, *, standby: bool) -> None:
         text = setup.node_conf_text(
-            member=self.node.name, host=self.pg.host, port=self.pg.port, socket_dir=self.socket_dir,
-            primary_conninfo=conninfo, primary_slot_name=slot,
+            member=self.node.name,
+            host=self.pg.host,
+            port=self.pg.port,
+            socket_dir=self.socket_dir,
+            primary_conninfo=conninfo,
+            primary_slot_name=slot,
         )
         stopped = self.postmaster_pid() is None
         await asyncio.to_thread(

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
-from failoverd.adapters import programs
-from failoverd.adapters import processes
+from failoverd.adapters import processes, programs
 from failoverd.adapters.postgres import setup
 from failoverd.core.state import PgObservation, PgRole, Position
 
@@ -108,8 +107,11 @@ class PostgresProbe:
         except (programs.CommandFailed, IndexError, ValueError) as error:
             if not self._identify_failed_logged:  # once: it repeats every probe
                 self._identify_failed_logged = True
-                self.log.warning("pg_identify_system_failed", error=str(error)[:300],
-                                 hint="pg_hba.conf needs 'local replication all trust'")
+                self.log.warning(
+                    "pg_identify_system_failed",
+                    error=str(error)[:300],
+                    hint="pg_hba.conf needs 'local replication all trust'",
+                )
             return None
 
     def _following(self, row: asyncpg.Record) -> str | None:
@@ -183,8 +185,16 @@ class PostgresProbe:
         return None if end is None else Position(checkpoint.timeline, end)
 
     async def _waldump_end(self, timeline: int, start: int, segment_size: int) -> int | None:
-        argv = [str(await self._bin("pg_waldump")), "-q", "-p", str(self.data_dir / "pg_wal"),
-                "-t", str(timeline), "-s", setup.format_lsn(start)]
+        argv = [
+            str(await self._bin("pg_waldump")),
+            "-q",
+            "-p",
+            str(self.data_dir / "pg_wal"),
+            "-t",
+            str(timeline),
+            "-s",
+            setup.format_lsn(start),
+        ]
         done = await programs.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, check=False)
         end = setup.waldump_end(done.stderr, segment_size)
         return end if end is not None and end >= start else None
@@ -201,15 +211,17 @@ class PostgresProbe:
         if reused:
             try:
                 return await self._probe_conn.fetchrow(_PROBE_SQL)
-            except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-                    asyncpg.AdminShutdownError):
+            except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError):
                 # The server restarted under the kept connection (a
                 # switchover's old primary, a follow): not a sign of trouble.
                 self._drop_probe_conn()
         # Its one query is prepared once per connection (asyncpg's statement
         # cache), not parsed again on every probe.
         self._probe_conn = await asyncpg.connect(
-            host=str(self.socket_dir), port=self.pg.port, user=self.pg.superuser, database=self.pg.database,
+            host=str(self.socket_dir),
+            port=self.pg.port,
+            user=self.pg.superuser,
+            database=self.pg.database,
             server_settings={"application_name": "failoverd"},
         )
         self._probe_conn_at = time.monotonic()

@@ -120,8 +120,12 @@ class PostgresReplication:
                 position = await self._wal_end_now()
             step, why = plan_follow(FollowFacts(role, up.in_recovery, _prefix(position, up)))
             if step is FollowStep.STOP:
-                self.log.info("pg_diverged" if role is PgRole.STANDBY else "pg_stopping_to_follow",
-                              position=str(position), leader=leader.name, why=why)
+                self.log.info(
+                    "pg_diverged" if role is PgRole.STANDBY else "pg_stopping_to_follow",
+                    position=str(position),
+                    leader=leader.name,
+                    why=why,
+                )
                 await self._stop_escalating()
                 # Our WAL is final now; the upstream is asked again, so that a
                 # rewind never trusts an answer from before the stop.
@@ -131,8 +135,16 @@ class PostgresReplication:
                 step, why = plan_follow(FollowFacts(role, up.in_recovery, _prefix(position, up)))
             await self._follow_step(step, why, leader, role, up, row, position)
 
-    async def _follow_step(self, step: FollowStep, why: str, leader: NodeConfig, role: PgRole, up: _Upstream,
-                           row: asyncpg.Record | None, position: Position | None) -> None:
+    async def _follow_step(
+        self,
+        step: FollowStep,
+        why: str,
+        leader: NodeConfig,
+        role: PgRole,
+        up: _Upstream,
+        row: asyncpg.Record | None,
+        position: Position | None,
+    ) -> None:
         if step is FollowStep.CASCADE:
             await self._cascade(leader, role, up, row)
         elif step is FollowStep.RETARGET:
@@ -164,8 +176,10 @@ class PostgresReplication:
             raise PostgresError(f"cannot stream from {upstream.name}, a standby: this server is {role.value}")
         if lsn is None or lsn > up.lsn:
             mine = "unknown" if lsn is None else setup.format_lsn(lsn)
-            raise PostgresError(f"cannot stream from {upstream.name}, a standby at {setup.format_lsn(up.lsn)}: "
-                                f"this server's WAL ends at {mine}")
+            raise PostgresError(
+                f"cannot stream from {upstream.name}, a standby at {setup.format_lsn(up.lsn)}: "
+                f"this server's WAL ends at {mine}"
+            )
         position = setup.format_lsn(lsn)
         self.log.info("pg_cascading", upstream=upstream.name, position=str(position))
         if role is PgRole.STANDBY:
@@ -210,8 +224,18 @@ class PostgresReplication:
         await self._prepare_run_dir()
         slot = await self._slot_on(leader)
         tmp = await asyncio.to_thread(setup.fresh_sibling_dir, self.data_dir, self._owner())
-        argv = [str(await self._bin("pg_basebackup")), "-D", str(tmp), "-X", "stream", "-c", "fast", "-w",
-                "-d", self._leader_dsn(leader, application_name=f"{self.node.name}_clone")]
+        argv = [
+            str(await self._bin("pg_basebackup")),
+            "-D",
+            str(tmp),
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "-w",
+            "-d",
+            self._leader_dsn(leader, application_name=f"{self.node.name}_clone"),
+        ]
         if slot:
             argv += ["-S", slot]
         started = time.monotonic()
@@ -236,17 +260,27 @@ class PostgresReplication:
         # mode, which refuses to start with a standby.signal present.
         await asyncio.to_thread(setup.set_standby_signal, self.data_dir, False, self._owner())
         await self._prepare_run_dir()
-        argv = [str(await self._bin("pg_rewind")), "-D", str(self.data_dir),
-                f"--source-server={self._leader_dsn(leader, dbname=self.pg.database)}"]
+        argv = [
+            str(await self._bin("pg_rewind")),
+            "-D",
+            str(self.data_dir),
+            f"--source-server={self._leader_dsn(leader, dbname=self.pg.database)}",
+        ]
         started = time.monotonic()
         try:
-            done = await programs.run(argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, env=self._libpq_env())
+            done = await programs.run(
+                argv, user=self.pg.os_user, timeout_s=self.command_timeout_s, env=self._libpq_env()
+            )
         except BaseException:
             # Diverged WAL must never come up writable, even if someone starts it by hand.
             await asyncio.to_thread(setup.set_standby_signal, self.data_dir, True, self._owner())
             raise
-        self.log.info("pg_rewind_done", leader=leader.name, seconds=round(time.monotonic() - started, 2),
-                      output=(done.stdout + done.stderr).strip()[-300:])
+        self.log.info(
+            "pg_rewind_done",
+            leader=leader.name,
+            seconds=round(time.monotonic() - started, 2),
+            output=(done.stdout + done.stderr).strip()[-300:],
+        )
 
     async def _retarget(self, upstream: NodeConfig | None, slot: str | None = None) -> None:
         conninfo = "" if upstream is None else self._primary_conninfo(upstream)
@@ -299,8 +333,12 @@ class PostgresReplication:
         pg = leader.postgres
         assert pg is not None  # checked by callers; a witness has no server
         return await asyncpg.connect(
-            host=pg.host, port=pg.port, user=self.pg.replication_user, password=self._password,
-            database=self.pg.database, timeout=min(self.command_timeout_s, UPSTREAM_CONNECT_TIMEOUT_S),
+            host=pg.host,
+            port=pg.port,
+            user=self.pg.replication_user,
+            password=self._password,
+            database=self.pg.database,
+            timeout=min(self.command_timeout_s, UPSTREAM_CONNECT_TIMEOUT_S),
             server_settings={"application_name": f"failoverd {self.node.name}"},
         )
 
@@ -320,7 +358,9 @@ class PostgresReplication:
         async with self._leader(leader) as conn:
             row = await conn.fetchrow(_UPSTREAM_SQL)
             if row["rec"]:
-                return _Upstream(True, None, setup.parse_lsn(row["lsn"] or "0/0"), [], await self._slot_in(conn, leader))
+                return _Upstream(
+                    True, None, setup.parse_lsn(row["lsn"] or "0/0"), [], await self._slot_in(conn, leader)
+                )
             timeline = setup.timeline_of_walfile(row["walfile"])
             history: list[tuple[int, int]] = []
             if timeline > 1:

@@ -35,7 +35,6 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-
 NODE_CONF = "failoverd.conf"
 INCLUDE_LINE = f"include '{NODE_CONF}'  # failoverd: member settings, rewritten before every start"
 AUTO_CONF = "postgresql.auto.conf"
@@ -75,7 +74,7 @@ def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int 
     client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
     stored_key = hashlib.sha256(client_key).digest()
     server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+    b64 = lambda raw: base64.b64encode(raw).decode()
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
 
 
@@ -390,7 +389,10 @@ def set_standby_signal(data_dir: Path, standby: bool, owner: tuple[int, int] | N
 
 
 def update_auto_conf(
-    data_dir: Path, *, remove: Iterable[str] = (), set_values: dict[str, str] | None = None,
+    data_dir: Path,
+    *,
+    remove: Iterable[str] = (),
+    set_values: dict[str, str] | None = None,
     owner: tuple[int, int] | None,
 ) -> None:
     """Edit postgresql.auto.conf in place; only while the server is stopped
