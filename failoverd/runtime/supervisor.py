@@ -47,6 +47,7 @@ PG_ACTION_TIMEOUT_S = 600.0  # a clone of a large database may take long; fences
 CHECKPOINT_TIMEOUT_S = 30.0
 FENCE_TIMEOUT_S = 5.0
 PROMOTING_PROBE_S = 0.02  # probe interval while a promotion runs
+TICK_INTERVAL_MAX_S = 1.0  # the ticker looks at least this often (and tells the systemd watchdog it lives)
 SHUTDOWN_GRACE_S = 2.0
 REPLY_TIMEOUT_S = CHECKPOINT_TIMEOUT_S + 15.0  # a switchover answers once its checkpoint is done
 # The executor's own safeguard (the core has the others): switched off, a fence
@@ -126,6 +127,7 @@ class Supervisor:
         self.failure: BaseException | None = None
         self.counters = SupervisorCounters()
         self.last_tick_at: float | None = None  # for the systemd watchdog's health check
+        self._ticker_wakes_at = float("-inf")  # when the ticker looks next (inputs wake it only for sooner)
 
     @property
     def _promoting(self) -> bool:
@@ -187,14 +189,14 @@ class Supervisor:
         """Peer input; ProtocolError propagates to the peer server (answered 400)."""
         async with self._lock:
             await self._execute(self.node.receive(msg, self.clock()))
-        self._wake.set()
+        self._nudge()
 
     async def retime(self, timing: Any) -> None:
         """Apply reloaded protocol timing (see failoverd.runtime.reload for when that is safe)."""
         async with self._lock:
             self.node.retime(timing)
             self.probe_interval_s = timing.heartbeat_interval_s
-        self._wake.set()
+        self._nudge()
         self.log.info(
             "timing_changed",
             node=self.node.name,
@@ -214,10 +216,15 @@ class Supervisor:
         try:
             async with self._lock:
                 await self._execute(self.node.request(req, self.clock()))
-            self._wake.set()
+            self._nudge()
             return await asyncio.wait_for(future, timeout_s)
         finally:
             self._replies.pop(req.request_id, None)
+
+    def _nudge(self) -> None:
+        """Wake the ticker if the core now wants a tick sooner than it sleeps."""
+        if self.node.next_wakeup() < self._ticker_wakes_at:
+            self._wake.set()
 
     def status(self) -> MemberStatus:
         return self.node.status(self.clock())
@@ -225,15 +232,26 @@ class Supervisor:
     # ----------------------------------------------------------------- loops
 
     async def _ticker(self) -> None:
+        """Tick the core when its own wake-up time has come. An input may
+        bring that time closer (a new leader heartbeats at once), so every
+        input wakes this loop to look again, without a tick that is not due:
+        an idle member costs one core call per event, not two."""
+        due = True  # the first tick labels the wall time at once
         while True:
             async with self._lock:
-                await self._execute(self.node.tick(self.clock(), wall_time=self.wall_clock()))
-                delay = max(0.0, min(self.node.next_wakeup() - self.clock(), self.probe_interval_s))
+                if due:
+                    await self._execute(self.node.tick(self.clock(), wall_time=self.wall_clock()))
+                delay = max(0.0, min(self.node.next_wakeup() - self.clock(), TICK_INTERVAL_MAX_S))
                 self.last_tick_at = self.clock()
+                self._ticker_wakes_at = self.last_tick_at + delay
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
+            due = True
+            try:
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
+                due = self.clock() >= self.node.next_wakeup()
+            except TimeoutError:
+                pass
 
     async def _prober(self) -> None:
         postgres = self.postgres
@@ -246,7 +264,7 @@ class Supervisor:
             obs = await postgres.probe(self.clock())
             async with self._lock:
                 await self._execute(self.node.observe(obs, self.clock()))
-            self._wake.set()
+            self._nudge()
             # While a promotion runs, look often: the core hands out the VIP and
             # points the standbys at us only once a probe shows us writable, and
             # the adapter's promote() still has work to do after that point.
@@ -310,7 +328,7 @@ class Supervisor:
             return
         async with self._lock:
             await self._execute(outcome())
-        self._wake.set()
+        self._nudge()
 
     async def _run_pg_action_bounded(self, action: act.Action) -> None:
         # The adapter's own events (clone, rewind, start, ...) carry the term

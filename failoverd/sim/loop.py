@@ -47,6 +47,8 @@ class SimLoop(asyncio.AbstractEventLoop):
         self._scheduled: list[asyncio.TimerHandle] = []
         self.dead = False  # killed: nothing of it runs or reports again
         self.frozen = False  # stopped: its callbacks wait
+        self._next: float | None = None  # next_real_time() as last computed
+        self._next_known = False
 
     # ------------------------------------------------------------- asyncio
 
@@ -61,6 +63,7 @@ class SimLoop(asyncio.AbstractEventLoop):
     ) -> asyncio.Handle:
         handle = asyncio.Handle(callback, args, self, context)
         self._ready.append(handle)
+        self._next_known = False
         return handle
 
     def call_later(
@@ -82,6 +85,8 @@ class SimLoop(asyncio.AbstractEventLoop):
         handle = asyncio.TimerHandle(when, callback, args, self, context)
         heapq.heappush(self._scheduled, handle)
         handle._scheduled = True  # type: ignore[attr-defined]
+        if self._next_known and (self._next is None or self._to_real(when) + DUE_EPSILON_S < self._next):
+            self._next_known = False
         return handle
 
     def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
@@ -118,19 +123,25 @@ class SimLoop(asyncio.AbstractEventLoop):
     # ----------------------------------------------------------- scheduler
 
     def next_real_time(self) -> float | None:
-        """When this loop next has something to run, in real time (None: nothing)."""
+        """When this loop next has something to run, in real time (None:
+        nothing). Kept until a callback is added or the loop runs: a
+        cancelled timer may make it early, which costs one empty step."""
+        if self._next_known:
+            return self._next
         if self._ready:
-            return self._to_real(self.time())
-        scheduled = self._scheduled
-        while scheduled and scheduled[0].cancelled():
-            heapq.heappop(scheduled)
-        if not scheduled:
-            return None
-        return self._to_real(scheduled[0].when()) + DUE_EPSILON_S
+            self._next = self._to_real(self.time())
+        else:
+            scheduled = self._scheduled
+            while scheduled and scheduled[0].cancelled():
+                heapq.heappop(scheduled)
+            self._next = self._to_real(scheduled[0].when()) + DUE_EPSILON_S if scheduled else None
+        self._next_known = True
+        return self._next
 
     def run_once(self) -> None:
         """Run what is ready and every timer due now, as asyncio's own
         iteration does: callbacks queued meanwhile wait for the next one."""
+        self._next_known = False
         now = self.time()
         scheduled = self._scheduled
         while scheduled and (scheduled[0].cancelled() or scheduled[0].when() <= now):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from failoverd.core import events as ev
+from failoverd.core.messages import Message
 from failoverd.core.node import Node
 from failoverd.core.requests import AdminRequest
 from failoverd.core.spec import ClusterSpec, ReplicationMode
@@ -275,19 +276,16 @@ class World:
             return
         loop.call_soon(self._spawn, host, host.incarnation, lambda: supervisor.request(req))
 
-    def send(self, src: str, dst: str, wire: dict[str, Any]) -> None:
+    def send(self, src: str, dst: str, msg: Message) -> None:
         for delay in self.net.deliveries(src, dst):
             target = self.hosts[dst]
             inc = target.incarnation
-            self.at(self.now + delay, functools.partial(self._deliver, target, wire, inc))
+            self.at(self.now + delay, functools.partial(self._deliver, target, msg, inc))
 
-    def _deliver(self, host: Host, wire: dict[str, Any], incarnation: int) -> None:
-        from failoverd.core.messages import decode_message
-
+    def _deliver(self, host: Host, msg: Message, incarnation: int) -> None:
         supervisor, loop = host.supervisor, host.loop
         if supervisor is None or loop is None or host.incarnation != incarnation:
             return
-        msg = decode_message(wire)
         loop.call_soon(self._spawn, host, incarnation, lambda: supervisor.on_message(msg))
 
     # ------------------------------------------------------------ watchdog
