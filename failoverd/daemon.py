@@ -22,13 +22,13 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import logging
 import os
 import signal
 import ssl
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -44,6 +44,7 @@ from failoverd.config.secrets import SecretError, load_secret
 from failoverd.core.node import Node
 from failoverd.runtime import sdnotify
 from failoverd.runtime.hooks import HookRunner
+from failoverd.runtime.ports import ProgramResult
 from failoverd.runtime.reload import plan_reload
 from failoverd.runtime.supervisor import Supervisor, new_rng
 
@@ -68,6 +69,13 @@ def _ticking(supervisor: Supervisor, interval_s: float | None) -> bool:
 
 class StartupError(Exception):
     """The member cannot start safely; the message says why and what to do."""
+
+
+async def _run_hook(argv: Sequence[str], *, timeout_s: float, env: Mapping[str, str]) -> ProgramResult:
+    """The hooks' `ProgramRunner`: `programs.run` as the daemon's own user, no
+    capabilities; a non-zero exit is returned, a timeout raises CommandFailed
+    with `timed_out` set."""
+    return await programs.run(argv, user=None, timeout_s=timeout_s, env=env, check=False)
 
 
 def configure_logging(config: Config) -> None:
@@ -145,8 +153,10 @@ async def _reload(
     """Apply what may change live; return the configuration now in force."""
     notifier.reloading()
     try:
+        local = config.local
+        assert local is not None  # _run_daemon does not start without one, and a reload keeps it
         try:
-            new = load_config(config.source, node=config.local.name)
+            new = load_config(config.source, node=local.name)
         except ConfigError as error:
             log.error("config_reload_failed", term=supervisor.node.term, problems=error.problems[:20])
             return config
@@ -188,16 +198,17 @@ def _peer_tls(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | N
     signature stays on either way; TLS adds confidentiality and hides the
     cluster's traffic from the network."""
     cluster = config.cluster
-    if not cluster.tls:
+    cert = cluster.tls_cert
+    if cert is None:  # not cluster.tls
         return None, None
     try:
         server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=cluster.tls_ca)
         server.minimum_version = ssl.TLSVersion.TLSv1_2
-        server.load_cert_chain(cluster.tls_cert, cluster.tls_key)
+        server.load_cert_chain(cert, cluster.tls_key)
         server.verify_mode = ssl.CERT_REQUIRED
         client = ssl.create_default_context(cafile=cluster.tls_ca)
         client.minimum_version = ssl.TLSVersion.TLSv1_2
-        client.load_cert_chain(cluster.tls_cert, cluster.tls_key)
+        client.load_cert_chain(cert, cluster.tls_key)
     except (OSError, ssl.SSLError) as error:
         raise StartupError(f"peer TLS ([cluster] tls_*): {error}") from None
     return server, client
@@ -258,7 +269,7 @@ async def _run(
         config.hooks,
         cluster=config.spec.name,
         node=local.name,
-        run=functools.partial(programs.run, user=None, check=False),
+        run=_run_hook,
         vip=None if config.vip is None else str(config.vip.address),
         log=log,
     )

@@ -287,11 +287,12 @@ class ApiServer:
 
     @staticmethod
     def _replica_ok(status: MemberStatus, lag_max: int | None) -> bool:
-        if not status.streaming_standby:
+        pg = status.pg
+        if pg is None or not status.streaming_standby:  # a streaming standby has a probe
             return False
         if lag_max is None:
             return True
-        lag = views.lag_bytes(status.primary_position, status.pg.position)
+        lag = views.lag_bytes(status.primary_position, pg.position)
         return lag is not None and lag <= lag_max
 
     def _check(self, status: MemberStatus, ok: bool) -> web.Response:

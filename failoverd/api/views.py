@@ -9,7 +9,7 @@ import datetime
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, overload
 
 from failoverd import __version__
 from failoverd.config.load import Config, NodeConfig
@@ -101,6 +101,12 @@ def member_name(config: Config, value: str, key: str) -> str:
 # -------------------------------------------------------------------- views
 
 
+@overload
+def iso(wall_time: float) -> str: ...
+@overload
+def iso(wall_time: None) -> None: ...
+@overload
+def iso(wall_time: float | None) -> str | None: ...
 def iso(wall_time: float | None) -> str | None:
     if wall_time is None:
         return None

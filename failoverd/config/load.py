@@ -305,13 +305,19 @@ class _Reader:
         api = self._api(top.table("api"))
         hooks = self._hooks(top.table("hooks"))
         logging = self._logging(top.table("logging"))
-        nodes = self._nodes(top, defaults)
+        read_nodes = self._nodes(top, defaults)
         top.finish()
         self._raise_if_problems()
+        # A part is None only when reading it recorded a problem, and there were none.
+        assert cluster is not None and timing is not None and replication is not None and defaults is not None
+        assert api is not None and hooks is not None and logging is not None
+        nodes = tuple(n for n in read_nodes if n is not None)
+        assert len(nodes) == len(read_nodes)
         spec = self._spec(cluster, nodes, timing, replication)
         self._check_addresses(nodes)
         local = self._local(nodes, node)
         self._raise_if_problems()
+        assert spec is not None  # None only with a problem recorded
         return Config(spec, cluster, nodes, local, defaults, vip, api, hooks, logging, self.source)
 
     def _raise_if_problems(self) -> None:
@@ -412,7 +418,8 @@ class _Reader:
         t.finish()
         return None if t.failed else LoggingConfig(level, format_)
 
-    def _nodes(self, top: _Table, defaults: PostgresDefaults | None) -> tuple[NodeConfig, ...]:
+    def _nodes(self, top: _Table, defaults: PostgresDefaults | None) -> tuple[NodeConfig | None, ...]:
+        """The [[nodes]] tables, each None where it has a problem (recorded)."""
         top.known.append("nodes")
         raw = top.raw.get("nodes", _ABSENT)
         if raw is _ABSENT:

@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote
@@ -414,7 +414,9 @@ async def _wait_reinit(ctl: CtlContext, client: ApiClient, node: str, timeout_s:
         except CtlError:
             continue
         member = next((m for m in view["members"] if m["name"] == node), None)
-        reinit = None if member is None or not member.get("reachable") else member.get("reinit")
+        if member is None or not member.get("reachable"):
+            continue
+        reinit = member.get("reinit")
         if reinit is None or reinit["running"]:
             continue
         if reinit["error"] is not None:
@@ -514,7 +516,7 @@ def _dash(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 

@@ -192,10 +192,10 @@ def write_endpoint(config: Config, dsn: str | None, user: str | None, dbname: st
     }
     data = [n.postgres for n in config.nodes if n.postgres is not None]
     if config.vip is not None:
-        ports = {pg.port for pg in data}
-        if len(ports) != 1:
+        distinct_ports = {pg.port for pg in data}
+        if len(distinct_ports) != 1:
             raise ValueError("the members' PostgreSQL ports differ, so the VIP's port is not known: pass --dsn")
-        host, port = str(config.vip.address.ip), ports.pop()
+        host, port = str(config.vip.address.ip), distinct_ports.pop()
         return WriteEndpoint(f"the VIP {host}:{port}", {"host": host, "port": port, **who})
     hosts, ports = [pg.host for pg in data], [pg.port for pg in data]
     shown = ",".join(f"{h}:{p}" for h, p in zip(hosts, ports, strict=True))
@@ -366,7 +366,7 @@ async def _drill(
         sent_at, sent_wall = time.monotonic(), time.time()
         watcher.since_wall = sent_wall
         await ctl.admin(client, "POST", "/switchover", {} if target is None else {"to": target})
-        pause = None
+        pause: Pause | None = None
 
         def new_acks() -> bool:
             nonlocal pause
@@ -376,6 +376,7 @@ async def _drill(
         if not await _until(new_acks, timeout_s):
             result.error = f"no probe write acknowledged by a new primary within {timeout_s:g} s"
             return
+        assert pause is not None  # new_acks() returned True
         new = result.new_primary = pause.first_new.server
         steady = time.monotonic() + STEADY_S
         await _until(lambda: len(writer.acked_by(new)) >= AFTER_ACKS and time.monotonic() >= steady, 5.0)

@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from failoverd.cli import failoverd_main
-from failoverd.core.spec import ReplicationMode
 from failoverd.core import actions as act
+from failoverd.core.spec import ReplicationMode
 from failoverd.sim.runner import SHAPES, preset_spec, run_seed, run_seeds, summarize
 from failoverd.sim.world import World
 

@@ -70,7 +70,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import asyncpg
 import structlog
@@ -253,8 +253,9 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
             else:
                 raise PostgresError(f"cannot start as a standby: the server is {role.value}")
 
-    async def stop(self, mode: Literal["fast", "immediate"]) -> None:
-        """Stop the server; already stopped is fine. An immediate stop that
+    async def stop(self, mode: str) -> None:
+        """Stop the server; already stopped is fine. `mode` is "fast" or
+        "immediate" (anything else: ValueError). An immediate stop that
         does not finish in time (a frozen postmaster) ends with SIGKILL.
 
         The postmaster (checked to serve this data directory) gets the signal

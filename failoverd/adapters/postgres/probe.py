@@ -4,7 +4,8 @@ docstring of failoverd.adapters.postgres.adapter for how each position is found)
 WAL of a stopped server, and the role and position reads the actions use.
 
 Kept apart from adapter.py so each file reads on its own; the mixin relies on
-the attributes and helpers `PostgresAdapter` provides.
+the attributes and helpers `PostgresAdapter` provides, declared by
+`failoverd.adapters.postgres.base.PostgresBase`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncpg
 
 from failoverd.adapters import processes, programs
 from failoverd.adapters.postgres import setup
+from failoverd.adapters.postgres.base import PostgresBase
 from failoverd.core.state import PgObservation, PgRole, Position
 
 _READY_POLL_S = 0.2
@@ -33,14 +35,14 @@ FROM r LEFT JOIN pg_stat_wal_receiver w ON true
 """
 
 
-class PostgresProbe:
+class PostgresProbe(PostgresBase):
     """Mixin of `failoverd.adapters.postgres.adapter.PostgresAdapter`: it observes, and changes
     nothing on the server. It uses the adapter's attributes config, node, pg,
     data_dir, socket_dir, probe_timeout_s, command_timeout_s, log, _lock, the
     probe connection (_probe_conn, _probe_conn_at, _keep_probe_conn) and the
     WAL scan cache (_scan, _scan_task, _identify_failed_logged), all set by
     `PostgresAdapter.__init__`, and its methods postmaster_pid, _has_data,
-    _local and _bin."""
+    _local and _bin (all declared by `PostgresBase`)."""
 
     # ------------------------------------------------------------------ probe
 
@@ -207,10 +209,10 @@ class PostgresProbe:
                 return await conn.fetchrow(_PROBE_SQL)
         if time.monotonic() - self._probe_conn_at >= PROBE_RECONNECT_S:
             self._drop_probe_conn()
-        reused = self._probe_conn is not None and not self._probe_conn.is_closed()
-        if reused:
+        kept = self._probe_conn
+        if kept is not None and not kept.is_closed():
             try:
-                return await self._probe_conn.fetchrow(_PROBE_SQL)
+                return await kept.fetchrow(_PROBE_SQL)
             except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError):
                 # The server restarted under the kept connection (a
                 # switchover's old primary, a follow): not a sign of trouble.

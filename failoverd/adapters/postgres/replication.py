@@ -5,7 +5,8 @@ standby, and everything said to the server streamed from (slots, timeline
 history, the checkpoint pg_rewind needs).
 
 Kept apart from adapter.py so each file reads on its own; the mixin relies on
-the attributes and helpers `PostgresAdapter` provides. `PostgresError` lives
+the attributes and helpers `PostgresAdapter` and `PostgresProbe` provide,
+declared by `failoverd.adapters.postgres.base.PostgresBase`. `PostgresError` lives
 here because both modules raise it; callers import it from failoverd.adapters.postgres.adapter.
 """
 
@@ -21,6 +22,7 @@ import asyncpg
 
 from failoverd.adapters import programs
 from failoverd.adapters.postgres import setup
+from failoverd.adapters.postgres.base import PostgresBase
 from failoverd.config.load import NodeConfig
 from failoverd.core.follow import FollowFacts, FollowStep, may_discard_wal, plan_follow
 from failoverd.core.state import PgRole, Position
@@ -56,7 +58,7 @@ class _Upstream:
     slot: str  # our slot on it; '' when it could not be made
 
 
-class PostgresReplication:
+class PostgresReplication(PostgresBase):
     """Mixin of `failoverd.adapters.postgres.adapter.PostgresAdapter`: following and rebuilding
     from another member. It uses the adapter's attributes config, node, pg,
     data_dir, probe_timeout_s, command_timeout_s, reclone_on_rewind_failure,
@@ -66,7 +68,7 @@ class PostgresReplication:
     _stop_escalating, _await_setting), its local helpers (_local, _bin,
     _has_data, _owner, _prepare_run_dir, _write_member_files) and the reads of
     `failoverd.adapters.postgres.probe.PostgresProbe` (_role, _local_row, _standby_position,
-    _wal_end_now)."""
+    _wal_end_now), all declared by `PostgresBase`."""
 
     # -------------------------------------------------------------- following
 
@@ -180,8 +182,7 @@ class PostgresReplication:
                 f"cannot stream from {upstream.name}, a standby at {setup.format_lsn(up.lsn)}: "
                 f"this server's WAL ends at {mine}"
             )
-        position = setup.format_lsn(lsn)
-        self.log.info("pg_cascading", upstream=upstream.name, position=str(position))
+        self.log.info("pg_cascading", upstream=upstream.name, position=setup.format_lsn(lsn))
         if role is PgRole.STANDBY:
             await self._retarget(upstream, slot=up.slot)
         else:
