@@ -300,6 +300,16 @@ def metrics_text(
     m.one("term", "gauge", "Current term.", status.term)
     m.one("lease_remaining_seconds", "gauge", "Leader only: time left on the lease.", status.lease_remaining_s)
     m.one("paused", "gauge", "1 while the cluster is paused.", status.paused)
+    m.one("leader_live", "gauge", "1 while this member leads or heard its leader lately.", status.leader_live)
+    m.one(
+        "sync_count", "gauge", "k: standbys every commit waits for (quorum mode; 0 in async mode).", status.sync_count
+    )
+    m.one(
+        "streaming_standbys",
+        "gauge",
+        "Leader only: standbys streaming from it, heard lately.",
+        status.streaming_standbys,
+    )
     m.one("vip_held", "gauge", "1 while this member holds the virtual IP.", status.vip_held)
     if node.postgres is not None:
         state = "unknown" if status.pg is None else status.pg.role.value

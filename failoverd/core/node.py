@@ -165,7 +165,13 @@ class Node:
             history=ctx.state.history,
             rebuild=ctx.rebuild,
             last_failover=ctx.last_failover,
+            sync_count=ctx.state.sync_count,
+            streaming_standbys=None if lead is None else self._streaming_standbys(lead, now),
         )
+
+    def _streaming_standbys(self, lead: Leadership, now: float) -> int:
+        limit = self.ctx.timing.election_timeout_min_s
+        return sum(1 for v in lead.followers.values() if v.following and v.pg_healthy and now - v.heard_at <= limit)
 
     def shutdown(self, now: float) -> list[act.Action]:
         """The supervisor is stopping: a leader fences and hands over to its best follower."""

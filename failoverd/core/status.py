@@ -58,6 +58,10 @@ class MemberStatus:
     history: tuple[HistoryEntry, ...]
     rebuild: RebuildStatus | None
     last_failover: FailoverRecord | None
+    sync_count: int = 0  # k of the replicated state: commits wait for this many standbys
+    # Leader only: followers heard within election_timeout_min whose PostgreSQL
+    # streams from us (None elsewhere). Below sync_count, commits wait.
+    streaming_standbys: int | None = None
 
     @property
     def writable(self) -> bool:
