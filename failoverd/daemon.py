@@ -30,11 +30,13 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from failoverd.adapters import programs
 from failoverd.adapters.peers import PeerClient, PeerMetrics, PeerServer
+from failoverd.adapters.postgres.adapter import PostgresAdapter
 from failoverd.adapters.statefile import StateFile, StateFileError
 from failoverd.adapters.watchdog import WatchdogError, WatchdogHandle
 from failoverd.api.client import ApiClient, bind_address, client_ssl_context, load_token, server_ssl_context
@@ -147,50 +149,93 @@ async def _run_daemon(config: Config, notifier: sdnotify.Notifier) -> None:
         os.close(lock_fd)
 
 
-async def _reload(
-    config: Config, supervisor: Supervisor, hooks: HookRunner, notifier: sdnotify.Notifier, log
-) -> Config:
-    """Apply what may change live; return the configuration now in force."""
-    notifier.reloading()
-    try:
+class Reloader:
+    """SIGHUP and `POST /reload`: re-read the configuration file, apply what
+    may change live, keep the old values of the rest, and say what happened."""
+
+    def __init__(
+        self,
+        config: Config,
+        supervisor: Supervisor,
+        hooks: HookRunner,
+        notifier: sdnotify.Notifier,
+        postgres: PostgresAdapter | None,
+        log: Any,
+    ) -> None:
+        self.config = config
+        self.supervisor, self.hooks, self.notifier, self.postgres, self.log = supervisor, hooks, notifier, postgres, log
+        self._lock = asyncio.Lock()  # one reload at a time
+
+    async def reload(self) -> dict[str, Any]:
+        async with self._lock:
+            self.notifier.reloading()
+            try:
+                return await self._reload()
+            finally:
+                self.notifier.ready(sdnotify.status_line(self.supervisor.status()))
+
+    async def _reload(self) -> dict[str, Any]:
+        config, supervisor, log = self.config, self.supervisor, self.log
+        term = supervisor.node.term
         local = config.local
         assert local is not None  # _run_daemon does not start without one, and a reload keeps it
         try:
             new = load_config(config.source, node=local.name)
-        except ConfigError as error:
-            log.error("config_reload_failed", term=supervisor.node.term, problems=error.problems[:20])
-            return config
-        except OSError as error:
-            log.error("config_reload_failed", term=supervisor.node.term, problems=[str(error)])
-            return config
+        except ConfigError as bad:
+            log.error("config_reload_failed", term=term, problems=bad.problems[:20])
+            return {"ok": False, "error": "the file has problems; nothing changed", "problems": bad.problems[:20]}
+        except OSError as unreadable:
+            log.error("config_reload_failed", term=term, problems=[str(unreadable)])
+            return {"ok": False, "error": f"cannot read {config.source}: {unreadable}"}
         plan = plan_reload(config, new)
-        applied = []
+        applied: list[str] = []
+        pending: tuple[str, ...] = () if self.postgres is None else self.postgres.pending_restart
+        error: str | None = None
         if plan.timing is not None:
             await supervisor.retime(plan.timing)
             applied.append("timing")
         if plan.hooks is not None:
-            hooks.update(plan.hooks)
+            self.hooks.update(plan.hooks)
             applied.append("hooks")
         if plan.logging is not None:
             configure_logging(new)
             applied.append("logging")
+        pg_settings = config.pg_settings
+        if plan.pg_settings is not None and self.postgres is not None:
+            try:
+                pending = await self.postgres.apply_settings(plan.pg_settings)
+                pg_settings = plan.pg_settings
+                applied.append("postgres settings")
+            except Exception as exc:  # noqa: BLE001 - reported; the server runs with the settings it had
+                error = f"PostgreSQL settings not applied: {exc}"[:500]
+        elif plan.pg_settings is not None:
+            pg_settings = plan.pg_settings  # a witness: nothing to apply
         log.info(
             "config_reloaded",
-            term=supervisor.node.term,
+            term=term,
             applied=applied,
             needs_restart=list(plan.needs_restart),
             refused=list(plan.refused),
+            pending_restart=list(pending),
+            error=error,
         )
         # Keep the old values of what was not applied, so a later reload
         # still compares against what is really running.
-        return dataclasses.replace(
+        self.config = dataclasses.replace(
             config,
             spec=dataclasses.replace(config.spec, timing=plan.timing or config.spec.timing),
             hooks=plan.hooks or config.hooks,
             logging=plan.logging or config.logging,
+            pg_settings=pg_settings,
         )
-    finally:
-        notifier.ready(sdnotify.status_line(supervisor.status()))
+        return {
+            "ok": error is None,
+            "applied": applied,
+            "failoverd_needs_restart": list(plan.needs_restart),
+            "refused": list(plan.refused),
+            "pending_restart": list(pending),
+            "error": error,
+        }
 
 
 def _peer_tls(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -243,8 +288,6 @@ async def _run(
         except VipError as error:
             raise StartupError(f"virtual IP: {error}") from None
     if local.postgres is not None:
-        from failoverd.adapters.postgres.adapter import PostgresAdapter
-
         postgres = PostgresAdapter(config, local, secret, keep_probe_connection=True)
         watchdog = WatchdogHandle(
             local.postgres.data_dir,
@@ -296,6 +339,7 @@ async def _run(
         ssl_context=peer_server_tls,
     )
     listen = bind_address(config, local)
+    reloader = Reloader(config, supervisor, hooks, notifier, postgres, log)
     api = ApiServer(
         config,
         local,
@@ -306,6 +350,7 @@ async def _run(
         peer_metrics=peer_metrics,
         ssl_context=server_tls,
         client=ApiClient(token=token, ssl_context=client_tls),
+        reload=reloader.reload,
     )
     stop = asyncio.Event()
     reload_asked = asyncio.Event()
@@ -351,7 +396,7 @@ async def _run(
             if stop.is_set() or supervisor.failed.is_set():
                 break
             reload_asked.clear()
-            config = await _reload(config, supervisor, hooks, notifier, log)
+            await reloader.reload()
         log.info("shutting_down", term=node.term, role=node.role.value, failed=supervisor.failed.is_set())
         notifier.stopping("handing over leadership" if node.role.value == "leader" else "stopping")
     finally:

@@ -45,6 +45,7 @@ from failoverd.core.requests import (
     Pause,
     RecordEvent,
     Reinit,
+    Restart,
     Resume,
     Switchover,
 )
@@ -76,6 +77,7 @@ class SupervisorLike(Protocol):
     counters: SupervisorCounters
 
     def status(self) -> MemberStatus: ...
+    def pending_restart(self) -> tuple[str, ...]: ...
     async def request(self, req: AdminRequest) -> act.Reply: ...
 
 
@@ -105,6 +107,7 @@ class ApiServer:
         ssl_context: Any = None,
         client: ApiClient | None = None,
         wall_clock: Callable[[], float] = time.time,
+        reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.config = config
         self.member = member
@@ -117,6 +120,7 @@ class ApiServer:
         self.client = client or ApiClient(token=token)
         self._own_client = client is None
         self._wall_clock = wall_clock
+        self._reload_config = reload  # the daemon's: re-read the file and apply what may change live
         self.rejected: collections.Counter[str] = collections.Counter()
         self._nodes = {n.name: n for n in config.nodes}
         self._runner: web.AppRunner | None = None
@@ -146,6 +150,8 @@ class ApiServer:
         app.router.add_post("/pause", self._pause)
         app.router.add_post("/resume", self._resume)
         app.router.add_post("/reinit", self._reinit)
+        app.router.add_post("/restart", self._restart)
+        app.router.add_post("/reload", self._reload)
         app.router.add_post("/history", self._note)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -250,8 +256,16 @@ class ApiServer:
         except (ValueError, RecursionError):
             raise BadRequest("the body is not valid JSON") from None
 
+    def _view(self, status: MemberStatus) -> dict[str, Any]:
+        return views.member_view(
+            status,
+            self.member,
+            str(api_address(self.config, self.member)),
+            pending_restart=self.supervisor.pending_restart(),
+        )
+
     def _me(self) -> dict[str, Any]:
-        return views.member_view(self.supervisor.status(), self.member, str(api_address(self.config, self.member)))
+        return self._view(self.supervisor.status())
 
     # ------------------------------------------------------- read endpoints
 
@@ -259,7 +273,7 @@ class ApiServer:
         self._authorize(request, admin=False)
         self._query(request)
         status = self.supervisor.status()
-        body = views.member_view(status, self.member, str(api_address(self.config, self.member)))
+        body = self._view(status)
         healthy = self.member.postgres is None or (status.pg is not None and status.pg.running)
         return web.json_response(body, status=200 if healthy else 503)
 
@@ -296,7 +310,7 @@ class ApiServer:
         return lag is not None and lag <= lag_max
 
     def _check(self, status: MemberStatus, ok: bool) -> web.Response:
-        body = views.member_view(status, self.member, str(api_address(self.config, self.member)))
+        body = self._view(status)
         return web.json_response(body, status=200 if ok else 503)
 
     async def _cluster(self, request: web.Request) -> web.Response:
@@ -385,6 +399,21 @@ class ApiServer:
         args, raw = await self._admin_body(request, required={"node": str})
         name = views.member_name(self.config, args["node"], "node")
         return await self._submit(request, raw, Reinit(next(_request_ids), name), accepted=202)
+
+    async def _restart(self, request: web.Request) -> web.Response:
+        args, raw = await self._admin_body(request, required={"node": str})
+        name = views.member_name(self.config, args["node"], "node")
+        return await self._submit(request, raw, Restart(next(_request_ids), name), accepted=202)
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        """Re-read this member's configuration file, as SIGHUP does, and say
+        what was applied and what waits for a restart. Every member reloads
+        its own file: `failoverctl reload` asks each; nothing is forwarded."""
+        await self._admin_body(request)
+        if self._reload_config is None:
+            raise _Refused(409, "no_reload", f"{self.member.name} cannot reload its configuration here")
+        report = await self._reload_config()
+        return web.json_response({"member": self.member.name, **report}, status=200 if report.get("ok") else 409)
 
     # -------------------------------------------------------------- routing
 

@@ -125,7 +125,9 @@ def lag_bytes(primary: Position | None, mine: Position | None) -> int | None:
     return max(0, primary.lsn - mine.lsn)
 
 
-def member_view(status: MemberStatus, node: NodeConfig, api: str) -> dict[str, Any]:
+def member_view(
+    status: MemberStatus, node: NodeConfig, api: str, pending_restart: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """This member, as GET /health reports it."""
     pg = status.pg
     postgres = None
@@ -141,6 +143,8 @@ def member_view(status: MemberStatus, node: NodeConfig, api: str) -> dict[str, A
             "following": None if pg is None else pg.following,
             "streaming": status.streaming_standby,
             "observed_s_ago": None if status.pg_age_s is None else round(status.pg_age_s, 3),
+            "pending_restart": list(pending_restart),  # settings that wait for a restart
+            "restarting": status.restarting,
         }
     rebuild = status.rebuild
     failover = status.last_failover

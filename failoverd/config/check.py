@@ -132,6 +132,60 @@ def _socket_dir(value: Any) -> Path:
     return path
 
 
+_PG_SETTING_NAME = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?")
+_HBA_TYPES = (
+    "local",
+    "host",
+    "hostssl",
+    "hostnossl",
+    "hostgssenc",
+    "hostnogssenc",
+    "include",
+    "include_if_exists",
+    "include_dir",
+)
+
+
+def pg_setting_name(name: str) -> str:
+    """A postgresql.conf parameter name, lower case (PostgreSQL ignores case):
+    `work_mem`, or `auto_explain.log_min_duration` for an extension's."""
+    lowered = name.lower()
+    if not _PG_SETTING_NAME.fullmatch(lowered):
+        raise _Invalid("is not a PostgreSQL parameter name (letters, digits and _, one optional '.')")
+    return lowered
+
+
+def pg_setting_value(value: Any) -> str:
+    """A TOML value as postgresql.conf writes it: a string quoted (units
+    inside: '64MB'), a number as is, a boolean as on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int):
+        return str(_integer(value))
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise _Invalid("is not a finite number")
+        return repr(value)
+    text = _string(value)
+    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _hba_lines(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid("is not an array of pg_hba.conf lines")
+    lines = []
+    for index, line in enumerate(value):
+        try:
+            text = _string(line).strip()
+        except _Invalid as error:
+            raise _Invalid(f"line {index + 1} {error}") from None
+        first = text.split(None, 1)[0] if text else ""
+        if first not in _HBA_TYPES:
+            raise _Invalid(f"line {index + 1} does not start with a pg_hba.conf type ({', '.join(_HBA_TYPES[:6])})")
+        lines.append(text)
+    return tuple(lines)
+
+
 def _choice(*allowed: str) -> _Kind:
     def convert(value: Any) -> str:
         if value not in allowed:
@@ -152,6 +206,7 @@ _HOOK_TIMEOUT = _Kind("number of seconds", _hook_timeout)
 _PROBE_TIMEOUT = _Kind("number of seconds", _seconds_up_to(_PROBE_TIMEOUT_MAX_S))
 _COMMAND_TIMEOUT = _Kind("number of seconds", _seconds_up_to(_COMMAND_TIMEOUT_MAX_S))
 _SOCKET_DIR = _Kind("absolute path", _socket_dir)
+_HBA_LINES = _Kind("array of pg_hba.conf lines", _hba_lines)
 
 _REQUIRED: Any = object()
 _ABSENT: Any = object()

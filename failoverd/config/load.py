@@ -28,6 +28,7 @@ from failoverd.config.check import (
     _ABSENT,
     _BOOLEAN,
     _COMMAND_TIMEOUT,
+    _HBA_LINES,
     _HOOK_TIMEOUT,
     _INTEGER,
     _INTERFACE,
@@ -45,6 +46,8 @@ from failoverd.config.check import (
     _string,
     _syntax_problem,
     _Table,
+    pg_setting_name,
+    pg_setting_value,
 )
 from failoverd.core.spec import ClusterSpec, Member, MemberKind, Replication, ReplicationMode, SpecError, Timing
 
@@ -149,6 +152,50 @@ class PostgresDefaults:
     command_timeout_s: float = 60.0
 
 
+# postgresql.conf settings failoverd writes or manages itself (failoverd.conf,
+# synchronous replication, where the files are): [postgres.parameters] may not
+# set them. adapters/postgres/setup.py's member settings are a subset (a test checks).
+FAILOVERD_PG_SETTINGS = frozenset(
+    {
+        "listen_addresses",
+        "port",
+        "unix_socket_directories",
+        "unix_socket_permissions",
+        "cluster_name",
+        "wal_level",
+        "max_wal_senders",
+        "max_replication_slots",
+        "hot_standby",
+        "wal_log_hints",
+        "full_page_writes",
+        "synchronous_commit",
+        "synchronous_standby_names",
+        "wal_keep_size",
+        "wal_retrieve_retry_interval",
+        "recovery_target_timeline",
+        "primary_conninfo",
+        "primary_slot_name",
+        "data_directory",
+        "config_file",
+        "hba_file",
+        "ident_file",
+        "include",
+        "include_dir",
+        "include_if_exists",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PostgresSettings:
+    """[postgres.parameters] and [postgres] hba: what every data member's
+    PostgreSQL runs with besides failoverd's own settings. Applied at every
+    start, and live by a reload (SIGHUP or `failoverctl reload`)."""
+
+    parameters: tuple[tuple[str, str], ...] = ()  # (name, postgresql.conf value), sorted by name
+    hba: tuple[str, ...] = ()  # pg_hba.conf lines, before failoverd's own
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PostgresNodeConfig:
     host: str
@@ -230,6 +277,7 @@ class Config:
     hooks: HooksConfig
     logging: LoggingConfig
     source: str
+    pg_settings: PostgresSettings = PostgresSettings()
 
 
 def load_config(path: str | Path, node: str | None = None) -> Config:
@@ -300,7 +348,9 @@ class _Reader:
         cluster = self._cluster(top.table("cluster", required=True))
         timing = self._timing(top.table("timing"))
         replication = self._replication(top.table("replication"))
-        defaults = self._postgres_defaults(top.table("postgres"))
+        postgres = top.table("postgres")
+        defaults = self._postgres_defaults(postgres)
+        pg_settings = self._pg_settings(postgres)
         vip = self._vip(top.table("vip"))
         api = self._api(top.table("api"))
         hooks = self._hooks(top.table("hooks"))
@@ -310,7 +360,7 @@ class _Reader:
         self._raise_if_problems()
         # A part is None only when reading it recorded a problem, and there were none.
         assert cluster is not None and timing is not None and replication is not None and defaults is not None
-        assert api is not None and hooks is not None and logging is not None
+        assert api is not None and hooks is not None and logging is not None and pg_settings is not None
         nodes = tuple(n for n in read_nodes if n is not None)
         assert len(nodes) == len(read_nodes)
         spec = self._spec(cluster, nodes, timing, replication)
@@ -318,7 +368,7 @@ class _Reader:
         local = self._local(nodes, node)
         self._raise_if_problems()
         assert spec is not None  # None only with a problem recorded
-        return Config(spec, cluster, nodes, local, defaults, vip, api, hooks, logging, self.source)
+        return Config(spec, cluster, nodes, local, defaults, vip, api, hooks, logging, self.source, pg_settings)
 
     def _raise_if_problems(self) -> None:
         if self.problems:
@@ -374,8 +424,35 @@ class _Reader:
         )
         values["probe_timeout_s"] = t.get("probe_timeout_s", _PROBE_TIMEOUT, _POSTGRES.probe_timeout_s)
         values["command_timeout_s"] = t.get("command_timeout_s", _COMMAND_TIMEOUT, _POSTGRES.command_timeout_s)
+        t.known += ["parameters", "hba"]  # read by _pg_settings
         t.finish()
         return None if t.failed else PostgresDefaults(**values)
+
+    def _pg_settings(self, postgres: _Table) -> PostgresSettings | None:
+        hba = postgres.get("hba", _HBA_LINES, ())
+        t = postgres.table("parameters")
+        parameters: dict[str, str] = {}
+        for key, value in t.raw.items():
+            t.known.append(key)
+            try:
+                name = pg_setting_name(key)
+            except _Invalid as error:
+                t.problem(key, f"{error}")
+                continue
+            if name in FAILOVERD_PG_SETTINGS:
+                t.problem(key, "is set by failoverd itself (its member, replication and file settings)")
+                continue
+            if name in parameters:
+                t.problem(key, "is given twice (names are not case-sensitive)")
+                continue
+            try:
+                parameters[name] = pg_setting_value(value)
+            except _Invalid as error:
+                t.problem(key, f"{_show(value)} {error}")
+        t.finish()
+        if t.failed or hba is None:
+            return None
+        return PostgresSettings(tuple(sorted(parameters.items())), tuple(hba))
 
     def _vip(self, t: _Table) -> VipConfig | None:
         if not t.present:

@@ -109,6 +109,13 @@ class Rebuild:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RestartServer:
+    """An operator's restart of the local standby (fast stop, start as it
+    was). The caller reports the outcome with `restart_done`, also when a
+    fence dropped it."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StartStandby:
     """Start the stopped local PostgreSQL in recovery with no upstream yet, so that
     its WAL position is known and it can stand for election."""
@@ -186,6 +193,7 @@ Action = (
     | StartStandby
     | Checkpoint
     | Rebuild
+    | RestartServer
     | PrepareVip
     | AcquireVip
     | ReleaseVip
@@ -194,4 +202,4 @@ Action = (
     | Reply
 )
 # The slow PostgreSQL work the caller queues and runs one at a time.
-PG_WORK = (Promote, Follow, StartStandby, Demote, ConfigureSync, Checkpoint, Rebuild)
+PG_WORK = (Promote, Follow, StartStandby, Demote, ConfigureSync, Checkpoint, Rebuild, RestartServer)

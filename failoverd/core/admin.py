@@ -17,6 +17,7 @@ from failoverd.core.requests import (
     Pause,
     RecordEvent,
     Reinit,
+    Restart,
     Resume,
     Switchover,
 )
@@ -30,6 +31,8 @@ def request(ctx: Context, req: AdminRequest, now: float) -> None:
     leader is its target's, which campaigns; a reinit is the rebuilt member's."""
     if isinstance(req, Reinit):
         reinit(ctx, req, now)
+    elif isinstance(req, Restart):
+        restart(ctx, req)
     elif ctx.role is Role.LEADER:
         leader_request(ctx, req, now)
     elif ctx.leader is not None and ctx.leader_live(now):
@@ -75,6 +78,46 @@ def reinit(ctx: Context, req: Reinit, now: float) -> None:
     ctx.out.append(act.Rebuild(ctx.leader))
     ctx.emit(ev.RebuildStarted, leader=ctx.leader)
     ctx.reply(req.request_id, ReplyCode.OK, f"rebuilding {ctx.name} from {ctx.leader}")
+
+
+def restart(ctx: Context, req: Restart) -> None:
+    """Restart our standby so that settings pending a restart take effect:
+    only a follower's running standby, one restart or rebuild at a time. The
+    primary is restarted through a switchover, which failoverctl restart
+    --rolling does; never two members down at once is its job, since it sees
+    the whole cluster."""
+
+    def refuse(code: ReplyCode, why: str) -> None:
+        ctx.reply(req.request_id, code, why)
+
+    if req.member != ctx.name:
+        if not ctx.spec.has_member(req.member):
+            return refuse(ReplyCode.INVALID, f"{req.member} is not a member")
+        ctx.reply(req.request_id, ReplyCode.REDIRECT, f"{req.member} restarts its own PostgreSQL", redirect=req.member)
+        return
+    if not ctx.me.is_data:
+        return refuse(ReplyCode.INVALID, f"{ctx.name} is a witness: it has no PostgreSQL")
+    if ctx.role is not Role.FOLLOWER:
+        return refuse(
+            ReplyCode.CONFLICT,
+            f"{ctx.name} is {ctx.role.value}: its primary is restarted through a "
+            "switchover (failoverctl restart --rolling)",
+        )
+    if ctx.pg is None or ctx.pg.role is not PgRole.STANDBY:
+        state = "unknown" if ctx.pg is None else ctx.pg.role.value
+        return refuse(ReplyCode.CONFLICT, f"{ctx.name}'s PostgreSQL is {state}, not a running standby")
+    if ctx.restarting or (ctx.rebuild is not None and ctx.rebuild.running):
+        return refuse(ReplyCode.CONFLICT, f"a restart or rebuild of {ctx.name} is already running")
+    ctx.restarting = True
+    ctx.out.append(act.RestartServer())
+    ctx.emit(ev.RestartStarted)
+    ctx.reply(req.request_id, ReplyCode.OK, f"restarting {ctx.name}'s PostgreSQL")
+
+
+def restart_done(ctx: Context, error: str | None) -> None:
+    if ctx.restarting:
+        ctx.restarting = False
+        ctx.emit(ev.RestartFinished, error=error)
 
 
 def rebuild_done(ctx: Context, error: str | None) -> None:

@@ -124,6 +124,7 @@ class Context:
         self.pg_action_requested: tuple[str, float] | None = None
 
         self.rebuild: RebuildStatus | None = None  # an operator's reinit of our standby
+        self.restarting = False  # an operator's restart of our standby runs
         self.last_failover: FailoverRecord | None = None
 
         self.wall_time: float | None = None  # labels history entries and status only

@@ -222,6 +222,19 @@ class RebuildFinished(Event):
     error: str | None = None
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RestartStarted(Event):
+    """An operator's restart of this member's standby."""
+
+    NAME: ClassVar[str] = "restart_started"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RestartFinished(Event):
+    NAME: ClassVar[str] = "restart_finished"
+    error: str | None = None
+
+
 # --------------------------------------------------------------------- vip
 
 

@@ -129,6 +129,11 @@ class Node:
         admin.rebuild_done(self.ctx, error)
         return self.ctx.flush()
 
+    def restart_done(self, error: str | None, now: float) -> list[act.Action]:
+        """Our `RestartServer` finished (error None), failed, or was dropped by a fence."""
+        admin.restart_done(self.ctx, error)
+        return self.ctx.flush()
+
     def vip_result(self, term: int, error: str | None, now: float) -> list[act.Action]:
         """How an `AcquireVip` of `term` ended in the background (error None: the address is ours)."""
         leader.vip_result(self.ctx, term, error, now)
@@ -165,6 +170,7 @@ class Node:
             history=ctx.state.history,
             rebuild=ctx.rebuild,
             last_failover=ctx.last_failover,
+            restarting=ctx.restarting,
             sync_count=ctx.state.sync_count,
             streaming_standbys=None if lead is None else self._streaming_standbys(lead, now),
         )

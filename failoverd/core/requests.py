@@ -74,4 +74,14 @@ class Reinit:
     member: str
 
 
-AdminRequest = Switchover | CancelSwitchover | Failover | Pause | Resume | RecordEvent | Reinit
+@dataclasses.dataclass(frozen=True, slots=True)
+class Restart:
+    """Restart `member`'s standby (fast stop, start as it was), so that
+    settings pending a restart take effect. Only that member carries it out;
+    a primary is restarted through a switchover (failoverctl restart --rolling)."""
+
+    request_id: int
+    member: str
+
+
+AdminRequest = Switchover | CancelSwitchover | Failover | Pause | Resume | RecordEvent | Reinit | Restart

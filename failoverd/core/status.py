@@ -58,6 +58,7 @@ class MemberStatus:
     history: tuple[HistoryEntry, ...]
     rebuild: RebuildStatus | None
     last_failover: FailoverRecord | None
+    restarting: bool = False  # an operator's restart of our standby runs
     sync_count: int = 0  # k of the replicated state: commits wait for this many standbys
     # Leader only: followers heard within election_timeout_min whose PostgreSQL
     # streams from us (None elsewhere). Below sync_count, commits wait.

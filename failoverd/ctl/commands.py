@@ -25,9 +25,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import quote
 
 import click
@@ -35,7 +35,7 @@ import click
 from failoverd import __version__
 from failoverd.api.client import ApiClient
 from failoverd.api.views import iso
-from failoverd.ctl import drill
+from failoverd.ctl import drill, maintenance
 from failoverd.ctl.context import (
     DEFAULT_CONFIG,
     EXIT_OK,
@@ -43,20 +43,10 @@ from failoverd.ctl.context import (
     EXIT_USAGE,
     CtlContext,
     CtlError,
+    confirm,
+    pass_ctl,
+    run,
 )
-
-pass_ctl = click.make_pass_decorator(CtlContext)
-
-
-def run(coroutine_fn: Callable[[], Coroutine[Any, Any, int | None]]) -> NoReturn:
-    try:
-        code = asyncio.run(coroutine_fn())
-    except CtlError as error:
-        click.echo(f"failoverctl: {error}", err=True)
-        sys.exit(error.code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(code or EXIT_OK)
 
 
 def _json_option(fn: Callable) -> Callable:
@@ -224,7 +214,7 @@ def switchover_command(
             view = await ctl.cluster(client)
             old = view.get("primary")
             what = f"switch over from {old or '(no primary)'} to {target or 'the best standby'}"
-            _confirm(force, f"{what} {'at ' + iso(when) if when else 'now'}?")
+            confirm(force, f"{what} {'at ' + iso(when) if when else 'now'}?")
             body = {"to": target, "at": when}
             done = await ctl.admin(client, "POST", "/switchover", {k: v for k, v in body.items() if v is not None})
             click.echo(done["message"])
@@ -254,7 +244,7 @@ def failover_command(
     async def main() -> int:
         async with ctl.client(admin=True) as client:
             loss = " ACCEPTING THE LOSS OF ACKNOWLEDGED COMMITS" if allow_data_loss else ""
-            _confirm(force, f"fail over to {target}{loss}?")
+            confirm(force, f"fail over to {target}{loss}?")
             try:
                 old = (await ctl.cluster(client)).get("primary")
             except CtlError:
@@ -279,6 +269,9 @@ def _simple_admin(name: str, path: str, help_text: str) -> None:
         run(main)
 
 
+failoverctl_main.add_command(maintenance.reload_command)
+failoverctl_main.add_command(maintenance.restart_command)
+
 _simple_admin("pause", "/pause", "Stop automatic failover (lease fencing stays on).")
 _simple_admin("resume", "/resume", "Resume automatic failover.")
 
@@ -294,7 +287,7 @@ def reinit_command(ctl: CtlContext, node: str, force: bool, wait: bool, wait_tim
 
     async def main() -> int:
         async with ctl.client(admin=True) as client:
-            _confirm(force, f"rebuild {node} from the primary?")
+            confirm(force, f"rebuild {node} from the primary?")
             click.echo((await ctl.admin(client, "POST", "/reinit", {"node": node}))["message"])
             if not wait:
                 return EXIT_OK
@@ -357,7 +350,7 @@ def drill_command(
             writes_per_s=writes_per_s,
             endpoint=endpoint,
             timeout_s=wait_timeout,
-            confirm=lambda q: _confirm(force, q),
+            confirm=lambda q: confirm(force, q),
         )
         click.echo(json.dumps(result.as_dict(), indent=2) if as_json else drill.render(result))
         return EXIT_OK if result.ok and result.recorded else EXIT_REFUSED
@@ -366,15 +359,6 @@ def drill_command(
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _confirm(force: bool, question: str) -> None:
-    if force:
-        return
-    if not sys.stdin.isatty():
-        raise CtlError(f"{question[0].upper()}{question[1:]} Not confirmed: no terminal; pass --force", EXIT_USAGE)
-    if not click.confirm(question[0].upper() + question[1:], default=False):
-        raise CtlError("aborted", EXIT_REFUSED)
 
 
 def _parse_at(text: str) -> float:

@@ -3,8 +3,13 @@ the members' APIs, exit codes, and the one error type commands raise."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+import click
 
 from failoverd.api.client import Answer, ApiClient, Unreachable, api_address, client_ssl_context, load_token
 from failoverd.config.load import Config, ConfigError, load_config
@@ -117,3 +122,26 @@ class CtlContext:
         if answer.status >= 300 or not isinstance(answer.body, dict):
             raise CtlError(f"refused: {answer.error}", EXIT_REFUSED)
         return answer.body
+
+
+pass_ctl = click.make_pass_decorator(CtlContext)
+
+
+def run(coroutine_fn: Callable[[], Coroutine[Any, Any, int | None]]) -> NoReturn:
+    try:
+        code = asyncio.run(coroutine_fn())
+    except CtlError as error:
+        click.echo(f"failoverctl: {error}", err=True)
+        sys.exit(error.code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code or EXIT_OK)
+
+
+def confirm(force: bool, question: str) -> None:
+    if force:
+        return
+    if not sys.stdin.isatty():
+        raise CtlError(f"{question[0].upper()}{question[1:]} Not confirmed: no terminal; pass --force", EXIT_USAGE)
+    if not click.confirm(question[0].upper() + question[1:], default=False):
+        raise CtlError("aborted", EXIT_REFUSED)

@@ -1,9 +1,11 @@
 """What a SIGHUP may change in a running supervisor, decided without side effects.
 
-Live: protocol timing (under the rule below), hooks, log level and format.
-Everything else (members, addresses, paths, PostgreSQL settings, the VIP, the
-API) needs a restart; a reload logs which keys changed and keeps running with
-the old values for them.
+Live: protocol timing (under the rule below), hooks, log level and format,
+and [postgres.parameters] / [postgres] hba (written and reloaded into the
+local PostgreSQL; some of its settings then wait for its restart).
+Everything else (members, addresses, paths, the other [postgres] keys, the
+VIP, the API) needs a restart of failoverd; a reload logs which keys changed
+and keeps running with the old values for them.
 
 Timing and the rolling reload. Operators reload one member after another, so
 for a while some members run the old timing and some the new. The lease rule
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from failoverd.config.load import Config, HooksConfig, LoggingConfig
+from failoverd.config.load import Config, HooksConfig, LoggingConfig, PostgresSettings
 from failoverd.core.spec import Timing
 
 
@@ -31,12 +33,13 @@ class ReloadPlan:
     timing: Timing | None  # apply this timing (None: unchanged or refused)
     hooks: HooksConfig | None
     logging: LoggingConfig | None
+    pg_settings: PostgresSettings | None  # PostgreSQL parameters and hba lines to apply
     needs_restart: tuple[str, ...]  # changed sections that only a restart applies
     refused: tuple[str, ...]  # changes that were refused, with the reason
 
     @property
     def changes_anything(self) -> bool:
-        return any(x is not None for x in (self.timing, self.hooks, self.logging))
+        return any(x is not None for x in (self.timing, self.hooks, self.logging, self.pg_settings))
 
 
 def lease_fits(leader: Timing, voter: Timing) -> bool:
@@ -68,4 +71,5 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
             )
     hooks = new.hooks if new.hooks != old.hooks else None
     logging = new.logging if new.logging != old.logging else None
-    return ReloadPlan(timing, hooks, logging, tuple(needs_restart), tuple(refused))
+    pg_settings = new.pg_settings if new.pg_settings != old.pg_settings else None
+    return ReloadPlan(timing, hooks, logging, pg_settings, tuple(needs_restart), tuple(refused))

@@ -229,6 +229,10 @@ class Supervisor:
     def status(self) -> MemberStatus:
         return self.node.status(self.clock())
 
+    def pending_restart(self) -> tuple[str, ...]:
+        """Settings the local PostgreSQL applies only at a restart (the adapter's report)."""
+        return () if self.postgres is None else self.postgres.pending_restart
+
     # ----------------------------------------------------------------- loops
 
     async def _ticker(self) -> None:
@@ -324,6 +328,8 @@ class Supervisor:
             outcome = lambda: self.node.checkpoint_done(error, now())
         elif isinstance(action, act.Rebuild):
             outcome = lambda: self.node.rebuild_done(error, now())
+        elif isinstance(action, act.RestartServer):
+            outcome = lambda: self.node.restart_done(error, now())
         else:
             return
         async with self._lock:
@@ -361,6 +367,8 @@ class Supervisor:
             await pg.checkpoint(CHECKPOINT_TIMEOUT_S)
         elif isinstance(action, act.Rebuild):
             await pg.reinit(self.members[action.leader])
+        elif isinstance(action, act.RestartServer):
+            await pg.restart()
 
     # --------------------------------------------------------------- actions
 
@@ -534,7 +542,7 @@ class Supervisor:
         server behind the fence."""
         if FENCE_DROPS_QUEUE not in self.disabled:
             for dropped in self._drop_queued((object,), "fence"):
-                if isinstance(dropped, (act.Checkpoint, act.Rebuild)):
+                if isinstance(dropped, (act.Checkpoint, act.Rebuild, act.RestartServer)):
                     await self._report_dropped(dropped)
             busy = self._pg_busy
             if busy is not None and not busy.done():
@@ -561,6 +569,8 @@ class Supervisor:
             await self._execute(self.node.checkpoint_done("dropped by a fence", self.clock()))
         elif isinstance(action, act.Rebuild):
             await self._execute(self.node.rebuild_done("dropped by a fence", self.clock()))
+        elif isinstance(action, act.RestartServer):
+            await self._execute(self.node.restart_done("dropped by a fence", self.clock()))
 
 
 def new_rng() -> random.Random:

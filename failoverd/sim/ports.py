@@ -181,6 +181,17 @@ class SimPostgresPort:
         async with self._lock:
             await self._follow(str(leader))
 
+    pending_restart: tuple[str, ...] = ()
+
+    async def restart(self) -> None:
+        async with self._lock:
+            if self.pg.role is not SimRole.STANDBY:
+                raise SimPostgresError(f"cannot restart: the server is {self.pg.role.value}")
+            upstream = self.pg.upstream
+            self.world.stop_server(self.host, "restart")
+            await self._take(FAST_STOP_S + START_S)
+            self.world.stream_from(self.host, upstream)
+
     async def reinit(self, leader: Any) -> None:
         async with self._lock:
             name = str(leader)

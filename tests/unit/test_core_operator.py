@@ -292,3 +292,34 @@ def test_the_primary_that_crashed_before_its_standbys_cloned_is_elected_again():
         if w["a"].role is Role.LEADER and w["a"].lead.promote_requested_at is not None:
             break
     assert w["a"].role is Role.LEADER and of_type(w.log["a"][-40:], act.Promote)
+
+
+# --------------------------------------------------------------- restart
+
+
+def test_restart_is_redirected_to_the_member_and_runs_once_on_a_followers_standby():
+    from failoverd.core.requests import Restart
+
+    w = promoted()
+    w.observe("c", obs(PgRole.STANDBY, at=2.2, following="a"), 2.2)
+    reply = reply_of(w["a"].request(Restart(1, "c"), 2.2))
+    assert reply.code is ReplyCode.REDIRECT and reply.redirect == "c"
+    c = w["c"]
+    out = c.request(Restart(2, "c"), 2.25)
+    assert reply_of(out).ok and of_type(out, act.RestartServer) == [act.RestartServer()]
+    assert "restart_started" in events(out) and c.status(2.25).restarting
+    assert reply_of(c.request(Restart(3, "c"), 2.26)).code is ReplyCode.CONFLICT
+    assert reply_of(c.request(Reinit(4, "c"), 2.26)).ok  # a rebuild is a different request
+    out = c.restart_done(None, 2.6)
+    assert "restart_finished" in events(out) and not c.status(2.6).restarting
+
+
+def test_restart_refused_on_the_leader_a_witness_and_a_server_not_running_as_standby():
+    from failoverd.core.requests import Restart
+
+    w = promoted(witnesses=1)
+    leader = reply_of(w["a"].request(Restart(1, "a"), 2.2))
+    assert leader.code is ReplyCode.CONFLICT and "switchover" in leader.message
+    assert reply_of(w["w1"].request(Restart(2, "w1"), 2.2)).code is ReplyCode.INVALID
+    w.observe("b", obs(PgRole.STOPPED, at=2.2), 2.2)
+    assert reply_of(w["b"].request(Restart(3, "b"), 2.21)).code is ReplyCode.CONFLICT

@@ -84,7 +84,7 @@ from failoverd.adapters.postgres.replication import (
     PostgresReplication,
     _create_slot,
 )
-from failoverd.config.load import Config, NodeConfig, PostgresNodeConfig
+from failoverd.config.load import Config, NodeConfig, PostgresNodeConfig, PostgresSettings
 from failoverd.core.state import PgRole, Position
 
 __all__ = [
@@ -106,6 +106,7 @@ SYNC_APPLY_WAIT_S = 5.0
 # pg_ctl stop -w and pg_promote(wait => true) look every 100 ms; on the path
 # of a switchover each such step is writes waiting, so we look ourselves.
 _FAST_POLL_S = 0.01
+RELOAD_WAIT_S = 5.0  # how long a reload of the server may take to be read
 # What `pg_ctl stop -m <mode>` sends to the postmaster.
 _STOP_SIGNALS = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 START_GRACE_S = 5.0  # a postmaster not running this long after pg_ctl start failed to start
@@ -173,6 +174,11 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
         # anything here: the supervisor may cancel it then (waiting_on_upstream).
         self._asking_upstream = False
         self._keep_probe_conn = keep_probe_connection
+        self.settings = config.pg_settings  # [postgres.parameters] and [postgres] hba in force
+        # What failoverd.conf was last written with (conninfo, slot, standby), so
+        # that a reload rewrites the parameters around the same upstream.
+        self._member_files: tuple[str, str, bool] | None = None
+        self.pending_restart: tuple[str, ...] = ()  # settings the running server applies only at a restart
 
     @property
     def passfile(self) -> Path:
@@ -439,6 +445,18 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
         else:
             slot = ""
         await self._write_member_files(conninfo, slot, standby=standby)
+        await self._launch(standby=standby, upstream=None if upstream is None else upstream.name)
+
+    async def _start_written(self) -> None:
+        """Start again with the member files last written (a restart)."""
+        if self._member_files is None:
+            raise PostgresError("cannot restart: this daemon never wrote the server's settings")
+        conninfo, slot, standby = self._member_files
+        await self._prepare_run_dir()
+        await self._write_member_files(conninfo, slot, standby=standby)
+        await self._launch(standby=standby, upstream=None)
+
+    async def _launch(self, *, standby: bool, upstream: str | None) -> None:
         wait_s = max(1, math.ceil(self.command_timeout_s))
         # pg_ctl -W, then we watch postmaster.pid ourselves every 10 ms (pg_ctl -w
         # looks every 100 ms): the old primary of a switchover restarts here.
@@ -453,7 +471,7 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
             if not (standby and self.postmaster_pid() is not None):
                 raise PostgresError(f"PostgreSQL did not start within {wait_s} s (see {self.logfile})")
             self.log.warning("pg_start_slow", error=f"not accepting connections after {wait_s} s")
-        self.log.info("pg_started", standby=standby, upstream=None if upstream is None else upstream.name)
+        self.log.info("pg_started", standby=standby, upstream=upstream)
         if standby:
             await self._drop_stale_slots()
 
@@ -564,11 +582,81 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
             socket_dir=self.socket_dir,
             primary_conninfo=conninfo,
             primary_slot_name=slot,
+            parameters=self.settings.parameters,
         )
         stopped = self.postmaster_pid() is None
         await asyncio.to_thread(
-            setup.write_member_files, self.data_dir, text, standby=standby, stopped=stopped, owner=self._owner()
+            setup.write_member_files,
+            self.data_dir,
+            text,
+            standby=standby,
+            stopped=stopped,
+            owner=self._owner(),
+            hba_lines=self.settings.hba,
         )
+        self._member_files = (conninfo, slot, standby)
+        if stopped:
+            self.pending_restart = ()  # the next start reads everything
+
+    async def apply_settings(self, settings: PostgresSettings) -> tuple[str, ...]:
+        """Take reloaded [postgres.parameters] and [postgres] hba: rewrite the
+        files and, if the server runs, reload it. Returns the settings the
+        running server applies only at a restart (pending_restart); a stopped
+        server reads everything at its next start."""
+        async with self._lock:
+            self.settings = settings
+            if not self._has_data():
+                return ()
+            if self.postmaster_pid() is None:
+                if self._member_files is not None:
+                    await self._write_member_files(*self._member_files[:2], standby=self._member_files[2])
+                return ()
+            async with self._local(self.command_timeout_s) as conn:
+                if self._member_files is None:
+                    # Written by an earlier daemon: ask the server what it runs with.
+                    conninfo = await conn.fetchval("SELECT current_setting('primary_conninfo')")
+                    slot = await conn.fetchval("SELECT current_setting('primary_slot_name')")
+                    self._member_files = (conninfo, slot, bool(await conn.fetchval("SELECT pg_is_in_recovery()")))
+                await self._write_member_files(*self._member_files[:2], standby=self._member_files[2])
+                before = await conn.fetchval("SELECT pg_conf_load_time()")
+                await conn.execute("SELECT pg_reload_conf()")
+                deadline = time.monotonic() + RELOAD_WAIT_S
+                while await conn.fetchval("SELECT pg_conf_load_time()") == before and time.monotonic() < deadline:
+                    await asyncio.sleep(_FAST_POLL_S)
+                errors = await conn.fetch(
+                    "SELECT name, error FROM pg_file_settings WHERE error IS NOT NULL ORDER BY seqno"
+                )
+                pending = await conn.fetch("SELECT name FROM pg_settings WHERE pending_restart ORDER BY name")
+            if errors:
+                shown = "; ".join(f"{r['name'] or '?'}: {r['error']}" for r in errors)[:500]
+                raise PostgresError(f"PostgreSQL refused the settings (it keeps running with the old ones): {shown}")
+            self.pending_restart = tuple(r["name"] for r in pending)
+            self.log.info(
+                "pg_settings_applied",
+                parameters=len(settings.parameters),
+                hba_lines=len(settings.hba),
+                pending_restart=list(self.pending_restart),
+            )
+            return self.pending_restart
+
+    async def restart(self) -> None:
+        """Restart a standby (fast stop, start as it was), so that settings
+        pending a restart take effect. A primary is restarted only through a
+        switchover: its restart would be an outage."""
+        async with self._lock:
+            role = await self._role()
+            if role is PgRole.PRIMARY:
+                raise PostgresError("refusing to restart a primary: switch over first")
+            if role is not PgRole.STANDBY:
+                raise PostgresError(f"cannot restart: the server is {role.value}")
+            if self._member_files is None:
+                async with self._local(self.command_timeout_s) as conn:
+                    conninfo = await conn.fetchval("SELECT current_setting('primary_conninfo')")
+                    slot = await conn.fetchval("SELECT current_setting('primary_slot_name')")
+                self._member_files = (conninfo, slot, True)
+            await self.stop("fast")
+            await self._start_written()
+            self.log.info("pg_restarted")
 
 
 def _pm_status(data_dir: Path) -> str | None:

@@ -16,8 +16,13 @@ Where settings live, and why:
   should travel with the data. The member-specific keys are scrubbed from it
   before every start, so a copied or hand-made entry cannot point a standby at
   the wrong upstream.
+* `[postgres.parameters]` (the operator's settings for every member) go at
+  the top of `failoverd.conf`, before failoverd's own, which therefore win
+  (the configuration refuses a parameter failoverd sets anyway).
 * `pg_hba.conf` is written once, at bootstrap; an adopted data directory keeps
-  its own.
+  its own. The lines of `[postgres] hba` live in a marked block at its top
+  (first match wins), rewritten at every start and reload; everything outside
+  the block is the operator's and stays.
 """
 
 from __future__ import annotations
@@ -226,6 +231,7 @@ def node_conf_text(
     socket_dir: Path,
     primary_conninfo: str,
     primary_slot_name: str,
+    parameters: Sequence[tuple[str, str]] = (),
 ) -> str:
     settings = {
         # Every address, not just the member's own: clients reach the
@@ -250,12 +256,36 @@ def node_conf_text(
         "primary_slot_name": conf_string(primary_slot_name),
     }
     lines = [
-        f"# Written by failoverd for member {member} before every start: edits are lost.",
+        f"# Written by failoverd for member {member} before every start and at every reload: edits are lost.",
         "# postgresql.auto.conf (ALTER SYSTEM) overrides these, except the member-specific",
         "# keys, which failoverd removes from it.",
     ]
+    if parameters:
+        lines.append("# [postgres.parameters] of the failoverd configuration:")
+        lines += [f"{key} = {value}" for key, value in parameters]
+        lines.append("# failoverd's own settings:")
     lines += [f"{key} = {value}" for key, value in settings.items()]
     return "\n".join(lines) + "\n"
+
+
+HBA_BEGIN = "# BEGIN failoverd: [postgres] hba of the failoverd configuration, rewritten at every start and reload"
+HBA_END = "# END failoverd"
+
+
+def with_managed_hba(hba_conf: str, lines: Sequence[str]) -> str:
+    """pg_hba.conf with the managed block at its top holding `lines` (none:
+    no block); every line outside the block is kept as it was."""
+    kept: list[str] = []
+    inside = False
+    for line in hba_conf.splitlines():
+        if line.strip() == HBA_BEGIN:
+            inside = True
+        elif inside and line.strip() == HBA_END:
+            inside = False
+        elif not inside:
+            kept.append(line)
+    block = [HBA_BEGIN, *lines, HBA_END] if lines else []
+    return "\n".join([*block, *kept]) + "\n"
 
 
 def hba_text(*, replication_user: str, database: str, hosts: Iterable[str]) -> str:
@@ -363,11 +393,19 @@ def make_private_dir(path: Path, owner: tuple[int, int] | None) -> None:
 
 
 def write_member_files(
-    data_dir: Path, conf_text: str, *, standby: bool, stopped: bool, owner: tuple[int, int] | None
+    data_dir: Path,
+    conf_text: str,
+    *,
+    standby: bool,
+    stopped: bool,
+    owner: tuple[int, int] | None,
+    hba_lines: Sequence[str] = (),
 ) -> None:
-    """failoverd.conf, the include in postgresql.conf, the signal file, and
-    (while stopped) member keys scrubbed from postgresql.auto.conf."""
+    """failoverd.conf, the include in postgresql.conf, the managed block of
+    pg_hba.conf, the signal file, and (while stopped) member keys scrubbed
+    from postgresql.auto.conf."""
     write_file(data_dir / NODE_CONF, conf_text, owner=owner)
+    write_managed_hba(data_dir, hba_lines, owner=owner)
     conf = data_dir / "postgresql.conf"
     current = conf.read_text()
     if with_include(current) != current:
@@ -375,6 +413,14 @@ def write_member_files(
     if stopped:
         update_auto_conf(data_dir, remove=MEMBER_KEYS, owner=owner)
     set_standby_signal(data_dir, standby, owner)
+
+
+def write_managed_hba(data_dir: Path, lines: Sequence[str], *, owner: tuple[int, int] | None) -> None:
+    path = data_dir / "pg_hba.conf"
+    current = path.read_text() if path.exists() else ""
+    wanted = with_managed_hba(current, lines)
+    if wanted != current:
+        write_file(path, wanted, owner=owner)
 
 
 def set_standby_signal(data_dir: Path, standby: bool, owner: tuple[int, int] | None) -> None:
