@@ -56,9 +56,21 @@ net-tools:
 	echo "installing $$missing"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null
 
+# tests/unit/test_monitoring.py runs promtool on deploy/prometheus/: Debian's
+# prometheus package, without its recommends (node exporter, smartmontools);
+# the server it ships is disabled, never used.
+.PHONY: promtool
+promtool:
+	@if command -v promtool >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "promtool missing: the monitoring tests will fail (as root: apt-get install prometheus)"; exit 0; fi; \
+	echo "installing prometheus (for promtool)"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null && \
+	{ systemctl disable --now prometheus.service >/dev/null 2>&1 || true; }
+
 # pytest exits 5 when it collected no tests; that must fail the build, and it
 # does because any non-zero status fails make.
-test: $(STAMP) postgres-server net-tools
+test: $(STAMP) postgres-server net-tools promtool
 	$(PY) -m pytest
 
 # Lint and type checks: ruff (rules and format) everywhere, mypy with strict
@@ -74,7 +86,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format failoverd tests bench
 
 # The inner loop: the unit tests only (no PostgreSQL, no namespaces), under a minute.
-unit: $(STAMP)
+unit: $(STAMP) promtool
 	$(PY) -m pytest tests/unit -q
 
 .PHONY: bench demo
