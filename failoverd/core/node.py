@@ -66,6 +66,12 @@ class Node:
         follower.keep_local_postgres_in_line(ctx, now)
         return ctx.flush()
 
+    def label_wall_time(self, wall_time: float) -> None:
+        """The wall time from the next input on: it labels history entries
+        and status, and tells when a switchover scheduled for a wall time is
+        due; every other timer runs on the monotonic `now`."""
+        self.ctx.wall_time = wall_time
+
     def receive(self, msg: Message, now: float) -> list[act.Action]:
         """Handle a decoded peer message. Raises ProtocolError, changing nothing, if it is not for us."""
         ctx = self.ctx

@@ -188,7 +188,7 @@ class Supervisor:
     async def on_message(self, msg: Message) -> None:
         """Peer input; ProtocolError propagates to the peer server (answered 400)."""
         async with self._lock:
-            await self._execute(self.node.receive(msg, self.clock()))
+            await self._execute(self.node.receive(msg, self._now()))
         self._nudge()
 
     async def retime(self, timing: Any) -> None:
@@ -215,7 +215,7 @@ class Supervisor:
         self._replies[req.request_id] = future
         try:
             async with self._lock:
-                await self._execute(self.node.request(req, self.clock()))
+                await self._execute(self.node.request(req, self._now()))
             self._nudge()
             return await asyncio.wait_for(future, timeout_s)
         finally:
@@ -228,6 +228,13 @@ class Supervisor:
 
     def status(self) -> MemberStatus:
         return self.node.status(self.clock())
+
+    def _now(self) -> float:
+        """The core's time for an input, with the wall time that labels what
+        the input leads to (an election's history entry is stamped when it
+        is won, not at the tick before)."""
+        self.node.label_wall_time(self.wall_clock())
+        return self.clock()
 
     def pending_restart(self) -> tuple[str, ...]:
         """Settings the local PostgreSQL applies only at a restart (the adapter's report)."""
@@ -267,7 +274,7 @@ class Supervisor:
             self._probe_now.clear()
             obs = await postgres.probe(self.clock())
             async with self._lock:
-                await self._execute(self.node.observe(obs, self.clock()))
+                await self._execute(self.node.observe(obs, self._now()))
             self._nudge()
             # While a promotion runs, look often: the core hands out the VIP and
             # points the standbys at us only once a probe shows us writable, and
@@ -321,7 +328,7 @@ class Supervisor:
 
     async def _report_outcome(self, action: act.Action, error: str | None) -> None:
         """Tell the core how an action it waits for ended."""
-        now = self.clock
+        now = self._now
         if isinstance(action, act.Promote) and error is not None and error != "cancelled":
             outcome = lambda: self.node.promotion_failed(action.term, error[:200], now())
         elif isinstance(action, act.Checkpoint):
@@ -476,11 +483,11 @@ class Supervisor:
             return
         error = await vip.acquisition_result()
         async with self._lock:
-            await self._execute(self.node.vip_result(term, error, self.clock()))
+            await self._execute(self.node.vip_result(term, error, self._now()))
 
     async def _vip_outcome(self, term: int, error: str) -> None:
         # Called inside _execute, under the lock: the core's answer joins the list being run.
-        await self._execute(self.node.vip_result(term, error, self.clock()))
+        await self._execute(self.node.vip_result(term, error, self._now()))
 
     async def _release_vip(self) -> None:
         vip = self.vip
@@ -566,11 +573,11 @@ class Supervisor:
     async def _report_dropped(self, action: act.Action) -> None:
         # Under the lock already (inside _execute): run the core's answer inline.
         if isinstance(action, act.Checkpoint):
-            await self._execute(self.node.checkpoint_done("dropped by a fence", self.clock()))
+            await self._execute(self.node.checkpoint_done("dropped by a fence", self._now()))
         elif isinstance(action, act.Rebuild):
-            await self._execute(self.node.rebuild_done("dropped by a fence", self.clock()))
+            await self._execute(self.node.rebuild_done("dropped by a fence", self._now()))
         elif isinstance(action, act.RestartServer):
-            await self._execute(self.node.restart_done("dropped by a fence", self.clock()))
+            await self._execute(self.node.restart_done("dropped by a fence", self._now()))
 
 
 def new_rng() -> random.Random:
