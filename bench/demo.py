@@ -2,8 +2,8 @@
 """`make demo`: a three-node failoverd cluster on this machine, one failover,
 its timeline, and everything removed again.
 
-As root with network namespaces: the lab of tests/e2e — three hosts
-(198.18.20.1-3), each running PostgreSQL and `failoverd run` as the postgres
+As root with network namespaces: the lab of tests/e2e (tests/support/e2e)
+— three hosts (198.18.20.1-3), each running PostgreSQL and `failoverd run` as the postgres
 user with only CAP_NET_ADMIN/CAP_NET_RAW (as under systemd), a VIP
 198.18.20.100 on whichever host is primary, and a client host whose writers
 connect to the VIP only. Otherwise: the three members on 127.0.0.1 and a
@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "integration"), str(REPO)]
+sys.path.insert(0, str(REPO))  # for tests.support, the helpers shared with the tests
 
-from pg_helpers import pg_os_user, require_bin_dir
+from tests.support.postgres import pg_os_user, require_bin_dir
 
 DETECTED = ("lease lost", "fence decided", "pre-vote", "election")
 
@@ -63,9 +63,9 @@ def show_timeline(
 
 
 async def lab_demo(bin_dir: Path, fault_name: str, keep: bool) -> int:
-    from checker import VipMonitor
-    from lab import DATA, E2ELab, lab_dir
-    from scenarios import FAULTS, run_fault
+    from tests.support.e2e.checker import VipMonitor
+    from tests.support.e2e.lab import DATA, E2ELab, lab_dir
+    from tests.support.e2e.scenarios import FAULTS, run_fault
 
     if keep:
         os.environ["FAILOVERD_E2E_KEEP"] = "1"
@@ -114,8 +114,8 @@ def _lab_rows(r) -> list[tuple[str, float | None, str]]:
 
 
 async def loopback_demo(bin_dir: Path, keep: bool) -> int:
-    from cluster_harness import LocalCluster, first_write_not_by, start_watched
-    from lab import _wall
+    from tests.support.cluster import LocalCluster, first_write_not_by, start_watched
+    from tests.support.e2e.lab import _wall
 
     os_user, owner = pg_os_user()
     base = Path(tempfile.mkdtemp(prefix="failoverd-demo-", dir="/tmp"))
@@ -183,7 +183,7 @@ def main() -> int:
     parser.add_argument("--loopback", action="store_true", help="use loopback even where namespaces work")
     args = parser.parse_args()
     bin_dir = require_bin_dir()
-    from lab import lab_unsupported_reason
+    from tests.support.e2e.lab import lab_unsupported_reason
 
     reason = None if args.loopback else lab_unsupported_reason()
     if reason is None and not args.loopback:

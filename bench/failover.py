@@ -5,11 +5,11 @@
     sudo .venv/bin/python bench/failover.py --mode loopback [--runs 5] [--json PATH]
 
 `lab` (the default; needs root and `ip netns`): the end-to-end lab of
-tests/e2e — three `failoverd run` supervisors with PostgreSQL, each in its own
-network namespace, a real VIP, and a client namespace whose writers know only
-the VIP. Each round builds a fresh cluster (supervisors run as the postgres
-user with ambient CAP_NET_ADMIN/CAP_NET_RAW, as under systemd) and runs the
-whole fault matrix on it; the stability profile (100 ms +- 50 ms delay, 2%
+tests/e2e (tests/support/e2e) — three `failoverd run` supervisors with
+PostgreSQL, each in its own network namespace, a real VIP, and a client
+namespace whose writers know only the VIP. Each round builds a fresh cluster
+(supervisors run as the postgres user with ambient CAP_NET_ADMIN/CAP_NET_RAW,
+as under systemd) and runs the whole fault matrix on it; the stability profile (100 ms +- 50 ms delay, 2%
 loss on every link) runs once, for --stability-s; the supervisors' memory and
 CPU are measured once on an idle healthy cluster. It prints a table per fault
 (median, min and max unavailability, failovers, lost writes, dual primaries),
@@ -35,9 +35,10 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests" / "e2e"), str(REPO / "tests" / "integration"), str(REPO)]
+# bench/ for loopback.py; the repository root for tests.support, the helpers shared with the tests.
+sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 
-from pg_helpers import pg_os_user, require_bin_dir
+from tests.support.postgres import pg_os_user, require_bin_dir
 
 GOALS = {
     "unavailable_median_s": 1.5,  # isolate-primary and kill-postmaster
@@ -48,9 +49,9 @@ GOAL_FAULTS = ("isolate-primary", "kill-postmaster")
 
 
 async def lab_round(index: int, bin_dir: Path, faults: list[str], *, idle_s: float, stability_s: float) -> dict:
-    from checker import VipMonitor
-    from lab import DATA, E2ELab, lab_dir
-    from scenarios import FAULTS, Profile, measure_idle, run_fault, run_stability
+    from tests.support.e2e.checker import VipMonitor
+    from tests.support.e2e.lab import DATA, E2ELab, lab_dir
+    from tests.support.e2e.scenarios import FAULTS, Profile, measure_idle, run_fault, run_stability
 
     out: dict = {"round": index, "runs": [], "errors": []}
     with lab_dir("failoverd-bench-") as base:
@@ -105,7 +106,7 @@ async def lab_round(index: int, bin_dir: Path, faults: list[str], *, idle_s: flo
 
 
 def table(rounds: list[dict], faults: list[str]) -> tuple[list[str], dict]:
-    from scenarios import FAULTS
+    from tests.support.e2e.scenarios import FAULTS
 
     by_fault: dict[str, list[dict]] = {}
     for rnd in rounds:
@@ -182,8 +183,8 @@ def goals(summary: dict, idle: dict | None) -> list[tuple[str, bool]]:
 
 
 def main_lab(args: argparse.Namespace, bin_dir: Path) -> int:
-    from lab import lab_unsupported_reason
-    from scenarios import FAULTS
+    from tests.support.e2e.lab import lab_unsupported_reason
+    from tests.support.e2e.scenarios import FAULTS
 
     reason = lab_unsupported_reason()
     if reason is not None:
@@ -288,7 +289,7 @@ def main() -> int:
         parser.error("--runs must be at least 1")
     bin_dir = require_bin_dir()
     if args.mode == "auto":
-        from lab import lab_unsupported_reason
+        from tests.support.e2e.lab import lab_unsupported_reason
 
         reason = lab_unsupported_reason()
         args.mode = "lab" if reason is None else "loopback"

@@ -1,6 +1,6 @@
 """Idle cost of the supervisors: RSS and CPU share of one core of each
 `failoverd run` process of a healthy, idle three-member cluster on 127.0.0.1
-(cluster_harness.LocalCluster: real PostgreSQL, quorum ANY 1, no VIP), read
+(tests.support.cluster.LocalCluster: real PostgreSQL, quorum ANY 1, no VIP), read
 from /proc over --seconds, once per heartbeat interval given.
 
     sudo .venv/bin/python bench/idle.py [--seconds 30] [--heartbeat 0.1 --heartbeat 0.2] [--json PATH]
@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests" / "e2e"), str(REPO / "tests" / "integration"), str(REPO)]
+sys.path.insert(0, str(REPO))  # for tests.support, the helpers shared with the tests
 
-from cluster_harness import LocalCluster
-from lab import process_usage
-from pg_helpers import pg_os_user, require_bin_dir
+from tests.support.cluster import LocalCluster
+from tests.support.e2e.lab import process_usage
+from tests.support.postgres import pg_os_user, require_bin_dir
 
 SETTLE_S = 5.0  # after the cluster is healthy: the standbys' first catch-up is not idle
 

@@ -3,8 +3,8 @@ on a three-member cluster on 127.0.0.1 (no namespaces, no VIP), to the first
 write acknowledged by another server, through a multi-host DSN.
 
 Each run builds a fresh cluster (three `failoverd run` supervisors, default
-timing, quorum ANY 1) with cluster_harness.LocalCluster, starts a writer that
-inserts as fast as commits return, kills the primary's postmaster and
+timing, quorum ANY 1) with tests.support.cluster.LocalCluster, starts a
+writer that inserts as fast as commits return, kills the primary's postmaster and
 records: unavailability (kill -> first write acknowledged by another server),
 lost acknowledged writes on the final primary, and two-primaries samples.
 """
@@ -17,11 +17,16 @@ import os
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from cluster_harness import LocalCluster, first_write_not_by, start_watched
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # imported by bench/failover.py, which has put it there already
+    sys.path.insert(0, str(REPO))  # for tests.support, the helpers shared with the tests
+
+from tests.support.cluster import LocalCluster, first_write_not_by, start_watched
 
 
 async def one_run(index: int, bin_dir: Path, os_user: str, owner) -> dict:
@@ -81,3 +86,9 @@ def run(runs: int, bin_dir: Path, os_user: str, owner) -> tuple[dict, list[dict]
         f"two-primary samples {summary['dual_primary_samples']}"
     )
     return summary, results
+
+
+if __name__ == "__main__":
+    # Not a script of its own: bench/failover.py runs it and owns the options.
+    print(__doc__)
+    print("Run it as: .venv/bin/python bench/failover.py --mode loopback [--runs 5] [--json PATH]")

@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import hmac
 import resource
-import socket
 
 import aiohttp
 from aiohttp import web
@@ -42,7 +41,9 @@ def verify(signature: str, body: bytes) -> None:
         raise ValueError("bad signature")
 
 
-async def serve(port: int) -> web.AppRunner:
+async def serve() -> tuple[web.AppRunner, int]:
+    """The server on a port the kernel picks as it binds (no free-port guess to race on), and that port."""
+
     async def post(request: web.Request) -> web.Response:
         body = await request.read()
         verify(request.headers["X-Signature"], body)
@@ -63,15 +64,12 @@ async def serve(port: int) -> web.AppRunner:
     app.router.add_get("/stream", stream)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
 
 
 async def main(messages: int) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    runner = await serve(port)
+    runner, port = await serve()
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:

@@ -4,7 +4,7 @@
     .venv/bin/python bench/switchover.py [--runs 6] [--interval-ms 15] [--json bench/results/switchover.json]
 
 Builds a fresh three-member cluster on 127.0.0.1 (three `failoverd run`
-supervisors, default timing, quorum ANY 1; tests/integration/cluster_harness.py)
+supervisors, default timing, quorum ANY 1; tests/support/cluster.py)
 and runs `failoverctl switchover --to NODE --force` (the installed CLI) --runs
 times, each to the next member after the current primary, so the targets
 alternate and every member is primary in turn.
@@ -53,13 +53,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests" / "integration"), str(REPO)]
+sys.path.insert(0, str(REPO))  # for tests.support, the helpers shared with the tests
 
 import asyncpg
-from cluster_harness import DualPrimarySampler, LocalCluster
-from pg_helpers import pg_os_user, require_bin_dir
 
 from failoverd.ctl.drill import CREATE_TABLE, ProbeWriter, missing_acks
+from tests.support.cluster import DualPrimarySampler, LocalCluster
+from tests.support.postgres import pg_os_user, require_bin_dir
 
 GOAL_MEDIAN_S = 0.5
 # (label, member: "old" or "new" or "other", event, extra condition on the event)

@@ -12,17 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support import free_port, wait_for_sync
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -122,15 +117,18 @@ def start_witness(
             env=None if env is None else {**os.environ, **env},
         )
     w = RunningWitness(proc, base, secret, token, peer_ports["w1"], api_ports["w1"], stderr_path, config)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         if not w.alive():
             raise RuntimeError(f"witness exited {proc.returncode}: {w.stderr()[-2000:]}")
-        if all(_listening(p) for p in (w.peer_port, w.api_port)):
-            return w
-        time.sleep(0.05)
-    stop_witness(w)
-    raise RuntimeError(f"witness did not start listening: {w.stderr()[-2000:]}")
+        return all(_listening(p) for p in (w.peer_port, w.api_port))
+
+    try:
+        wait_for_sync("the witness listening", listening, 20, detail=lambda: w.stderr()[-2000:])
+    except AssertionError:
+        stop_witness(w)
+        raise
+    return w
 
 
 def _listening(port: int) -> bool:

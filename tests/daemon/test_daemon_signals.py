@@ -11,15 +11,7 @@ import time
 import pytest
 from daemon_fixture import RunningWitness, start_witness, stop_witness
 
-
-def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"{what} not reached within {timeout_s} s")
+from tests.support import wait_for_sync
 
 
 def event_names(w: RunningWitness) -> list[str]:
@@ -37,16 +29,19 @@ def notify_socket(tmp_path):
 
 
 def receive_all(sock: socket.socket, until: str, timeout_s: float = 15.0) -> list[str]:
+    """Every datagram received until one contains `until`."""
     got: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def arrived() -> list[str] | None:
         try:
-            got.append(sock.recv(4096).decode())
+            got.append(sock.recv(4096).decode())  # waits up to the socket's timeout (0.2 s)
         except TimeoutError:
-            continue
-        if any(until in g for g in got):
-            return got
-    pytest.fail(f"{until!r} not received; got {got}")
+            return None
+        return got if any(until in g for g in got) else None
+
+    return wait_for_sync(
+        f"{until!r} on the notify socket", arrived, timeout_s, interval_s=0, detail=lambda: f"got {got}"
+    )
 
 
 def test_sd_notify_ready_status_watchdog_and_stopping(tmp_path, notify_socket):
@@ -67,7 +62,7 @@ def test_sd_notify_ready_status_watchdog_and_stopping(tmp_path, notify_socket):
 def reload(w, outcome: str) -> dict:
     """SIGHUP the daemon; its first `outcome` event (config_reloaded or config_reload_failed)."""
     os.kill(w.proc.pid, signal.SIGHUP)
-    return wait_for(lambda: next((e for e in w.events() if e.get("event") == outcome), None), what=outcome)
+    return wait_for_sync(outcome, lambda: next((e for e in w.events() if e.get("event") == outcome), None), 10)
 
 
 def test_sighup_applies_logging_and_hooks_and_reports_what_needs_a_restart(tmp_path):

@@ -12,9 +12,9 @@ import urllib.request
 
 import pytest
 from daemon_fixture import start_witness, stop_witness
-from tls_helpers import self_signed_cert
 
 from failoverd.adapters.peers import PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from tests.support.tls import self_signed_cert
 
 
 @pytest.fixture(scope="module")

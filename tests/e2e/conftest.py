@@ -1,4 +1,5 @@
-"""The end-to-end lab (lab.py) needs root, `ip netns`, nft, tc and PostgreSQL.
+"""The end-to-end lab (tests/support/e2e/lab.py) needs root, `ip netns`, nft,
+tc and PostgreSQL.
 
 Where any of that is missing the whole directory is skipped, with the reason
 printed in the report header and in pytest's skip summary. The results of
@@ -7,17 +8,14 @@ every run are printed at the end of the session.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-# netns.py, cluster_harness.py and pg_helpers.py are shared with the integration tests.
-sys.path[:0] = [str(HERE), str(HERE.parent / "integration")]
+from tests.support.e2e.lab import lab_unsupported_reason
+from tests.support.e2e.scenarios import REPORT
 
-from lab import lab_unsupported_reason  # noqa: E402
-from scenarios import REPORT  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 REASON = lab_unsupported_reason()
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from checker import VipMonitor
-from lab import DATA, E2ELab, lab_dir
-from pg_helpers import find_bin_dir
-from scenarios import FAULTS, REPORT, Profile, RunResult, run_fault, run_stability, start_run
+
+from tests.support.e2e.checker import VipMonitor
+from tests.support.e2e.lab import DATA, E2ELab, lab_dir
+from tests.support.e2e.scenarios import FAULTS, REPORT, Profile, RunResult, run_fault, run_stability, start_run
+from tests.support.postgres import find_bin_dir
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 

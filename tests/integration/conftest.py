@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pg_helpers import find_bin_dir, stop_servers_under
+
+from tests.support.postgres import find_bin_dir, stop_servers_under
 
 HERE = Path(__file__).resolve().parent
 BIN_DIR = find_bin_dir()
@@ -77,7 +78,7 @@ def base_dir() -> Iterator[Path]:
 @pytest.fixture
 def make_cluster(base_dir, bin_dir, os_user, owner):
     """Three-member (or as asked) `failoverd run` clusters, cleaned up after the test."""
-    from cluster_harness import LocalCluster
+    from tests.support.cluster import LocalCluster
 
     made: list[LocalCluster] = []
 

@@ -10,10 +10,10 @@ import asyncio
 import re
 import time
 
-from cluster_harness import LocalCluster
 from test_cluster import _finish, _started
 
 from failoverd.core.state import PgRole
+from tests.support.cluster import LocalCluster
 
 
 async def _api_primary(cluster: LocalCluster, expect: str | None = None) -> str | None:

@@ -13,9 +13,8 @@ import os
 import signal
 import time
 
-from cluster_harness import DualPrimarySampler, LocalCluster, Writer, start_watched
-
 from failoverd.core.state import PgRole
+from tests.support.cluster import DualPrimarySampler, LocalCluster, Writer, start_watched
 
 
 async def _started(cluster: LocalCluster) -> tuple[str, Writer, DualPrimarySampler]:
@@ -27,7 +26,7 @@ async def _finish(
 ):
     # Writes must flow again before we stop looking.
     count = len(writer.acked)
-    await cluster.wait_for("acknowledged writes after the fault", _async(lambda: len(writer.acked) > count + 20), 60)
+    await cluster.wait_for("acknowledged writes after the fault", lambda: len(writer.acked) > count + 20, 60)
     await writer.stop()
     await sampler.stop()
     final = await cluster.wait_for("one primary", cluster.primary, 30)
@@ -38,13 +37,6 @@ async def _finish(
     assert sampler.dual == [], f"two primaries at once: {sampler.dual[:5]}\n{cluster.logs()}"
     assert sampler.samples > 10 and sampler.max_gap_s() < 0.1, (sampler.samples, sampler.max_gap_s())
     return final
-
-
-def _async(fn):
-    async def check():
-        return fn()
-
-    return check
 
 
 async def test_bootstrap_from_empty_directories(make_cluster):

@@ -11,10 +11,10 @@ import json
 
 import asyncpg
 import pytest
-from cluster_harness import DualPrimarySampler, LocalCluster
 from test_failoverctl import _listed_primary
 
 from failoverd.ctl.drill import AFTER_ACKS, TABLE, WARM_UP_ACKS
+from tests.support.cluster import DualPrimarySampler, LocalCluster
 
 
 @pytest.fixture

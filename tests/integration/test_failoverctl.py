@@ -15,10 +15,11 @@ import signal
 import time
 
 import asyncpg
-from cluster_harness import DualPrimarySampler, LocalCluster, Writer
 from test_cluster import _finish, _host_down, _new_primary, _started
 
 from failoverd.core.state import PgRole
+from tests.support import wait_for
+from tests.support.cluster import DualPrimarySampler, LocalCluster, Writer
 
 
 async def _ctl_ok(cluster: LocalCluster, *args: str) -> str:
@@ -226,14 +227,22 @@ async def test_reinit_rebuilds_a_standby(make_cluster):
     assert "pg_clone_done" in names and "pg_reinit_done" in names
     await _finish(cluster, writer, sampler)
     await cluster.wait_for("the rebuilt standby streaming", lambda: cluster.healthy(primary), 60)
-    missing = await _missing_when_caught_up(cluster, writer, standby)
-    assert missing == [], f"acknowledged writes missing on the rebuilt {standby}: {missing[:10]}"
+    await _caught_up(writer, standby)
 
 
-async def _missing_when_caught_up(cluster: LocalCluster, writer: Writer, name: str) -> list[int]:
-    deadline = time.monotonic() + 30
-    while True:
+async def _caught_up(writer: Writer, name: str) -> None:
+    """Wait until every acknowledged write is on `name` (its replay may lag a little)."""
+    missing: list[int] = []
+
+    async def nothing_missing() -> bool:
+        nonlocal missing
         missing = await writer.missing_on(name)
-        if not missing or time.monotonic() > deadline:
-            return missing
-        await asyncio.sleep(0.5)
+        return not missing
+
+    await wait_for(
+        f"every acknowledged write on the rebuilt {name}",
+        nothing_missing,
+        30,
+        interval_s=0.5,
+        detail=lambda: f"acknowledged writes missing on the rebuilt {name}: {missing[:10]}",
+    )

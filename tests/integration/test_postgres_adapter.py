@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from pg_helpers import SECRET, adapters, connect, make_config, prepare_node_dirs, query, wait_for
 from structlog.testing import capture_logs
 
 from failoverd.adapters import processes, programs
@@ -24,6 +23,8 @@ from failoverd.adapters.postgres import setup
 from failoverd.adapters.postgres.adapter import PostgresAdapter
 from failoverd.config.load import NodeConfig
 from failoverd.core.state import PgObservation, PgRole, Position
+from tests.support import wait_for
+from tests.support.postgres import SECRET, adapters, connect, make_config, prepare_node_dirs, query
 
 
 async def probe(adapter: PostgresAdapter) -> PgObservation:
@@ -403,10 +404,7 @@ async def test_kept_probe_connection_still_sees_a_frozen_or_restarted_server(
         os.kill(pid, signal.SIGSTOP)
         try:
             # Signal delivery is asynchronous: wait until the kernel shows it stopped.
-            deadline = time.monotonic() + 5
-            while not processes.is_stopped(pid):
-                assert time.monotonic() < deadline, "SIGSTOP not delivered"
-                await asyncio.sleep(0.01)
+            await wait_for("the SIGSTOP delivered", lambda: processes.is_stopped(pid), 5, interval_s=0.01)
             assert (await probe(pg)).role is PgRole.UNRESPONSIVE
         finally:
             os.kill(pid, signal.SIGCONT)

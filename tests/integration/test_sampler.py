@@ -9,8 +9,8 @@ import asyncio
 import types
 from pathlib import Path
 
-from cluster_harness import DualPrimarySampler
-from pg_helpers import adapters, make_config, prepare_node_dirs
+from tests.support.cluster import DualPrimarySampler
+from tests.support.postgres import adapters, make_config, prepare_node_dirs
 
 
 async def test_sampler_reports_two_primaries_and_keeps_its_pace(

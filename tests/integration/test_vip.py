@@ -1,5 +1,5 @@
 """VirtualIp against real interfaces: hosts are network namespaces on a bridge
-(see netns.py); nothing touches the root namespace.
+(see tests/support/netns.py); nothing touches the root namespace.
 
 The adapter also runs, in a host namespace, as the `postgres` user holding
 only ambient CAP_NET_ADMIN and CAP_NET_RAW (what the systemd unit grants):
@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_harness import make_runtime_bundle, system_python
-from netns import Lab, lab, unsupported_reason
 from structlog.testing import capture_logs
 
 import failoverd.adapters.vip as vip_module
 from failoverd.adapters import programs
 from failoverd.adapters.vip import VipError, VirtualIp
 from failoverd.config.load import VipConfig
+from tests.support.cluster import make_runtime_bundle, system_python
+from tests.support.netns import Lab, lab, unsupported_reason
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -118,14 +118,22 @@ def test_different_seeds_differ():
 
 # (safeguard, cluster shape, seeds to try, the violations it must produce)
 SAFEGUARD_CASES = [
-    ("lease", dict(data_nodes=3), 40,
-     {"one-writable-primary", "one-vip-holder", "no-lost-acked-write", "fenced-primary-accepts-nothing"}),
+    (
+        "lease",
+        dict(data_nodes=3),
+        40,
+        {"one-writable-primary", "one-vip-holder", "no-lost-acked-write", "fenced-primary-accepts-nothing"},
+    ),
     ("lsn-check", dict(data_nodes=3), 80, {"no-lost-acked-write"}),
     ("lsn-check", dict(data_nodes=5, sync_count=2), 120, {"no-lost-acked-write"}),
     ("persist-vote", dict(data_nodes=3), 300, {"one-leader-per-term"}),
     # The executor's own safeguard: queued work running after a fence.
-    ("fence-drops-queue", dict(data_nodes=3), 300,
-     {"fenced-primary-accepts-nothing", "one-writable-primary", "no-lost-acked-write"}),
+    (
+        "fence-drops-queue",
+        dict(data_nodes=3),
+        300,
+        {"fenced-primary-accepts-nothing", "one-writable-primary", "no-lost-acked-write"},
+    ),
 ]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -41,17 +40,12 @@ from failoverd.core.requests import (
 from failoverd.core.state import HistoryEntry, PgObservation, PgRole, Position, Role, StateStamp
 from failoverd.core.status import FailoverRecord, MemberStatus, RebuildStatus
 from failoverd.runtime.supervisor import SupervisorCounters
+from tests.support import free_port, wait_for
 
 TOKEN = "unit-test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FORWARDED = "X-Failoverd-Forwarded-By"
 NAMES = ("a", "b", "c")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_text(
@@ -183,9 +177,13 @@ class FakeSupervisor:
         self.reply: Answer | Callable[[AdminRequest], Answer] | None = None
         self.hold: asyncio.Event | None = None
         self.on_request: Any = None  # called with each request after it is recorded
+        self.pending: tuple[str, ...] = ()  # settings that wait for a restart
 
     def status(self) -> MemberStatus:
         return self.st
+
+    def pending_restart(self) -> tuple[str, ...]:
+        return self.pending
 
     async def request(self, req: AdminRequest) -> Reply:
         self.calls.append(("request", req))
@@ -302,6 +300,8 @@ async def test_health_reports_the_member(cluster: Cluster) -> None:
         "following": "a",
         "streaming": True,
         "observed_s_ago": 0.05,
+        "pending_restart": [],
+        "restarting": False,
     }
     assert body["lag_bytes"] == 1000 and body["paused"] is False and body["writable"] is False
     assert body["state_version"] == [3, 7] and body["api"] == f"127.0.0.1:{cluster.ports['b']}"
@@ -662,8 +662,7 @@ async def test_a_switchover_is_answered_when_the_core_answers(cluster: Cluster) 
     fake.hold = asyncio.Event()
     fake.reply = (ReplyCode.OK, "switchover to b started")
     call = asyncio.create_task(cluster.call("a", "POST", "/switchover", body={"to": "b"}, headers=AUTH))
-    while not fake.requests():
-        await asyncio.sleep(0.005)
+    await wait_for("the request at the core", fake.requests, interval_s=0.005)
     await asyncio.sleep(0.05)
     assert not call.done()
     fake.hold.set()

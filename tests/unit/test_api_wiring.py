@@ -14,8 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from test_api_server import AUTH, NAMES, TOKEN, Cluster, config_text, free_port, three
-from tls_helpers import self_signed_cert
+from test_api_server import AUTH, NAMES, TOKEN, Cluster, config_text, three
 
 from failoverd.api.client import ApiClient, Unreachable, client_ssl_context
 from failoverd.api.server import ApiServer
@@ -23,14 +22,16 @@ from failoverd.config.load import parse_config
 from failoverd.core.actions import ReplyCode
 from failoverd.core.requests import Pause, Reinit
 from failoverd.core.state import PgRole, Role
+from tests.support import free_port, wait_for
 
 # ------------------------------------------- in front of real supervisors
 
 
 async def test_real_supervisors_report_status_and_count_a_failover() -> None:
-    from test_supervisor import TIMING, _ready
     from test_supervisor import Cluster as SupervisorCluster
+    from test_supervisor import _ready
 
+    started_at, started_wall = time.monotonic(), time.time()
     async with SupervisorCluster() as c:
         await c.wait_for(lambda: _ready(c))
         old = c.primaries()[0]
@@ -47,21 +48,21 @@ async def test_real_supervisors_report_status_and_count_a_failover() -> None:
         fst = c.sups[follower].status()
         assert fst.leader == old and fst.leader_live and fst.role is Role.FOLLOWER and fst.streaming_standby
 
-        died_at = time.monotonic()
         c.pgs[old].role = PgRole.STOPPED  # the postmaster died
         await c.wait_for(lambda: len(c.primaries()) == 1 and c.primaries()[0] != old)
         new = c.primaries()[0]
         await c.wait_for(lambda: c.sups[new].counters.failovers == 1)
-        seen_at = time.monotonic()
+        seen_at, seen_wall = time.monotonic(), time.time()
         failover = c.sups[new].status().last_failover
         assert failover is not None and failover.term == c.sups[new].node.term and failover.reason != "bootstrap"
-        # Measured from the last heartbeat heard from the old leader (which
-        # heartbeats until it notices, and heard last about one interval
-        # before the postmaster died) to the promotion seen: within the span
-        # this test watched, give or take the heartbeat interval and scheduling.
+        # Measured from the last heartbeat heard from the old leader to the
+        # promotion seen: an interval inside the one this test watched (the
+        # cluster started after started_at; the promotion was seen by
+        # seen_at), whatever the speed of the machine. And labelled with the
+        # wall time of the promotion, inside the same span.
         assert failover.outage_s is not None
-        assert 0 < failover.outage_s <= seen_at - died_at + 2 * TIMING.heartbeat_interval_s + 0.05
-        assert failover.wall_time is not None and abs(failover.wall_time - time.time()) < 60
+        assert 0 < failover.outage_s <= seen_at - started_at
+        assert failover.wall_time is not None and started_wall <= failover.wall_time <= seen_wall
         assert c.sups[new].counters.promotions.get("bootstrap") is None
 
         ports = {n: free_port() for n in NAMES}
@@ -112,8 +113,17 @@ async def test_admin_requests_through_the_api_reach_the_leaders_core() -> None:
         try:
             async with aiohttp.ClientSession() as session:
                 # The follower's core redirects; its API forwards to the leader's.
-                async with session.post(f"http://127.0.0.1:{ports[follower]}/pause", headers=AUTH) as resp:
-                    body = await resp.json()
+                # The fakes' lease is 0.12 s, so a loaded machine may briefly
+                # leave the follower without a live leader: 503, "retry
+                # shortly", which is what a client then does.
+                deadline = time.monotonic() + 5.0
+                while True:
+                    async with session.post(f"http://127.0.0.1:{ports[follower]}/pause", headers=AUTH) as resp:
+                        body = await resp.json()
+                    if resp.status != 503 or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.05)
+                leader = c.leader()
                 assert resp.status == 200 and body == {
                     "ok": True,
                     "message": "paused",
@@ -161,12 +171,6 @@ async def test_real_supervisor_reinit_runs_in_the_postgres_worker() -> None:
 
 
 # --------------------------------------------------------------------- TLS
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """One self-signed certificate, used as CA, server and client certificate."""
-    return self_signed_cert(tmp_path_factory.mktemp("tls"), "failoverd-test")
 
 
 async def test_tls_with_client_certificates(tls_files: tuple[Path, Path]) -> None:
@@ -221,16 +225,17 @@ async def test_daemon_serves_the_api_and_stops_it() -> None:
         task = asyncio.create_task(run_daemon(_witness_config(Path(tmp), port)))
         try:
             async with aiohttp.ClientSession() as session:
-                deadline = time.monotonic() + 10
-                while True:
+
+                async def health() -> tuple[int, dict] | None:
+                    assert not task.done(), task  # the daemon must not have stopped (or failed)
                     try:
                         async with session.get(f"http://127.0.0.1:{port}/health") as resp:
-                            body = await resp.json()
-                            break
+                            return resp.status, await resp.json()
                     except aiohttp.ClientConnectionError:
-                        assert time.monotonic() < deadline and not task.done()
-                        await asyncio.sleep(0.05)
-                assert resp.status == 200 and body["name"] == "c" and body["kind"] == "witness"
+                        return None  # not listening yet
+
+                status, body = await wait_for("the daemon's API answering", health, 10)
+                assert status == 200 and body["name"] == "c" and body["kind"] == "witness"
                 async with session.post(f"http://127.0.0.1:{port}/pause", headers=AUTH) as resp:
                     assert resp.status == 503  # no leader: a and b are not running
         finally:

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from test_api_server import TOKEN, Cluster, config_text, leader_status, status, three
-from test_api_wiring import tls_files  # noqa: F401 (a fixture)
 
 from failoverd.core.actions import ReplyCode
 from failoverd.core.requests import CancelSwitchover, Failover, Pause, RecordEvent, Reinit, Resume, Switchover
@@ -27,6 +26,7 @@ from failoverd.core.state import HistoryEntry, Position
 from failoverd.core.status import RebuildStatus
 from failoverd.ctl import drill
 from failoverd.ctl.commands import failoverctl_main
+from tests.support import wait_for_sync
 
 
 class Served:
@@ -139,16 +139,29 @@ def test_list_watch_redraws_until_interrupted(served: Served) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        time.sleep(2.5)
+        # Interrupted once it has drawn twice, however long that took.
+        wait_for_sync("a second redraw", lambda: "".join(lines).count("cluster unit, leader a") >= 2, 30)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=10)
+        proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        reader.join(10)
+        err = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
     assert proc.returncode == 0, err
-    assert out.count("cluster unit, leader a") >= 2
+    assert "".join(lines).count("cluster unit, leader a") >= 2
 
 
 def test_history(tmp_path: Path) -> None:
@@ -265,11 +278,12 @@ def test_switchover_refused_or_not_completing(served: Served) -> None:
 def test_switchover_scheduled_and_cancelled(served: Served) -> None:
     result = served.ctl("switchover", "--to", "c", "--at", "2031-01-02T03:04:05+00:00", "--force")
     assert result.exit_code == 1 and "more than 30 days ahead" in result.output  # checked by the API
-    at = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + 3600))
+    wanted = int(time.time()) + 3600
+    at = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wanted))  # local time, whole seconds
     result = served.ctl("switchover", "--to", "c", "--at", at, "--force")
     assert result.exit_code == 0, result.output
     req = served.fake("a").requests()[0]
-    assert isinstance(req, Switchover) and abs(req.at - (time.time() + 3600)) < 5
+    assert isinstance(req, Switchover) and req.at == wanted
     assert served.ctl("switchover", "--cancel").exit_code == 0
     assert isinstance(served.fake("a").requests()[1], CancelSwitchover)
     assert served.ctl("switchover", "--at", "tomorrow", "--force").exit_code == 2

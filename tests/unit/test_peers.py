@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
 import sys
 import time
@@ -19,7 +18,6 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tls_helpers import self_signed_cert
 
 from failoverd.adapters.peers import PATH, PeerClient, PeerMetrics, PeerServer, sign
 from failoverd.config.load import HostPort
@@ -34,6 +32,7 @@ from failoverd.core.messages import (
     encode_message_bytes,
 )
 from failoverd.core.state import ClusterState, Position, StateStamp
+from tests.support import free_port, wait_for
 
 CLUSTER = "pgc"
 SECRET = b"s3cret-s3cret-s3cret-0123456789"
@@ -79,10 +78,14 @@ class Receiver:
         self.messages.append(message)
 
     async def wait_for(self, count: int, timeout_s: float = 3.0) -> list[Message]:
-        end = time.monotonic() + timeout_s
-        while len(self.messages) < count and time.monotonic() < end:
-            await asyncio.sleep(0.01)
-        return self.messages
+        """The messages received, once there are `count` of them."""
+        return await wait_for(
+            f"{count} messages received",
+            lambda: self.messages if len(self.messages) >= count else None,
+            timeout_s,
+            interval_s=0.01,
+            detail=lambda: f"received: {self.messages!r}",
+        )
 
 
 @pytest.fixture
@@ -300,12 +303,6 @@ async def test_server_still_serves_after_fuzzing(http, server) -> None:
     assert receiver.messages == [MESSAGES[0]]
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 async def blackhole() -> AsyncIterator[int]:
     """A peer that accepts connections and never answers."""
@@ -327,24 +324,23 @@ async def test_dead_and_slow_peers_do_not_block_a_live_one(server, blackhole: in
     srv, receiver = server
     peers = {
         "x": HostPort("127.0.0.1", srv.port),
-        "dead": HostPort("127.0.0.1", closed_port()),
+        "dead": HostPort("127.0.0.1", free_port()),  # nothing listens there
         "slow": HostPort("127.0.0.1", blackhole),
     }
     client = PeerClient(CLUSTER, SECRET, peers, timeout_s=0.5, queue_max=8)
     try:
-        started = time.monotonic()
         for seq in range(50):
             for peer in ("dead", "slow", "x"):
                 client.send(peer, Heartbeat(CLUSTER, "a", 3, seq=seq))  # synchronous: never waits for the network
-        got = await receiver.wait_for(8, timeout_s=2.0)
+        got = await receiver.wait_for(8)
         # x's messages are not held up behind the slow peer: they all arrived
         # before the slow peer's first send had even timed out.
         assert len(got) == 8 and client.metrics.send_failed["slow"] == 0
-        await asyncio.sleep(started + 0.7 - time.monotonic())
         metrics = client.metrics
+        await wait_for("the dead peer's 8 sends failed", lambda: metrics.send_failed["dead"] >= 8)
+        await wait_for("the slow peer's first sends timed out", lambda: metrics.send_failed["slow"] >= 4)
         assert metrics.dropped["dead"] == metrics.dropped["slow"] == metrics.dropped["x"] == 42
         assert metrics.send_failed["dead"] == 8
-        assert metrics.send_failed["slow"] >= 4
     finally:
         await client.close()
 
@@ -363,8 +359,9 @@ async def test_queue_drops_oldest_and_expires_old_messages(blackhole: int) -> No
         for seq in range(10):
             client.send("slow", Heartbeat(CLUSTER, "a", 3, seq=seq))
         assert client.metrics.dropped["slow"] == 7  # no worker ran yet: the queue kept the newest 3
-        await asyncio.sleep(0.4)
-        # the first POST timed out; the other two waited longer than max_age_s and were dropped unsent
+        # The first POST times out (0.2 s); by then the other two have waited
+        # longer than max_age_s, and are dropped unsent.
+        await wait_for("the two expired messages dropped", lambda: client.metrics.dropped["slow"] >= 9)
         assert client.metrics.send_failed["slow"] == 1
         assert client.metrics.dropped["slow"] == 9
     finally:
@@ -372,7 +369,7 @@ async def test_queue_drops_oldest_and_expires_old_messages(blackhole: int) -> No
 
 
 async def test_client_refuses_misuse_and_ignores_sends_after_close() -> None:
-    client = PeerClient(CLUSTER, SECRET, {"b": HostPort("127.0.0.1", closed_port())})
+    client = PeerClient(CLUSTER, SECRET, {"b": HostPort("127.0.0.1", free_port())})
     with pytest.raises(ValueError, match="unknown peer"):
         client.send("zz", MESSAGES[0])
     with pytest.raises(ValueError, match="cluster"):
@@ -380,11 +377,6 @@ async def test_client_refuses_misuse_and_ignores_sends_after_close() -> None:
     await client.close()
     client.send("b", MESSAGES[0])  # no error, no task, no session
     await client.close()
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return self_signed_cert(tmp_path_factory.mktemp("tls"), "failoverd-test")
 
 
 async def test_tls(tls_files: tuple[Path, Path]) -> None:

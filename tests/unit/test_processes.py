@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 from failoverd.adapters import processes
+from tests.support import wait_for_sync
 
 
 def test_is_stopped_follows_sigstop_and_sigcont():
@@ -15,15 +15,10 @@ def test_is_stopped_follows_sigstop_and_sigcont():
     try:
         assert not processes.is_stopped(child.pid)
         os.kill(child.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 5
-        while not processes.is_stopped(child.pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        # Signal delivery is asynchronous: wait until the kernel shows it.
+        wait_for_sync("the child stopped", lambda: processes.is_stopped(child.pid), 5, interval_s=0.01)
         os.kill(child.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 5
-        while processes.is_stopped(child.pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for_sync("the child running again", lambda: not processes.is_stopped(child.pid), 5, interval_s=0.01)
     finally:
         child.kill()
         child.wait()

@@ -25,6 +25,7 @@ from failoverd.core.requests import Pause, Reinit, Switchover
 from failoverd.core.spec import ClusterSpec, Member, Timing
 from failoverd.core.state import PersistentState, PgObservation, PgRole, Position
 from failoverd.runtime.supervisor import FENCE_DROPS_QUEUE, Supervisor, SupervisorCounters
+from tests.support import wait_for
 
 TIMING = Timing(
     heartbeat_interval_s=0.02,
@@ -97,6 +98,7 @@ class FakePostgres:
         self.waiting_on_upstream = False
         self.gates: dict[str, asyncio.Event] = {}
         self.failures: dict[str, Exception] = {}
+        self.pending_restart: tuple[str, ...] = ()  # settings that wait for a restart
 
     async def _gate(self, what: str) -> None:
         gate = self.gates.get(what)
@@ -147,6 +149,12 @@ class FakePostgres:
         self.journal.add(self.who, "checkpoint")
         await self._gate("checkpoint")
         self.journal.add(self.who, "checkpoint_done")
+
+    async def restart(self) -> None:
+        self.journal.add(self.who, "restart")
+        await self._gate("restart")
+        await asyncio.sleep(0.01)
+        self.pending_restart = ()
 
     async def reinit(self, leader) -> None:
         self.journal.add(self.who, "reinit", leader)
@@ -233,11 +241,9 @@ class Cluster:
         """What `who`'s fakes were asked to do, in order."""
         return [what for name, what, _ in self.journal.entries if name == who]
 
-    async def wait_for(self, predicate, timeout_s: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not predicate():
-            assert time.monotonic() < deadline, "condition not reached in time"
-            await asyncio.sleep(0.01)
+    async def wait_for(self, predicate, timeout_s: float = 5.0, what: str = "the condition") -> None:
+        """tests.support.wait_for, polling every 10 ms (the fakes' timing is that fine)."""
+        await wait_for(what, predicate, timeout_s, interval_s=0.01)
 
 
 def _ready(c: Cluster) -> bool:
@@ -286,7 +292,7 @@ async def test_isolated_leader_fences_itself_and_the_majority_elects_a_new_one()
         await c.wait_for(lambda: _ready(c))
         old = c.primaries()[0]
         c.sups[old].peers.cut = {n for n in c.sups if n != old}
-        await c.wait_for(lambda: c.pgs[old].role is not PgRole.PRIMARY, timeout_s=2.0)
+        await c.wait_for(lambda: c.pgs[old].role is not PgRole.PRIMARY)
         assert c.sups[old].node.role is not Role.LEADER
         await c.wait_for(lambda: len(c.primaries()) == 1 and c.primaries()[0] != old)
 
@@ -297,7 +303,7 @@ async def test_orderly_stop_of_the_leader_hands_over():
         old = c.primaries()[0]
         await c.sups[old].stop()
         assert c.pgs[old].role is PgRole.STOPPED
-        await c.wait_for(lambda: len(c.primaries()) == 1 and c.primaries()[0] != old, timeout_s=2.0)
+        await c.wait_for(lambda: len(c.primaries()) == 1 and c.primaries()[0] != old)
 
 
 async def test_postgres_work_runs_with_node_and_term_bound_for_its_log_events():

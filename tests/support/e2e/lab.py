@@ -6,11 +6,11 @@ namespaces, with a real virtual IP and a client host that knows only the VIP.
     <tag>-client   198.18.<subnet>.4: the writers (client.py), connecting to the VIP only
     VIP            198.18.<subnet>.100/24 on eth0 of whichever host is primary
 
-Nothing is added to the root namespace (netns.py builds the hosts). Every
-process is started here and recorded, and stopped by that PID: supervisors,
-their watchdogs (PIDs from the supervisors' own logs) and the postmasters
-(by postmaster.pid under the lab's directory, checked against the process's
-working directory).
+Nothing is added to the root namespace (tests/support/netns.py builds the
+hosts). Every process is started here and recorded, and stopped by that PID:
+supervisors, their watchdogs (PIDs from the supervisors' own logs) and the
+postmasters (by postmaster.pid under the lab's directory, checked against the
+process's working directory).
 
 Supervisors run in one of two ways, chosen per member:
   "caps": as the `postgres` user holding only ambient CAP_NET_ADMIN and
@@ -41,14 +41,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
-from cluster_harness import make_runtime_bundle, system_python
-from netns import Lab, unsupported_reason
-from pg_helpers import find_bin_dir, stop_servers_under, terminate
 
 from failoverd.adapters import processes
 from failoverd.adapters.postgres.adapter import PostgresAdapter
 from failoverd.config.load import Config, parse_config
 from failoverd.core.state import PgRole
+from tests.support.cluster import make_runtime_bundle, system_python
+from tests.support.netns import Lab, unsupported_reason
+from tests.support.postgres import find_bin_dir, stop_servers_under, terminate
+from tests.support.waiting import wait_for
 
 T = TypeVar("T")
 DATA = ("db1", "db2", "db3")
@@ -444,14 +445,8 @@ format = "json"
         return prim[0] if await asyncio.to_thread(self.vip_holders) == prim else None
 
     async def wait_for(self, what: str, check: Callable[[], Awaitable[T | None]], timeout_s: float) -> T:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            result = await check()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}\n{self.log_tails()}")
-            await asyncio.sleep(0.2)
+        """tests.support.wait_for, with the supervisors' log tails in the failure."""
+        return await wait_for(what, check, timeout_s, interval_s=0.2, detail=self.log_tails)
 
     async def create_writer_role(self, primary: str) -> None:
         """The client's login and table, made once on the primary (they replicate)."""

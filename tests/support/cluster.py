@@ -31,12 +31,14 @@ from pathlib import Path
 # stall the event loop that the writer and the sampler run on.
 import aiohttp
 import asyncpg
-from pg_helpers import free_ports, stop_servers_under, terminate
 
 import failoverd
 from failoverd.adapters.postgres.adapter import PostgresAdapter, socket_dir_for
 from failoverd.config.load import Config, parse_config
 from failoverd.core.state import PgRole
+from tests.support.ports import free_ports
+from tests.support.postgres import stop_servers_under, terminate
+from tests.support.waiting import wait_for
 
 SECRET = b"integration-test-secret-0123456789"
 API_TOKEN = "integration-test-api-token-0123456789"
@@ -57,9 +59,7 @@ def make_runtime_bundle(base: Path) -> Path:
             n
             for n in names
             if d == str(site)
-            and (
-                n in skip or n.startswith(("__editable__", "pip-", "setuptools-")) or n.endswith(".pth")
-            )
+            and (n in skip or n.startswith(("__editable__", "pip-", "setuptools-")) or n.endswith(".pth"))
         ],
     )
     shutil.copytree(
@@ -229,14 +229,8 @@ format = "json"
         return prim[0] if len(prim) == 1 else None
 
     async def wait_for(self, what: str, check, timeout_s: float = 60.0):
-        deadline = time.monotonic() + timeout_s
-        while True:
-            result = await check()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{self.logs()}")
-            await asyncio.sleep(0.2)
+        """tests.support.wait_for, with the supervisors' logs in the failure."""
+        return await wait_for(what, check, timeout_s, interval_s=0.2, detail=self.logs)
 
     async def healthy(self, primary: str | None = None) -> str | None:
         """The primary's name once there is one primary and every other running data member streams from it."""
@@ -270,10 +264,12 @@ format = "json"
     ) -> tuple[int, object]:
         """One call to a member's API: (status, decoded JSON or the text)."""
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-            async with session.request(method, self.api_url(name, path), json=body, headers=headers) as resp:
-                text = await resp.text()
-                status = resp.status
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.request(method, self.api_url(name, path), json=body, headers=headers) as resp,
+        ):
+            text = await resp.text()
+            status = resp.status
         try:
             return status, json.loads(text)
         except ValueError:
@@ -318,7 +314,7 @@ class _Background:
 class DualPrimarySampler:
     """Asks every member `pg_is_in_recovery()` every `interval_s` over a kept
     connection and records instants at which two servers were out of recovery
-    (sampler_proc.py, in a process of its own: the test's interpreter also
+    (tests/support/sampler_proc.py, in a process of its own: the test's interpreter also
     runs writers, fault injection and log parsing, and a sampler sharing its
     event loop, or only its GIL, fell behind under load). A member that does
     not answer within the interval counts as not primary for that sample (it

@@ -1,9 +1,5 @@
-"""Throwaway TLS certificates for tests, made with the `openssl` command.
-
-Importable as `tls_helpers` from every test directory: pytest puts `tests/`
-on sys.path when it loads tests/conftest.py (rootdir-relative "prepend"
-imports, no __init__.py).
-"""
+"""Throwaway TLS certificates for tests, made with the `openssl` command
+(the `tls_files` fixture of tests/unit/conftest.py and tests/daemon use them)."""
 
 from __future__ import annotations
 

@@ -26,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from checker import FAST, SLOW, ClientRun, VipMonitor, longest_gap
-from cluster_harness import DualPrimarySampler
-from lab import DATA, E2ELab, process_usage
+from tests.support.cluster import DualPrimarySampler
+from tests.support.e2e.checker import FAST, SLOW, Ack, ClientRun, VipMonitor, longest_gap
+from tests.support.e2e.lab import DATA, E2ELab, process_usage
+from tests.support.waiting import wait_for
 
 HEALTHY_TIMEOUT_S = 120.0
 RECOVERY_TIMEOUT_S = 30.0
@@ -166,19 +167,26 @@ class _Run:
         self, count: int, since: float, timeout_s: float, what: str, by: Callable[[str], bool] = lambda m: True
     ) -> float:
         """Wait for `count` writes acknowledged after `since`; returns the first one's time."""
-        deadline = time.monotonic() + timeout_s
-        while True:
+        seen = 0
+
+        def acked() -> list[Ack] | None:
+            nonlocal seen
             got = [a for a in self.client.acked_since(since) if by(a.member)]
-            if len(got) >= count:
-                return got[0].t
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out after {timeout_s:g} s waiting for {what} "
-                    f"({len(got)} of {count})\n{self.client.output_tail()}\n{self.lab.log_tails()}"
-                )
+            seen = len(got)
+            if seen >= count:
+                return got
             if self.client.proc.poll() is not None:
                 raise AssertionError(f"the client exited:\n{self.client.output_tail()}")
-            await asyncio.sleep(0.02)
+            return None
+
+        got = await wait_for(
+            what,
+            acked,
+            timeout_s,
+            interval_s=0.02,
+            detail=lambda: f"({seen} of {count})\n{self.client.output_tail()}\n{self.lab.log_tails()}",
+        )
+        return got[0].t
 
     async def abort(self) -> None:
         """The run failed: keep the logs, stop the watchers, check nothing."""

@@ -1,4 +1,5 @@
-"""The dual-primary sampler's own process (cluster_harness.DualPrimarySampler).
+"""The dual-primary sampler's own process (tests.support.cluster.DualPrimarySampler),
+run as a script by its path.
 
 Asks every server `pg_is_in_recovery()` every --interval seconds over a kept
 connection and prints one line per sample:

@@ -8,7 +8,7 @@ writes, every host's VIP, and every server's recovery state.
   as it happens, stamped by `ip` itself, so two hosts holding the VIP at once
   is seen however briefly it lasts, not only at sampling instants.
 * Two servers out of recovery at once are sampled every 50 ms with
-  cluster_harness.DualPrimarySampler, over the servers' Unix sockets (which
+  tests.support.cluster.DualPrimarySampler, over the servers' Unix sockets (which
   reach an isolated host too).
 """
 
@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab import CLIENT, DATA, PG_PORT, WRITER_PASSWORD, WRITER_USER, E2ELab
-from pg_helpers import terminate
+from tests.support.e2e.lab import CLIENT, DATA, PG_PORT, WRITER_PASSWORD, WRITER_USER, E2ELab
+from tests.support.postgres import terminate
 
 CLIENT_PY = Path(__file__).with_name("client.py")
 

@@ -1,4 +1,6 @@
-"""Helpers for tests against real PostgreSQL servers on 127.0.0.1.
+"""Helpers for tests and benchmarks against real PostgreSQL servers on 127.0.0.1:
+finding the server programs and the OS user to run them as, a configuration
+of members with free ports, connections, and cleanup.
 
 Servers are found and stopped by the PID in their postmaster.pid, and only
 when that process really runs in a directory under the test's base directory:
@@ -11,28 +13,22 @@ import asyncio
 import contextlib
 import os
 import pwd
-import random
 import signal
-import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 
 from failoverd.adapters.postgres.adapter import PostgresAdapter, socket_dir_for
 from failoverd.adapters.processes import process_alive
 from failoverd.config.load import Config, parse_config
+from tests.support.ports import free_ports
 
-T = TypeVar("T")
 SECRET = b"integration-test-secret"
 LOOPBACK = "127.0.0.1"
-# Below the kernel's ephemeral range (32768-60999 by default), so that no
-# client connection can take one of these as its local port before the
-# server binds it.
-_PORT_RANGE = (20000, 32000)
 
 
 def find_bin_dir() -> Path | None:
@@ -76,23 +72,6 @@ def terminate(proc: subprocess.Popen, grace_s: float) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait(5)
-
-
-def free_ports(count: int) -> list[int]:
-    """Loopback ports that nothing listens on: each is checked by binding it."""
-    rng = random.Random()
-    found: list[int] = []
-    while len(found) < count:
-        port = rng.randrange(*_PORT_RANGE)
-        if port in found:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        found.append(port)
-    return found
 
 
 def config_text(
@@ -184,18 +163,6 @@ async def connect(adapter: PostgresAdapter, **settings: str) -> AsyncIterator[as
 async def query(adapter: PostgresAdapter, sql: str, *args: Any) -> Any:
     async with connect(adapter) as conn:
         return await asyncio.wait_for(conn.fetchval(sql, *args), 30)
-
-
-async def wait_for(what: str, check: Callable[[], Awaitable[T | None]], timeout_s: float = 30.0) -> T:
-    """Poll `check` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
 
 
 # --- cleanup: by PID, only our own servers -------------------------------------
