@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,27 +48,62 @@ LOOPBACK = "127.0.0.1"
 
 
 def make_runtime_bundle(base: Path) -> Path:
-    """The failoverd package and the site-packages it imports, readable by anyone."""
-    import asyncpg as _asyncpg
-
+    """The failoverd package and the libraries it needs at run time (its
+    requirements, followed through theirs, without extras), readable by
+    anyone. Only those: the virtualenv also holds the test and lint tools,
+    ten times the size."""
     bundle = base / "bundle"
-    site = Path(_asyncpg.__file__).resolve().parent.parent
-    skip = {"pip", "setuptools", "_distutils_hack", "pkg_resources", "failoverd"}
-    shutil.copytree(
-        site,
-        bundle,
-        ignore=lambda d, names: [
-            n
-            for n in names
-            if d == str(site)
-            and (n in skip or n.startswith(("__editable__", "pip-", "setuptools-")) or n.endswith(".pth"))
-        ],
-    )
+    bundle.mkdir()
+    for dist in _runtime_distributions():
+        for name in dist.files or ():
+            source = Path(str(dist.locate_file(name))).resolve()
+            relative = Path(str(name))
+            if relative.is_absolute() or ".." in relative.parts or "__pycache__" in relative.parts:
+                continue  # console scripts and the like, outside site-packages; caches
+            if source.is_file():
+                (bundle / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, bundle / relative)
+    # failoverd itself from its sources (an editable install lists no files of them).
+    shutil.rmtree(bundle / "failoverd", ignore_errors=True)
     shutil.copytree(
         Path(failoverd.__file__).resolve().parent, bundle / "failoverd", ignore=shutil.ignore_patterns("__pycache__")
     )
     subprocess.run(["chmod", "-R", "a+rX", str(bundle)], check=True)
     return bundle
+
+
+def _runtime_distributions() -> list[importlib.metadata.Distribution]:
+    """failoverd's installed distribution and those it requires at run time."""
+    from packaging.requirements import Requirement
+
+    found: dict[str, importlib.metadata.Distribution] = {}
+    todo = ["failoverd"]
+    while todo:
+        dist = importlib.metadata.distribution(todo.pop())
+        key = dist.metadata["Name"].lower().replace("_", "-")
+        if key in found:
+            continue
+        found[key] = dist
+        for line in dist.requires or ():
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def readable_runtime(prefix: str = "failoverd-runtime-") -> Iterator[Path]:
+    """A runtime bundle (make_runtime_bundle) in a fresh directory under /tmp
+    that any user can enter, removed afterwards: for code run as another
+    user, who may not reach the checkout or its virtualenv (a 0700 home)."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        yield make_runtime_bundle(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def system_python() -> str:

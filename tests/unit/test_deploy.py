@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from failoverd.adapters.watchdog import WatchdogHandle
 from failoverd.config.load import ConfigError, parse_config
 from failoverd.runtime.supervisor import FENCE_TIMEOUT_S, SHUTDOWN_GRACE_S
+from tests.support.cluster import readable_runtime, system_python
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "failoverd.service"
@@ -204,10 +206,19 @@ def _unit_credentials() -> list[str]:
     return args
 
 
-def _in_private_netns(credentials: list[str], python_code: str) -> subprocess.CompletedProcess[str]:
-    """Run python_code as the unit would, in a network namespace of its own
-    (gone when the process exits) holding one veth pair: nothing is added
-    to this host's namespace."""
+@pytest.fixture(scope="module")
+def runtime() -> Iterator[Path]:
+    """failoverd and its dependencies where the unit's user can read them:
+    it may not reach this checkout or its virtualenv (a clone in a 0700
+    home), as it cannot reach a checkout on a real host."""
+    with readable_runtime("failoverd-deploy-") as bundle:
+        yield bundle
+
+
+def _in_private_netns(credentials: list[str], python_code: str, runtime: Path) -> subprocess.CompletedProcess[str]:
+    """Run python_code as the unit would (the system interpreter on the
+    runtime bundle), in a network namespace of its own (gone when the process
+    exits) holding one veth pair: nothing is added to this host's namespace."""
     for program in ("unshare", "setpriv", "ip", "arping"):
         if shutil.which(program) is None and not os.path.exists(f"/usr/sbin/{program}"):
             pytest.skip(f"{program} not found (apt-get install util-linux iproute2 iputils-arping)")
@@ -215,8 +226,9 @@ def _in_private_netns(credentials: list[str], python_code: str) -> subprocess.Co
         pytest.skip("needs root: creates a network namespace and switches to the unit's user")
     setup = "ip link add va type veth peer name vb && ip link set va up && ip link set vb up"
     script = f'{setup} && exec "$@"'
-    argv = ["unshare", "--net", "--", "sh", "-c", script, "sh", *credentials, "--", sys.executable, "-c", python_code]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/")
+    argv = ["unshare", "--net", "--", "sh", "-c", script, "sh", *credentials, "--", system_python(), "-c", python_code]
+    env = {**os.environ, "PYTHONPATH": str(runtime)}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/", env=env)
 
 
 _VIP_COMMANDS = """
@@ -232,19 +244,19 @@ sys.exit(1 if any(codes) else 0)
 """
 
 
-def test_unit_capabilities_let_the_daemon_move_the_vip() -> None:
+def test_unit_capabilities_let_the_daemon_move_the_vip(runtime: Path) -> None:
     credentials = _unit_credentials()
-    done = _in_private_netns(credentials, _VIP_COMMANDS)
+    done = _in_private_netns(credentials, _VIP_COMMANDS, runtime)
     assert done.returncode == 0, done.stdout + done.stderr
     # Control: the same user without the ambient capabilities cannot, so the
     # success above is the unit's capabilities at work.
     bare = [a for a in credentials if not a.startswith("--ambient-caps=")]
-    done = _in_private_netns(bare, _VIP_COMMANDS)
+    done = _in_private_netns(bare, _VIP_COMMANDS, runtime)
     assert done.returncode != 0
     assert "ip addr 2 RTNETLINK answers: Operation not permitted" in done.stdout
 
 
-def test_vip_adapter_works_under_the_unit_credentials() -> None:
+def test_vip_adapter_works_under_the_unit_credentials(runtime: Path) -> None:
     """The supervisor's own VIP commands (through failoverd.adapters.programs, which drops every
     other capability from children) keep what they need under the unit."""
     code = """
@@ -262,7 +274,7 @@ with structlog.testing.capture_logs() as logs:
     asyncio.run(main())
 print(" ".join(entry["event"] for entry in logs))
 """
-    done = _in_private_netns(_unit_credentials(), code)
+    done = _in_private_netns(_unit_credentials(), code, runtime)
     assert done.returncode == 0, done.stdout + done.stderr
     events = done.stdout.split()
     assert "vip_announced" in events, events  # arping -U ran with CAP_NET_RAW
