@@ -5,8 +5,10 @@ restarts through failoverd (docs/operations.md, "PostgreSQL settings").
 does) and prints what each applied and which PostgreSQL settings wait for a
 restart. `restart` restarts standbys one at a time, each streaming again
 before the next; with `--rolling` it then switches over to a restarted
-standby and restarts the old primary, so that no two members are ever down
-at once and the primary is never restarted in place.
+standby, which stops the old primary and starts it again as a standby (a
+restart: it is restarted once more only if a setting is still pending), so
+that no two members are ever down at once and the primary is never restarted
+in place.
 """
 
 from __future__ import annotations
@@ -128,14 +130,21 @@ def restart_command(
                 target = _switchover_target(await ctl.cluster(client), old, restarted=plan.standbys)
                 click.echo(f"switching over from {old} to {target}")
                 await ctl.admin(client, "POST", "/switchover", {"to": target})
-                await _until(
+                began = time.monotonic()
+                # The switchover stops the old primary and starts it as a
+                # standby: a restart already. Until it streams again it is
+                # neither a standby to restart nor one to count on.
+                view = await _until(
                     ctl,
                     client,
                     step_timeout,
-                    f"{target} to be the primary",
-                    lambda v: v.get("primary") == target and _member(v, old) is not None,
+                    f"{target} to be the primary and {old} to stream from it",
+                    lambda v: v.get("primary") == target and _streams_again(v, old),
                 )
-                await _restart_standby(ctl, client, old, step_timeout)
+                if _pending(view, old):
+                    await _restart_standby(ctl, client, old, step_timeout)
+                else:
+                    click.echo(f"{old} streams again, restarted by the switchover ({time.monotonic() - began:.1f} s)")
             click.echo(f"done in {time.monotonic() - started:.1f} s")
             return EXIT_OK
 
@@ -167,8 +176,7 @@ def _plan(view: dict[str, Any], nodes: tuple[str, ...], *, rolling: bool, pendin
             raise CtlError(f"{name} is the primary: use --rolling, which switches over first", EXIT_USAGE)
 
     def pending(name: str) -> bool:
-        member = _member(view, name)
-        return bool(member and (member.get("postgres") or {}).get("pending_restart"))
+        return _pending(view, name)
 
     wanted = list(nodes) if nodes else [m["name"] for m in data if m["name"] != primary]
     standbys = [n for n in wanted if not pending_only or pending(n)]
@@ -197,9 +205,7 @@ async def _restart_standby(ctl: CtlContext, client: ApiClient, name: str, timeou
     await ctl.admin(client, "POST", "/restart", {"node": name})
 
     def back(view: dict[str, Any]) -> bool:
-        m = _member(view, name)
-        pg = None if m is None else m.get("postgres") or {}
-        return bool(m and pg and pg.get("streaming") and not pg.get("restarting"))
+        return _streams_again(view, name)
 
     # The restart is asked for; give the member a moment to have stopped before
     # "streaming" can count as "streaming again".
@@ -224,3 +230,14 @@ async def _until(ctl: CtlContext, client: ApiClient, timeout_s: float, what: str
 
 def _member(view: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((m for m in view["members"] if m["name"] == name and m.get("reachable")), None)
+
+
+def _streams_again(view: dict[str, Any], name: str) -> bool:
+    m = _member(view, name)
+    pg = None if m is None else m.get("postgres") or {}
+    return bool(m and pg and pg.get("streaming") and not pg.get("restarting"))
+
+
+def _pending(view: dict[str, Any], name: str) -> bool:
+    member = _member(view, name)
+    return bool(member and (member.get("postgres") or {}).get("pending_restart"))

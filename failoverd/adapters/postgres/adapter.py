@@ -107,6 +107,9 @@ SYNC_APPLY_WAIT_S = 5.0
 # of a switchover each such step is writes waiting, so we look ourselves.
 _FAST_POLL_S = 0.01
 RELOAD_WAIT_S = 5.0  # how long a reload of the server may take to be read
+# What pg_file_settings says of a changed setting that waits for a restart
+# (guc-file.l, PostgreSQL 9.5 and later).
+_NOT_APPLIED_UNTIL_RESTART = "setting could not be applied"
 # What `pg_ctl stop -m <mode>` sends to the postmaster.
 _STOP_SIGNALS = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 START_GRACE_S = 5.0  # a postmaster not running this long after pg_ctl start failed to start
@@ -627,6 +630,10 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
                     "SELECT name, error FROM pg_file_settings WHERE error IS NOT NULL ORDER BY seqno"
                 )
                 pending = await conn.fetch("SELECT name FROM pg_settings WHERE pending_restart ORDER BY name")
+            # A changed setting the server takes only at a restart is marked
+            # "could not be applied" too; it is pending, not refused.
+            names = {r["name"] for r in pending}
+            errors = [r for r in errors if not (r["error"] == _NOT_APPLIED_UNTIL_RESTART and r["name"] in names)]
             if errors:
                 shown = "; ".join(f"{r['name'] or '?'}: {r['error']}" for r in errors)[:500]
                 raise PostgresError(f"PostgreSQL refused the settings (it keeps running with the old ones): {shown}")
