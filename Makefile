@@ -68,9 +68,34 @@ promtool:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null && \
 	{ systemctl disable --now prometheus.service >/dev/null 2>&1 || true; }
 
+# tests/package/test_deb.py builds the Debian package and installs it in a
+# fresh bookworm root: debootstrap makes the root, dpkg-deb (dpkg) builds the
+# .deb, strip (binutils) strips its extension modules, python3-venv gives the
+# build its environment, unshare and nsenter (util-linux) hold the root's
+# tmpfs in a mount namespace of its own.
+.PHONY: package-tools
+package-tools:
+	@missing=""; \
+	for c in debootstrap:debootstrap dpkg-deb:dpkg strip:binutils unshare:util-linux nsenter:util-linux; do \
+		command -v $${c%%:*} >/dev/null || [ -x /usr/sbin/$${c%%:*} ] || missing="$$missing $${c##*:}"; \
+	done; \
+	$(PYTHON_SYSTEM) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "missing$$missing: the Debian package test will be skipped or fail"; exit 0; fi; \
+	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	echo "installing $$missing"; \
+	apt-get -o DPkg::Lock::Timeout=300 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq $$missing >/dev/null
+
+# The Debian package for the DB hosts (packaging/README.md):
+# build/deb/failoverd_<version>-1_<arch>.deb, built with the system's python3.
+.PHONY: deb
+deb:
+	$(PYTHON_SYSTEM) packaging/build_deb.py
+
 # pytest exits 5 when it collected no tests; that must fail the build, and it
 # does because any non-zero status fails make.
-test: $(STAMP) postgres-server net-tools promtool
+test: $(STAMP) postgres-server net-tools promtool package-tools
 	$(PY) -m pytest
 
 # Lint and type checks: ruff (rules and format) everywhere, mypy with strict
