@@ -40,13 +40,15 @@ postgres-server:
 	apt-get install -y -qq postgresql >/dev/null
 
 # The VIP and its tests use ip (iproute2), arping, ping and sysctl; the
-# end-to-end lab (tests/e2e) also nft (nftables) and tc (iproute2); the
-# deploy and daemon tests setpriv (util-linux), openssl and systemd-analyze
-# (the systemd package; it is not started, only its analyzer is used).
+# end-to-end lab (tests/e2e) also nft (nftables) and tc (iproute2), and
+# haproxy and pgbouncer (tests/e2e/test_proxies.py starts its own instances;
+# the packages' services are disabled, never used); the deploy and daemon
+# tests setpriv (util-linux), openssl and systemd-analyze (the systemd
+# package; it is not started, only its analyzer is used).
 net-tools:
 	@missing=""; \
 	for c in ip:iproute2 arping:iputils-arping ping:iputils-ping sysctl:procps nft:nftables tc:iproute2 \
-	         setpriv:util-linux openssl:openssl systemd-analyze:systemd; do \
+	         setpriv:util-linux openssl:openssl systemd-analyze:systemd haproxy:haproxy pgbouncer:pgbouncer; do \
 		command -v $${c%%:*} >/dev/null || [ -x /usr/sbin/$${c%%:*} ] || [ -x /sbin/$${c%%:*} ] || missing="$$missing $${c##*:}"; \
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
@@ -54,7 +56,8 @@ net-tools:
 		echo "missing$$missing: VIP and e2e tests will be skipped"; exit 0; fi; \
 	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
 	echo "installing $$missing"; \
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null && \
+	{ systemctl disable --now haproxy.service pgbouncer.service >/dev/null 2>&1 || true; }
 
 # tests/unit/test_monitoring.py runs promtool on deploy/prometheus/: Debian's
 # prometheus package, without its recommends (node exporter, smartmontools);

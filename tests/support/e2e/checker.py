@@ -43,10 +43,21 @@ class Ack:
 
 
 class ClientRun:
-    """One client.py process in the client namespace, writing through the VIP."""
+    """One client.py process in the client namespace, writing through the VIP
+    (or through `host`:`port`, a proxy in the client namespace; `pooled` for a
+    transaction-pooling PgBouncer)."""
 
     def __init__(
-        self, lab: E2ELab, first_id: int, *, writers: int = 4, timeouts: dict[str, float] = FAST, tag: str = "client"
+        self,
+        lab: E2ELab,
+        first_id: int,
+        *,
+        writers: int = 4,
+        timeouts: dict[str, float] = FAST,
+        tag: str = "client",
+        host: str | None = None,
+        port: int = PG_PORT,
+        pooled: bool = False,
     ) -> None:
         self.lab = lab
         self.out_path = lab.base / f"{tag}-{first_id}.out"
@@ -55,9 +66,9 @@ class ClientRun:
             sys.executable,
             str(CLIENT_PY),
             "--host",
-            lab.vip,
+            host or lab.vip,
             "--port",
-            str(PG_PORT),
+            str(port),
             "--user",
             WRITER_USER,
             "--first-id",
@@ -68,6 +79,7 @@ class ClientRun:
             str(timeouts["connect_timeout"]),
             "--command-timeout",
             str(timeouts["command_timeout"]),
+            *(["--pooled"] if pooled else []),
         ]
         env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "E2E_PASSWORD": WRITER_PASSWORD, "LANG": "C.UTF-8"}
         with open(self.out_path, "wb") as out:

@@ -17,6 +17,11 @@ that went silent (an isolated host) and reconnect, so the first write after a
 failover is seen within a few tens of milliseconds; the writers are
 staggered so their retries do not march in step.
 
+With --pooled (a transaction-pooling PgBouncer in between) the server
+behind a connection may change at every transaction: the member is then read
+in the same statement as each insert (RETURNING), and asyncpg's statement
+cache is off (PgBouncer 1.18 does not keep prepared statements).
+
 Stops on SIGTERM or SIGINT, and in any case after --max-seconds.
 """
 
@@ -58,12 +63,19 @@ async def writer(args: argparse.Namespace, ids: itertools.count, stop: asyncio.E
                     password=password,
                     database="postgres",
                     timeout=args.connect_timeout,
+                    statement_cache_size=0 if args.pooled else 100,
                 )
-                async with asyncio.timeout(args.command_timeout):
-                    member = await conn.fetchval("SELECT current_setting('cluster_name')")
+                if not args.pooled:
+                    async with asyncio.timeout(args.command_timeout):
+                        member = await conn.fetchval("SELECT current_setting('cluster_name')")
             wid = next(ids)
             async with asyncio.timeout(args.command_timeout):
-                await conn.execute("INSERT INTO acked (id) VALUES ($1)", wid)
+                if args.pooled:
+                    member = await conn.fetchval(
+                        "INSERT INTO acked (id) VALUES ($1) RETURNING current_setting('cluster_name')", wid
+                    )
+                else:
+                    await conn.execute("INSERT INTO acked (id) VALUES ($1)", wid)
             emit(f"A {wid} {time.monotonic():.6f} {member}")
             failures = 0
             await asyncio.sleep(args.pause)
@@ -115,6 +127,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pause", type=float, default=0.02, help="between a writer's acknowledged inserts")
     p.add_argument("--retry-pause", type=float, default=0.02, help="after a failed attempt")
     p.add_argument("--max-seconds", type=float, default=1800.0)
+    p.add_argument("--pooled", action="store_true", help="through a transaction-pooling PgBouncer")
     return p.parse_args(argv)
 
 
