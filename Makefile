@@ -135,6 +135,19 @@ bench-failover: $(STAMP) postgres-server
 bench-switchover: $(STAMP) postgres-server
 	$(PY) bench/switchover.py --runs 6 --json bench/results/switchover.json
 
+# The write gap of one failover seen through the VIP, HAProxy, PgBouncer->VIP
+# and PgBouncer->HAProxy at once (deploy/haproxy.cfg, deploy/pgbouncer.ini),
+# in the namespace lab; as root. About 5 minutes.
+.PHONY: bench-proxies
+bench-proxies: $(STAMP) postgres-server net-tools
+	$(PY) bench/proxies.py --runs 5 --json bench/results/proxies.json
+
+# The write gap of `failoverctl restart --rolling --pending-only` after a
+# reload (loopback, a light writer), 3 runs. About 3 minutes.
+.PHONY: bench-rolling-restart
+bench-rolling-restart: $(STAMP) postgres-server
+	$(PY) bench/rolling_restart.py --runs 3 --json bench/results/rolling_restart.json
+
 # Idle RSS and CPU of the supervisors at heartbeat 0.1 s and 0.2 s (loopback).
 .PHONY: bench-idle
 bench-idle: $(STAMP) postgres-server
