@@ -44,13 +44,16 @@ postgres-server:
 # haproxy and pgbouncer (tests/e2e/test_proxies.py starts its own instances;
 # the packages' services are disabled, never used); the deploy and daemon
 # tests setpriv (util-linux), openssl and systemd-analyze (the systemd
-# package; it is not started, only its analyzer is used).
+# package; it is not started, only its analyzer is used); gcc and libc6-dev
+# build the lab's wall-clock shim (tests/support/e2e/clockshift.c).
 net-tools:
 	@missing=""; \
 	for c in ip:iproute2 arping:iputils-arping ping:iputils-ping sysctl:procps nft:nftables tc:iproute2 \
-	         setpriv:util-linux openssl:openssl systemd-analyze:systemd haproxy:haproxy pgbouncer:pgbouncer; do \
+	         setpriv:util-linux openssl:openssl systemd-analyze:systemd haproxy:haproxy pgbouncer:pgbouncer \
+	         gcc:gcc; do \
 		command -v $${c%%:*} >/dev/null || [ -x /usr/sbin/$${c%%:*} ] || [ -x /sbin/$${c%%:*} ] || missing="$$missing $${c##*:}"; \
 	done; \
+	[ -e /usr/include/stdio.h ] || missing="$$missing libc6-dev"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
 		echo "missing$$missing: VIP and e2e tests will be skipped"; exit 0; fi; \

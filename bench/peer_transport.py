@@ -1,7 +1,8 @@
-"""CPU cost of one peer message on this machine: the supervisors' transport
-today (one aiohttp POST per message, answered 204) against a kept websocket
-(one frame per message), both on 127.0.0.1, client and server in this one
-process, each message HMAC-signed and verified as adapters/peers.py does.
+"""CPU cost of one peer message on this machine: the supervisors' former
+transport (v2: one aiohttp POST per message, answered 204) against a kept
+websocket (one frame per message, what adapters/peers.py now does), both on
+127.0.0.1, client and server in this one process, each message HMAC-signed
+and verified.
 
     .venv/bin/python bench/peer_transport.py [--messages 3000]
 

@@ -304,6 +304,7 @@ async def _run(
         config.spec.name,
         secret,
         others,
+        member=local.name,
         timeout_s=_peer_timeout_s(config),
         metrics=peer_metrics,
         ssl_context=peer_client_tls,

@@ -1,29 +1,23 @@
-"""The supervisors' RPC: one authenticated POST per message, over aiohttp.
+"""The supervisors' transport: one long-lived, authenticated websocket per
+member and direction, one frame per message (docs/design.md §11, "Peer
+transport"; safety properties 4 and 6).
 
-Wire format (safety properties 4 and 6):
+    GET /peer/v3/stream  (websocket upgrade)
+    server -> client   challenge: {"protocol", "member", "nonce"}
+    client -> server   hello:     {"sender", "nonce", "mac"}
+    server -> client   {"welcome": true}, or a close with code 4401/4400
+    client -> server   binary frames: seq || HMAC(session key, seq || body) || body
+    server -> client   text frames {"seq", "reason", "error"}: a message refused
 
-    POST /peer/v1/message
-    X-Failoverd-Timestamp: <unix seconds, e.g. 1718000000.123456>
-    X-Failoverd-Signature: v2=<hex HMAC-SHA256(secret, timestamp + "\\n" + recipient + "\\n" + body)>
-    body: encode_message_bytes(msg), at most MAX_MESSAGE_BYTES
+`peer_frames` holds the keys and the framing. Nothing reaches the receiver's
+callback before the frame's tag and sequence number are checked, the body is
+decoded, and its cluster and sender match the connection. A refusal is
+counted by reason and logged (`peer_message_rejected`), never raised into
+the server; an unauthenticated or out-of-order frame closes the connection.
 
-Answers: 204 accepted; 400 malformed (bad timestamp header, a body
-`decode_message_bytes` refuses, or a message the receiver refuses with
-ProtocolError, e.g. another cluster's); 401 unauthenticated (no or bad
-signature, a timestamp outside the window, a replay); 413 too large; 500 the
-receiver failed (logged, never crashes the server). Every error body is JSON
-`{"error": "..."}`. The receiver's callback runs only for authenticated,
-decoded messages of our cluster, so nothing unauthenticated changes state.
-
-The recipient's member name is part of what is signed, so a message captured
-on its way to one member is refused by every other member.
-
-Replay: the timestamp window bounds how long a captured message stays valid,
-and the server remembers the signatures it accepted within the window, so a
-byte-for-byte replay to the same server is refused too. The window compares
-wall clocks across hosts, so it needs NTP-disciplined clocks; it is not a
-safety mechanism (the core's term and sequence rules are, and they use only
-monotonic time), so a badly skewed host loses liveness, never safety.
+`PeerClient.send` only queues: each peer has a task that keeps a connection
+open (reconnecting with a short backoff), and writes that peer's queue to it
+in order. No wall clock is read anywhere here.
 """
 
 from __future__ import annotations
@@ -31,11 +25,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hashlib
-import hmac
 import inspect
+import json
 import math
-import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -45,22 +37,31 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from failoverd.config.load import HostPort
-from failoverd.core.messages import (
-    MAX_MESSAGE_BYTES,
-    Message,
-    ProtocolError,
-    decode_message_bytes,
-    encode_message_bytes,
+from failoverd.adapters.peer_frames import (
+    HANDSHAKE_TEXT_MAX,
+    MAX_FRAME_BYTES,
+    Challenge,
+    FrameError,
+    Opener,
+    Sealer,
+    accept_hello,
+    check_secret,
+    decode_challenge,
+    encode_challenge,
+    make_hello,
+    new_nonce,
+    session_key,
 )
+from failoverd.config.load import HostPort
+from failoverd.core.messages import Message, ProtocolError, decode_message_bytes, encode_message_bytes
 
-PATH = "/peer/v1/message"
-SIGNATURE_HEADER = "X-Failoverd-Signature"
-TIMESTAMP_HEADER = "X-Failoverd-Timestamp"
-CLOCK_SKEW_MAX_S = 30.0
-SECRET_BYTES_MIN = 16
-REPLAY_CACHE_MAX = 65536  # at ~10 messages/s per peer, hours of headroom within a 60 s memory
-_TIMESTAMP_RE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+STREAM_PATH = "/peer/v3/stream"
+PING_INTERVAL_S = 1.0  # a silent connection is pinged; no pong within half of this closes it
+HANDSHAKE_TIMEOUT_S = 5.0
+CLOSE_MALFORMED = 4400
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_GOING_AWAY = 1001
+RECONNECT_BACKOFF_S = (0.0, 0.05, 0.1, 0.2, 0.5)  # then 0.5 s between attempts
 _ERROR_TEXT_MAX = 300
 
 OnMessage = Callable[[Message], Awaitable[None] | None]
@@ -74,34 +75,27 @@ class PeerMetrics:
     received: int = 0
     rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # by reason
     sent: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # by peer
-    send_failed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    send_failed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # refused or cut
     dropped: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # queue full / too old
+    connected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # streams opened
+    connect_failed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
-def sign(secret: bytes, timestamp: str, recipient: str, body: bytes) -> str:
-    """The signature header value for `body` sent to member `recipient` at
-    `timestamp` (the header's exact text)."""
-    material = timestamp.encode("ascii") + b"\n" + recipient.encode("utf-8") + b"\n" + body
-    return "v2=" + hmac.new(secret, material, hashlib.sha256).hexdigest()
+class _Refused(Exception):
+    """One message refused on an authenticated connection, which stays open."""
 
-
-def _check_secret(secret: bytes) -> None:
-    if not isinstance(secret, bytes) or len(secret) < SECRET_BYTES_MIN:
-        raise ValueError(f"the secret must be at least {SECRET_BYTES_MIN} bytes")
-
-
-class _Rejected(Exception):
-    def __init__(self, status: int, reason: str, text: str) -> None:
+    def __init__(self, reason: str, text: str) -> None:
         super().__init__(text)
-        self.status, self.reason, self.text = status, reason, text[:_ERROR_TEXT_MAX]
+        self.reason, self.text = reason, text[:_ERROR_TEXT_MAX]
 
 
 class PeerServer:
-    """Accepts authenticated peer messages and hands them to `on_message`.
+    """Accepts peer streams and hands each authenticated message to `on_message`.
 
-    `on_message` may be a plain function or a coroutine function; if it raises
-    ProtocolError the sender gets 400 with its text. Bind with `start()`;
-    `port` is then the bound port (useful with port 0).
+    `on_message` may be a plain function or a coroutine function, and is
+    awaited message by message; if it raises ProtocolError the sender gets
+    its text back on the stream. Bind with `start()`; `port` is then the
+    bound port (useful with port 0).
     """
 
     def __init__(
@@ -115,21 +109,20 @@ class PeerServer:
         port: int,
         metrics: PeerMetrics | None = None,
         ssl_context: ssl.SSLContext | None = None,
-        clock_skew_max_s: float = CLOCK_SKEW_MAX_S,
-        wall_clock: Callable[[], float] = time.time,
+        ping_interval_s: float = PING_INTERVAL_S,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
     ) -> None:
-        _check_secret(secret)
+        check_secret(secret)
         self.cluster_name = cluster_name
-        self.member = member  # our name: messages signed for another member are refused
+        self.member = member  # our name: a hello addressed to another member fails its MAC
         self._secret = secret
         self._on_message = on_message
         self.host, self._port = host, port
         self.metrics = metrics if metrics is not None else PeerMetrics()
         self._ssl_context = ssl_context
-        self._skew_s = clock_skew_max_s
-        self._wall_clock = wall_clock
-        # signature -> monotonic time to forget it; insertion order is expiry order
-        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._ping_s = ping_interval_s
+        self._handshake_s = handshake_timeout_s
+        self._streams: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
 
     @property
@@ -139,9 +132,9 @@ class PeerServer:
         return int(self._runner.addresses[0][1])
 
     async def start(self) -> None:
-        app = web.Application(client_max_size=MAX_MESSAGE_BYTES)
-        app.router.add_post(PATH, self._handle)
-        # A short shutdown: in-flight peer messages are worth little once we stop.
+        app = web.Application()
+        app.router.add_get(STREAM_PATH, self._stream)
+        app.on_shutdown.append(self._close_streams)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self._port, ssl_context=self._ssl_context)
@@ -153,91 +146,136 @@ class PeerServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        message: Message | None = None
+    async def _close_streams(self, _app: web.Application) -> None:
+        # Handlers of open websockets would otherwise hold the shutdown for its whole timeout.
+        for ws in list(self._streams):
+            await ws.close(code=CLOSE_GOING_AWAY, message=b"member stopping")
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(heartbeat=self._ping_s, max_msg_size=MAX_FRAME_BYTES, timeout=1.0)
+        if not ws.can_prepare(request).ok:
+            self._count_rejection("malformed", "expected a websocket upgrade", request.remote)
+            return web.json_response({"error": f"{STREAM_PATH} takes a websocket"}, status=400)
+        await ws.prepare(request)
+        self._streams.add(ws)
         try:
-            message = await self._accept(request)
-            result = self._on_message(message)
-            if inspect.isawaitable(result):
-                await result
-        except _Rejected as rejected:
-            return self._reject(request, rejected, message)
-        except ProtocolError as error:  # the receiver's verdict: e.g. not a member
-            return self._reject(request, _Rejected(400, "refused", str(error)), message)
-        except Exception:
-            self.metrics.rejected["error"] += 1
-            log.exception("peer_handler_failed", remote=request.remote, **_about(message))
-            return web.json_response({"error": "internal error"}, status=500)
-        self.metrics.received += 1
-        return web.Response(status=204)
+            session = await self._handshake(request, ws)
+            if session is not None:
+                sender, opener = session
+                log.info("peer_stream_opened", peer=sender, direction="in", remote=request.remote)
+                await self._receive(request, ws, sender, opener)
+                log.info("peer_stream_closed", peer=sender, direction="in", code=ws.close_code)
+        finally:
+            self._streams.discard(ws)
+            await ws.close()
+        return ws
 
-    def _reject(self, request: web.Request, rejected: _Rejected, message: Message | None) -> web.Response:
-        self.metrics.rejected[rejected.reason] += 1
-        log.warning(
-            "peer_message_rejected",
-            reason=rejected.reason,
-            status=rejected.status,
-            detail=rejected.text,
-            remote=request.remote,
-            **_about(message),
-        )
-        return web.json_response({"error": rejected.text}, status=rejected.status)
+    async def _handshake(self, request: web.Request, ws: web.WebSocketResponse) -> tuple[str, Opener] | None:
+        challenge = Challenge(self.member, new_nonce())
+        await ws.send_str(encode_challenge(challenge))
+        try:
+            async with asyncio.timeout(self._handshake_s):
+                frame = await ws.receive()
+        except TimeoutError:
+            await self._refuse_stream(request, ws, FrameError("malformed", "no hello within the handshake timeout"))
+            return None
+        if frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+            return None
+        try:
+            if frame.type == aiohttp.WSMsgType.ERROR:
+                raise _frame_error(frame)
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                raise FrameError("malformed", "expected a hello")
+            hello = accept_hello(self._secret, self.cluster_name, challenge, frame.data)
+        except FrameError as error:
+            await self._refuse_stream(request, ws, error)
+            return None
+        await ws.send_str('{"welcome": true}')
+        key = session_key(self._secret, self.cluster_name, hello.sender, self.member, challenge.nonce, hello.nonce)
+        return hello.sender, Opener(key)
 
-    async def _accept(self, request: web.Request) -> Message:
-        """The message in `request`, or _Rejected; checks are ordered cheapest and
-        least trusting first, and nothing is decoded before it is authenticated."""
-        if request.content_length is not None and request.content_length > MAX_MESSAGE_BYTES:
-            raise _Rejected(413, "too_large", f"body exceeds {MAX_MESSAGE_BYTES} bytes")
-        body = await _read_limited(request, MAX_MESSAGE_BYTES)
-        signature = request.headers.get(SIGNATURE_HEADER)
-        if signature is None:
-            raise _Rejected(401, "unauthenticated", f"missing {SIGNATURE_HEADER}")
-        stamp = request.headers.get(TIMESTAMP_HEADER, "")
-        if not _TIMESTAMP_RE.fullmatch(stamp):
-            raise _Rejected(400, "malformed", f"{TIMESTAMP_HEADER} is not unix seconds")
-        expected = sign(self._secret, stamp, self.member, body).encode()
-        if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected):
-            raise _Rejected(401, "unauthenticated", "bad signature")
-        if abs(float(stamp) - self._wall_clock()) > self._skew_s:
-            raise _Rejected(401, "stale", f"stale or future timestamp (more than {self._skew_s:g} s off)")
-        self._remember(signature)
+    async def _receive(self, request: web.Request, ws: web.WebSocketResponse, sender: str, opener: Opener) -> None:
+        async for frame in ws:
+            if frame.type != aiohttp.WSMsgType.BINARY:
+                error = _frame_error(frame) if frame.type == aiohttp.WSMsgType.ERROR else None
+                await self._refuse_stream(request, ws, error or FrameError("malformed", "expected a binary frame"))
+                return
+            try:
+                body = opener.open(frame.data)
+            except FrameError as error:
+                await self._refuse_stream(request, ws, error)
+                return
+            message: Message | None = None
+            try:
+                message = self._decode(body, sender)
+                result = self._on_message(message)
+                if inspect.isawaitable(result):
+                    await result
+            except _Refused as refused:
+                await self._refuse_message(request, ws, opener.seq, refused, sender, message)
+                continue
+            except ProtocolError as error:  # the receiver's verdict: e.g. not a member
+                await self._refuse_message(request, ws, opener.seq, _Refused("refused", str(error)), sender, message)
+                continue
+            except Exception:
+                self.metrics.rejected["error"] += 1
+                log.exception("peer_handler_failed", remote=request.remote, **_about(message, sender))
+                await _send_refusal(ws, opener.seq, "error", "internal error")
+                continue
+            self.metrics.received += 1
+
+    def _decode(self, body: bytes, sender: str) -> Message:
         try:
             message = decode_message_bytes(body)
         except ProtocolError as error:
-            raise _Rejected(400, "malformed", str(error)) from None
+            raise _Refused("malformed", str(error)) from None
         except RecursionError:  # nesting just below the parser's limit (tests/unit/test_messages.py)
-            raise _Rejected(400, "malformed", "message nested too deeply") from None
+            raise _Refused("malformed", "message nested too deeply") from None
         except ValueError as error:  # e.g. an integer of more than 4300 digits
-            raise _Rejected(400, "malformed", f"message is not valid: {error}") from None
+            raise _Refused("malformed", f"message is not valid: {error}") from None
         if message.cluster != self.cluster_name:
-            raise _Rejected(400, "refused", f"message for cluster {message.cluster!r}, this is {self.cluster_name!r}")
+            raise _Refused("refused", f"message for cluster {message.cluster!r}, this is {self.cluster_name!r}")
+        if message.sender != sender:
+            raise _Refused("refused", f"message from {message.sender!r} on {sender!r}'s connection")
         return message
 
-    def _remember(self, signature: str) -> None:
-        now = time.monotonic()
-        while self._seen and (next(iter(self._seen.values())) <= now or len(self._seen) >= REPLAY_CACHE_MAX):
-            self._seen.popitem(last=False)
-        if signature in self._seen:
-            raise _Rejected(401, "replayed", "message already received")
-        # A timestamp up to skew ahead stays acceptable until 2 * skew from now.
-        self._seen[signature] = now + 2 * self._skew_s
+    async def _refuse_message(
+        self,
+        request: web.Request,
+        ws: web.WebSocketResponse,
+        seq: int,
+        refused: _Refused,
+        sender: str,
+        message: Message | None,
+    ) -> None:
+        self._count_rejection(refused.reason, refused.text, request.remote, **_about(message, sender))
+        await _send_refusal(ws, seq, refused.reason, refused.text)
+
+    async def _refuse_stream(self, request: web.Request, ws: web.WebSocketResponse, error: FrameError) -> None:
+        self._count_rejection(error.reason, error.text, request.remote)
+        code = CLOSE_UNAUTHENTICATED if error.reason in ("unauthenticated", "replayed") else CLOSE_MALFORMED
+        await ws.close(code=code, message=error.text[:120].encode())
+
+    def _count_rejection(self, reason: str, detail: str, remote: str | None, **about: str) -> None:
+        self.metrics.rejected[reason] += 1
+        log.warning("peer_message_rejected", reason=reason, detail=detail[:_ERROR_TEXT_MAX], remote=remote, **about)
 
 
-def _about(message: Message | None) -> dict[str, str]:
-    return {} if message is None else {"sender": message.sender, "type": message.TYPE}
+def _frame_error(frame: aiohttp.WSMessage) -> FrameError:
+    if getattr(frame.data, "code", None) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+        return FrameError("too_large", f"frame exceeds {MAX_FRAME_BYTES} bytes")
+    return FrameError("malformed", f"not a websocket frame: {frame.data}"[:_ERROR_TEXT_MAX])
 
 
-async def _read_limited(request: web.Request, limit: int) -> bytes:
-    # request.read() would raise aiohttp's own 413 past client_max_size; reading
-    # ourselves keeps one path for counting and logging every rejection.
-    chunks: list[bytes] = []
-    total = 0
-    while chunk := await request.content.read(limit + 1 - total):
-        total += len(chunk)
-        if total > limit:
-            raise _Rejected(413, "too_large", f"body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def _send_refusal(ws: web.WebSocketResponse, seq: int, reason: str, text: str) -> None:
+    try:
+        await ws.send_str(json.dumps({"seq": seq, "reason": reason, "error": text[:_ERROR_TEXT_MAX]}))
+    except ConnectionError:
+        pass  # the sender has gone; its next connection starts afresh
+
+
+def _about(message: Message | None, sender: str) -> dict[str, str]:
+    return {"sender": sender} if message is None else {"sender": sender, "type": message.TYPE}
 
 
 @dataclasses.dataclass(slots=True)
@@ -247,14 +285,20 @@ class _Outgoing:
     type: str
 
 
+class _StreamEnded(Exception):
+    pass
+
+
 class PeerClient:
     """Sends messages to peers without ever blocking or raising to the caller.
 
-    Each peer has its own bounded queue and `concurrency` worker tasks, so a
-    slow or dead peer delays only its own messages. A full queue drops its
-    oldest message; a message queued longer than `max_age_s` is dropped
-    unsent (the core has long moved on; the network may lose messages
-    anyway). Call `close()` before the loop ends.
+    Each peer has a bounded queue and a task that keeps one stream open to it
+    and writes the queue to it in order, so a slow or dead peer delays only
+    its own messages. A full queue drops its oldest message; a message
+    queued longer than `max_age_s` is dropped unsent (the core has long
+    moved on; the network may lose messages anyway). `timeout_s` bounds a
+    connection with its handshake, and one write. Call `close()` before the
+    loop ends.
     """
 
     def __init__(
@@ -263,32 +307,34 @@ class PeerClient:
         secret: bytes,
         peers: dict[str, HostPort],
         *,
+        member: str,
         timeout_s: float = 0.5,
         queue_max: int = 256,
         max_age_s: float = 5.0,
-        concurrency: int = 4,
         ssl_context: ssl.SSLContext | None = None,
         metrics: PeerMetrics | None = None,
         log_interval_s: float = 10.0,
+        ping_interval_s: float = PING_INTERVAL_S,
     ) -> None:
-        _check_secret(secret)
-        if not (timeout_s > 0 and queue_max >= 1 and max_age_s > 0 and concurrency >= 1):
-            raise ValueError("timeout_s, queue_max, max_age_s and concurrency must be positive")
+        check_secret(secret)
+        if not (timeout_s > 0 and queue_max >= 1 and max_age_s > 0 and ping_interval_s > 0):
+            raise ValueError("timeout_s, queue_max, max_age_s and ping_interval_s must be positive")
         self.cluster_name = cluster_name
+        self.member = member
         self._secret = secret
-        scheme = "https" if ssl_context is not None else "http"
-        self._urls = {name: f"{scheme}://{address}{PATH}" for name, address in peers.items()}
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        scheme = "wss" if ssl_context is not None else "ws"
+        self._urls = {name: f"{scheme}://{address}{STREAM_PATH}" for name, address in peers.items()}
+        self._timeout_s = timeout_s
         self._queue_max = queue_max
         self._max_age_s = max_age_s
-        self._concurrency = concurrency
         self._ssl_context = ssl_context
+        self._ping_s = ping_interval_s
         self.metrics = metrics if metrics is not None else PeerMetrics()
         self._log_interval_s = log_interval_s
         self._last_logged: dict[str, float] = {}
         self._suppressed: collections.Counter[str] = collections.Counter()
         self._queues: dict[str, asyncio.Queue[_Outgoing]] = {}
-        self._workers: list[asyncio.Task[None]] = []
+        self._links: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -309,49 +355,102 @@ class PeerClient:
 
     def _start_peer(self, to: str) -> asyncio.Queue[_Outgoing]:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                ssl=self._ssl_context if self._ssl_context is not None else True,
-                limit=0,
-                limit_per_host=self._concurrency,
-                keepalive_timeout=30.0,
-            )
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            connector = aiohttp.TCPConnector(ssl=self._ssl_context if self._ssl_context is not None else True, limit=0)
+            self._session = aiohttp.ClientSession(connector=connector)
         queue: asyncio.Queue[_Outgoing] = asyncio.Queue(self._queue_max)
         self._queues[to] = queue
-        for i in range(self._concurrency):
-            self._workers.append(asyncio.create_task(self._worker(to, queue), name=f"peer-send-{to}-{i}"))
+        self._links.append(asyncio.create_task(self._link(to, queue), name=f"peer-stream-{to}"))
         return queue
 
-    async def _worker(self, to: str, queue: asyncio.Queue[_Outgoing]) -> None:
+    async def _link(self, to: str, queue: asyncio.Queue[_Outgoing]) -> None:
+        """Keep a stream to `to` open and write its queue to it, forever."""
+        failures = 0
         while True:
-            item = await queue.get()
-            if time.monotonic() - item.queued_at > self._max_age_s:
-                self.metrics.dropped[to] += 1
-                self._note(to, f"dropped a {item.type} queued over {self._max_age_s:g} s")
-                continue
             try:
-                await self._post(to, item)
+                ws, sealer = await self._connect(to)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - never let one failure end the worker
-                self.metrics.send_failed[to] += 1
-                self._note(to, f"{type(error).__name__}: {error}"[:_ERROR_TEXT_MAX])
+            except Exception as error:  # noqa: BLE001 - a peer that is down is the normal case here
+                self.metrics.connect_failed[to] += 1
+                self._note(to, f"cannot connect: {_describe(error)}")
+                await asyncio.sleep(RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)])
+                failures += 1
+                continue
+            failures = 0
+            self.metrics.connected[to] += 1
+            log.info("peer_stream_opened", peer=to, direction="out")
+            try:
+                await self._pump(to, ws, sealer, queue)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - never let one failure end the link
+                self._note(to, f"stream ended: {_describe(error)}")
+            finally:
+                await ws.close()
+            log.info("peer_stream_closed", peer=to, direction="out", code=ws.close_code)
 
-    async def _post(self, to: str, item: _Outgoing) -> None:
+    async def _connect(self, to: str) -> tuple[aiohttp.ClientWebSocketResponse, Sealer]:
         assert self._session is not None
-        stamp = f"{time.time():.6f}"  # signed when sent, not when queued, so queueing cannot make it stale
-        headers = {
-            TIMESTAMP_HEADER: stamp,
-            SIGNATURE_HEADER: sign(self._secret, stamp, to, item.body),
-            "Content-Type": "application/json",
-        }
-        async with self._session.post(self._urls[to], data=item.body, headers=headers) as response:
-            if response.status == 204:
+        async with asyncio.timeout(self._timeout_s):
+            ws = await self._session.ws_connect(
+                self._urls[to],
+                heartbeat=self._ping_s,
+                max_msg_size=HANDSHAKE_TEXT_MAX,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self._timeout_s),
+            )
+            try:
+                challenge = decode_challenge(await _receive_text(ws, "a challenge"))
+                if challenge.member != to:
+                    raise FrameError("malformed", f"the peer at {self._urls[to]} is member {challenge.member!r}")
+                nonce = new_nonce()
+                await ws.send_str(make_hello(self._secret, self.cluster_name, self.member, challenge, nonce))
+                if json.loads(await _receive_text(ws, "a welcome")) != {"welcome": True}:
+                    raise FrameError("malformed", "the peer did not welcome us")
+            except BaseException:
+                await ws.close()
+                raise
+        key = session_key(self._secret, self.cluster_name, self.member, to, challenge.nonce, nonce)
+        return ws, Sealer(key)
+
+    async def _pump(
+        self, to: str, ws: aiohttp.ClientWebSocketResponse, sealer: Sealer, queue: asyncio.Queue[_Outgoing]
+    ) -> None:
+        reader = asyncio.create_task(self._read(to, ws), name=f"peer-stream-{to}-reader")
+        try:
+            while True:
+                if queue.empty():  # wait for a message, or for the stream to end meanwhile
+                    getter = asyncio.ensure_future(queue.get())
+                    await asyncio.wait((getter, reader), return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        raise _StreamEnded("closed by the peer or the network")
+                    item = getter.result()
+                else:
+                    item = queue.get_nowait()
+                if time.monotonic() - item.queued_at > self._max_age_s:
+                    self.metrics.dropped[to] += 1
+                    self._note(to, f"dropped a {item.type} queued over {self._max_age_s:g} s")
+                    continue
+                try:
+                    async with asyncio.timeout(self._timeout_s):
+                        await ws.send_bytes(sealer.seal(item.body))
+                except (TimeoutError, ConnectionError, aiohttp.ClientError):
+                    self.metrics.send_failed[to] += 1
+                    raise
                 self.metrics.sent[to] += 1
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _read(self, to: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """What the peer says on the stream: refusals of our messages (pongs
+        are handled inside aiohttp while this reads). Returns when it closes."""
+        async for frame in ws:
+            if frame.type == aiohttp.WSMsgType.TEXT:
+                self.metrics.send_failed[to] += 1
+                self._note(to, f"peer refused a message: {frame.data[:_ERROR_TEXT_MAX]}")
+            elif frame.type == aiohttp.WSMsgType.ERROR:
                 return
-            text = (await response.content.read(_ERROR_TEXT_MAX)).decode("utf-8", "replace")
-        self.metrics.send_failed[to] += 1
-        self._note(to, f"peer answered {response.status} to a {item.type}: {text}")
 
     def _note(self, to: str, problem: str) -> None:
         # Debug level and rate-limited: a dead peer would otherwise log ten lines a second.
@@ -365,10 +464,10 @@ class PeerClient:
     async def close(self) -> None:
         """Stop sending (queued messages are discarded) and release connections."""
         self._closed = True
-        for task in self._workers:
+        for task in self._links:
             task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers.clear()
+        await asyncio.gather(*self._links, return_exceptions=True)
+        self._links.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -378,3 +477,15 @@ class PeerClient:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
+
+
+async def _receive_text(ws: aiohttp.ClientWebSocketResponse, what: str) -> str:
+    frame = await ws.receive()
+    if frame.type != aiohttp.WSMsgType.TEXT:
+        reason = f" ({ws.close_code}: {frame.extra})" if frame.type == aiohttp.WSMsgType.CLOSE else ""
+        raise FrameError("malformed", f"expected {what}, got {frame.type.name}{reason}")
+    return str(frame.data)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:_ERROR_TEXT_MAX]

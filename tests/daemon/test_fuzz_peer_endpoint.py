@@ -1,19 +1,21 @@
-"""Random bodies, headers and signatures against the peer endpoint of a running
-supervisor: always a 4xx, never a crash, never a state change (safety property 6)."""
+"""Random handshakes, frames and signed bodies against the peer port of a
+running supervisor: always refused (the stream closed, or the message
+answered with a refusal), never a crash, never a state change (safety
+property 6)."""
 
 from __future__ import annotations
 
 import http.client
 import json
-import time
 
 import pytest
 from daemon_fixture import RunningWitness, start_witness, stop_witness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from failoverd.adapters.peers import PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from failoverd.adapters.peer_frames import MAX_FRAME_BYTES
 from failoverd.core.messages import MESSAGE_TYPES
+from tests.support.peer_stream import Outcome, exchange
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -25,20 +27,8 @@ def witness(tmp_path_factory) -> RunningWitness:
     stop_witness(w)
 
 
-def post(w: RunningWitness, body: bytes, headers: dict[str, str], path: str = PATH) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", w.peer_port, timeout=10)
-    try:
-        conn.request("POST", path, body=body, headers=headers)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
-def signed(w: RunningWitness, body: bytes) -> dict[str, str]:
-    ts = f"{time.time():.6f}"
-    return {TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: sign(w.secret, ts, "w1", body), "Content-Type": "application/json"}
+def send(w: RunningWitness, **kwargs) -> Outcome:
+    return exchange(w.peer_port, secret=w.secret, cluster="fuzz", recipient="w1", **kwargs)
 
 
 header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=120)
@@ -49,26 +39,35 @@ json_values = st.recursive(
 )
 
 
-def check_unchanged(w: RunningWitness, before: bytes, status: int) -> None:
-    assert 400 <= status < 500, status
+def check_unchanged(w: RunningWitness, before: bytes, outcome: Outcome) -> None:
+    assert outcome.refused, outcome
     assert w.alive(), w.stderr()[-2000:]
     assert w.state_bytes() == before
 
 
 @FUZZ
-@given(body=st.binary(max_size=2048), timestamp=header_text, signature=header_text)
-def test_random_bytes_and_headers_are_refused(witness, body, timestamp, signature):
+@given(hello=st.one_of(header_text, st.binary(max_size=300)), frames=st.lists(st.binary(max_size=2048), max_size=3))
+def test_random_hellos_and_frames_are_refused(witness, hello, frames):
     before = witness.state_bytes()
-    status = post(witness, body, {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: signature})
-    check_unchanged(witness, before, status)
+    check_unchanged(witness, before, send(witness, hello=hello, raw=frames))
+
+
+@FUZZ
+@given(frame=st.binary(min_size=1, max_size=2048))
+def test_random_frames_on_an_authenticated_stream_close_it(witness, frame):
+    before = witness.state_bytes()
+    outcome = send(witness, raw=[frame])
+    assert outcome.welcomed and outcome.close_code in (4400, 4401), outcome
+    check_unchanged(witness, before, outcome)
 
 
 @FUZZ
 @given(value=json_values)
-def test_signed_random_json_is_refused(witness, value):
+def test_sealed_random_json_is_refused(witness, value):
     before = witness.state_bytes()
-    body = json.dumps(value).encode()
-    check_unchanged(witness, before, post(witness, body, signed(witness, body)))
+    outcome = send(witness, bodies=[json.dumps(value).encode()])
+    assert outcome.welcomed and len(outcome.answers) == 1 and outcome.close_code is None, outcome
+    check_unchanged(witness, before, outcome)
 
 
 @FUZZ
@@ -97,31 +96,44 @@ def test_signed_random_json_is_refused(witness, value):
         max_size=8,
     ),
 )
-def test_signed_message_shaped_garbage_is_refused(witness, kind, fields):
-    """Message-shaped bodies with the right signature: wrong cluster, a sender
-    that is no member, or fields of the wrong type; all refused before the core."""
+def test_sealed_message_shaped_garbage_is_refused(witness, kind, fields):
+    """Message-shaped bodies on an authenticated stream: wrong cluster, a
+    sender that is not the stream's, or fields of the wrong type; all refused
+    before the core."""
     before = witness.state_bytes()
     fields = dict(fields)
     fields.setdefault("cluster", "another-cluster")
     body = json.dumps({"type": kind, **fields}).encode()
-    check_unchanged(witness, before, post(witness, body, signed(witness, body)))
+    check_unchanged(witness, before, send(witness, bodies=[body]))
 
 
-def test_a_valid_message_for_another_cluster_and_a_replay_are_refused(witness):
+def test_another_cluster_a_non_member_and_a_replay_are_refused(witness):
     before = witness.state_bytes()
     body = json.dumps({"type": "heartbeat", "cluster": "other", "sender": "db1", "term": 99}).encode()
-    check_unchanged(witness, before, post(witness, body, signed(witness, body)))
+    check_unchanged(witness, before, send(witness, bodies=[body]))
     body = json.dumps({"type": "timeout_now", "cluster": "fuzz", "sender": "nobody", "term": 99}).encode()
-    check_unchanged(witness, before, post(witness, body, signed(witness, body)))
-    # A well-signed message from a member, sent twice: the second is a replay.
+    check_unchanged(witness, before, send(witness, sender="nobody", bodies=[body]))
+    # A well-signed message from a member is taken once; its frame, sent
+    # again on the same stream or on a new one, is refused.
     body = json.dumps({"type": "timeout_now", "cluster": "fuzz", "sender": "db1", "term": 0}).encode()
-    headers = signed(witness, body)
-    assert post(witness, body, headers) == 204
-    check_unchanged(witness, before, post(witness, body, headers))
+    taken = send(witness, bodies=[body])
+    assert taken.welcomed and not taken.refused, taken
+    assert send(witness, bodies=[body], replay=True).close_code == 4401
+    check_unchanged(witness, before, send(witness, raw=taken.sealed))
 
 
-def test_oversized_body_and_other_paths(witness):
+def test_oversized_frame_and_other_paths(witness):
     before = witness.state_bytes()
-    big = b"{" + b" " * (1 << 20) + b"}"
-    check_unchanged(witness, before, post(witness, big, signed(witness, big)))
-    check_unchanged(witness, before, post(witness, b"{}", signed(witness, b"{}"), path="/peer/v2/x"))
+    outcome = send(witness, raw=[b" " * (MAX_FRAME_BYTES + 1)])
+    assert outcome.close_code == 1009, outcome
+    check_unchanged(witness, before, outcome)
+    conn = http.client.HTTPConnection("127.0.0.1", witness.peer_port, timeout=10)
+    try:
+        for method, path in (("POST", "/peer/v1/message"), ("GET", "/peer/v3/other"), ("GET", "/peer/v3/stream")):
+            conn.request(method, path, body=b"{}")
+            response = conn.getresponse()
+            response.read()
+            assert 400 <= response.status < 500, (method, path, response.status)
+    finally:
+        conn.close()
+    assert witness.alive() and witness.state_bytes() == before

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,7 +38,7 @@ FAILOVER_BOUND_S = 10.0  # liveness bound for the tests; the benchmark measures 
 # `make bench`), and a standby may first wait for a connection to the old
 # leader to time out. The bound here is liveness only; safety is checked as
 # for every fault.
-SLOW_FAILOVER_BOUND_S = {"leader-deaf": 25.0}
+SLOW_FAILOVER_BOUND_S = {"leader-deaf": 25.0, "leader-deaf-port": 25.0}
 _ids = itertools.count(1_000_000, 1_000_000)  # each run's writers take ids from their own range
 
 
@@ -105,12 +108,48 @@ async def test_bootstrap_vip_and_capabilities(cluster: tuple[E2ELab, VipMonitor]
     assert got == primary and {a.member for a in run.client.acks()} == {primary}
 
 
+# Counted by position in each member's log, not by timestamp: a stepped
+# host's timestamps are what the test makes wrong.
+_CLOCK_STEP_QUIET = ("role_changed", "election_started", "pre_vote_started", "lease_lost", "fence", "fenced")
+_CLOCK_STEP_QUIET += ("peer_message_rejected", "peer_stream_closed")
+
+
+def _event_counts(lab: E2ELab) -> dict[str, int]:
+    return {n: len(lab.events(n)) for n in DATA}
+
+
+def _events_since(lab: E2ELab, counts: dict[str, int], names: tuple[str, ...]) -> list[dict]:
+    return [e for n in DATA for e in lab.events(n)[counts[n] :] if e.get("event") in names]
+
+
+def _clock_shim_works(lab: E2ELab) -> None:
+    """The fault is real: every supervisor has the shim loaded, and the shim
+    moves the wall clock of a process that has it."""
+    for name in DATA:
+        maps = Path(f"/proc/{lab.supervisors[name].proc.pid}/maps").read_text()
+        assert "clockshift.so" in maps, name
+    probe = lab.base / "probe.clock-offset"
+    probe.write_text("-300\n")
+    env = {"LD_PRELOAD": str(lab.base / "clockshift.so"), "FAILOVERD_TEST_CLOCK_OFFSET_FILE": str(probe)}
+    shifted = subprocess.run(
+        [sys.executable, "-c", "import time; print(time.time())"], env=env, capture_output=True, text=True, check=True
+    )
+    assert abs(float(shifted.stdout) - (time.time() - 300)) < 5, shifted.stdout
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 async def test_fault(cluster: tuple[E2ELab, VipMonitor], name: str) -> None:
     lab, monitor = cluster
     fault = FAULTS[name]
+    if name.startswith("clock-"):
+        _clock_shim_works(lab)
+    counts = _event_counts(lab)
     r = await run_fault(lab, monitor, fault, next(_ids))
     _check_safety(r, lab)
+    if name.startswith("clock-"):
+        # A wall-clock step changes nothing: no refused message, no stream
+        # dropped, no pre-vote, election or fence anywhere.
+        assert _events_since(lab, counts, _CLOCK_STEP_QUIET) == [], lab.log_tails()
     if fault.failover:
         assert r.new_primary != r.old_primary and r.term_after > r.term_before, r
         assert r.first_write_s is not None and r.first_write_s < SLOW_FAILOVER_BOUND_S.get(name, FAILOVER_BOUND_S), r

@@ -12,6 +12,12 @@ supervisors, their watchdogs (PIDs from the supervisors' own logs) and the
 postmasters (by postmaster.pid under the lab's directory, checked against the
 process's working directory).
 
+Every supervisor (and its watchdog) runs with clockshift.so preloaded, which
+shifts its CLOCK_REALTIME by the seconds in `<base>/<host>.clock-offset`:
+`step_clock(host, seconds)` steps a host's wall clock as NTP or `date -s`
+would, leaving the monotonic clock alone. PostgreSQL, started by the
+supervisor with an environment of its own, keeps the true time.
+
 Supervisors run in one of two ways, chosen per member:
   "caps": as the `postgres` user holding only ambient CAP_NET_ADMIN and
           CAP_NET_RAW, as the systemd unit runs it (setpriv --ambient-caps);
@@ -63,6 +69,7 @@ WRITER_USER = "writer"
 WRITER_PASSWORD = "writer-password-e2e"
 NET_CAPS = "+net_admin,+net_raw"
 SLOWLINK = Path(__file__).with_name("slowlink.py")
+CLOCKSHIFT_SOURCE = Path(__file__).with_name("clockshift.c")
 PROGRAMS = ("ip", "arping", "ping", "nft", "tc", "setpriv")
 _SETUP_TIMEOUT_S = 10.0
 
@@ -124,6 +131,7 @@ class E2ELab:
         try:
             self.net.build()
             self.bundle = make_runtime_bundle(self.base)
+            self._build_clockshift()
             secret = self.base / "secret"
             secret.write_bytes(SECRET)
             os.chmod(secret, 0o600)
@@ -142,6 +150,37 @@ class E2ELab:
 
     def address(self, host: str) -> str:
         return str(self.net.address(host).ip)
+
+    def _build_clockshift(self) -> None:
+        compiler = shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise RuntimeError("no C compiler for clockshift.c (make test installs gcc)")
+        subprocess.run(
+            [
+                compiler,
+                "-shared",
+                "-fPIC",
+                "-O2",
+                "-o",
+                str(self.base / "clockshift.so"),
+                str(CLOCKSHIFT_SOURCE),
+                "-ldl",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        for name in DATA:
+            self.step_clock(name, 0.0)
+
+    def step_clock(self, host: str, seconds: float) -> None:
+        """Set `host`'s wall clock `seconds` away from the true time (0: back
+        to it); its processes see the step within 20 ms."""
+        path = self.base / f"{host}.clock-offset"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{seconds:.6f}\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
 
     def _config_text(self) -> str:
         nodes = "".join(
@@ -203,7 +242,13 @@ format = "json"
         argv = [*self.net.exec_prefix(name), *run]
         log_path = self.base / f"{name}.supervisor.log"
         offset = log_path.stat().st_size if log_path.exists() else 0
-        env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": str(self.bundle), "LANG": "C.UTF-8"}
+        env = {
+            "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+            "PYTHONPATH": str(self.bundle),
+            "LANG": "C.UTF-8",
+            "LD_PRELOAD": str(self.base / "clockshift.so"),
+            "FAILOVERD_TEST_CLOCK_OFFSET_FILE": str(self.base / f"{name}.clock-offset"),
+        }
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 argv,
@@ -302,6 +347,17 @@ format = "json"
             host,
             f"""table inet fo_fault {{
   chain input {{ type filter hook input priority filter; policy accept; iifname "{self.net.interface}" drop; }}
+}}
+""",
+        )
+
+    def block_peer_port(self, host: str) -> None:
+        """Nothing reaches the host's peer port, on connections old or new;
+        its own connections to the other members' peer ports still work."""
+        self._nft(
+            host,
+            f"""table inet fo_fault {{
+  chain input {{ type filter hook input priority filter; policy accept; tcp dport {PEER_PORT} drop; }}
 }}
 """,
         )

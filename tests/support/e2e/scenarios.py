@@ -75,6 +75,11 @@ def _kill_postmaster(lab: E2ELab, primary: str, standby: str) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def _step_clocks(lab: E2ELab, offsets: dict[str, float]) -> None:
+    for host, seconds in offsets.items():
+        lab.step_clock(host, seconds)
+
+
 FAULTS = {
     f.name: f
     for f in (
@@ -108,11 +113,32 @@ FAULTS = {
             lambda lab, p, s: lab.clear_filters(p),
         ),
         Fault(
+            "leader-deaf-port",
+            "nothing reaches the leader's peer port; its own streams to the others work (nftables)",
+            True,
+            lambda lab, p, s: lab.block_peer_port(p),
+            lambda lab, p, s: lab.clear_filters(p),
+        ),
+        Fault(
             "leader-cut-from-one",
             "no traffic between the leader and one follower (nftables)",
             False,
             lambda lab, p, s: lab.cut(p, s),
             lambda lab, p, s: lab.clear_filters(p),
+        ),
+        Fault(
+            "clock-steps",
+            "wall clock stepped +300 s on the primary's host and -300 s on a standby's, then back",
+            False,
+            lambda lab, p, s: _step_clocks(lab, {p: 300.0, s: -300.0}),
+            lambda lab, p, s: _step_clocks(lab, {p: 0.0, s: 0.0}),
+        ),
+        Fault(
+            "clock-steps-reversed",
+            "wall clock stepped -300 s on the primary's host and +300 s on a standby's, then back",
+            False,
+            lambda lab, p, s: _step_clocks(lab, {p: -300.0, s: 300.0}),
+            lambda lab, p, s: _step_clocks(lab, {p: 0.0, s: 0.0}),
         ),
         Fault(
             "isolate-standby",
