@@ -143,13 +143,18 @@ async def test_fault(cluster: tuple[E2ELab, VipMonitor], name: str) -> None:
     fault = FAULTS[name]
     if name.startswith("clock-"):
         _clock_shim_works(lab)
+        # The previous fault's aftermath must not count as this one's.
+        await lab.wait_for("every supervisor following the leader", lab.settled, 60)
     counts = _event_counts(lab)
     r = await run_fault(lab, monitor, fault, next(_ids))
     _check_safety(r, lab)
     if name.startswith("clock-"):
         # A wall-clock step changes nothing: no refused message, no stream
         # dropped, no pre-vote, election or fence anywhere.
-        assert _events_since(lab, counts, _CLOCK_STEP_QUIET) == [], lab.log_tails()
+        assert _events_since(lab, counts, _CLOCK_STEP_QUIET) == [], (
+            _events_since(lab, counts, _CLOCK_STEP_QUIET),
+            lab.log_tails(),
+        )
     if fault.failover:
         assert r.new_primary != r.old_primary and r.term_after > r.term_before, r
         assert r.first_write_s is not None and r.first_write_s < SLOW_FAILOVER_BOUND_S.get(name, FAILOVER_BOUND_S), r

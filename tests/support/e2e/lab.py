@@ -553,6 +553,24 @@ format = "json"
         merged = [e for n in DATA for e in self.events(n, current_only=False) if (e["wall"] or 0) >= since_wall]
         return sorted(merged, key=lambda e: e["wall"] or 0)
 
+    async def settled(self) -> str | None:
+        """The primary's name once the cluster is healthy and every supervisor
+        says so too: the primary's leads, every other follows it. A fault's
+        aftermath (a member still pre-voting after a heal) is over."""
+        primary = await self.healthy()
+        if primary is None:
+            return None
+        for name in DATA:
+            events = self.events(name)
+            roles = [e["role"] for e in events if e.get("event") == "role_changed"]
+            role = roles[-1] if roles else "follower"
+            leaders = [e.get("leader") for e in events if e.get("event") == "leader_known"]
+            if name == primary and role != "leader":
+                return None
+            if name != primary and (role != "follower" or not leaders or leaders[-1] != primary):
+                return None
+        return primary
+
     def leadership(self) -> tuple[str | None, int]:
         """The latest leader and term seen in the logs."""
         leaders = [e for e in self.all_events() if e.get("event") == "role_changed" and e.get("role") == "leader"]
