@@ -562,8 +562,11 @@ format = "json"
             return None
         for name in DATA:
             events = self.events(name)
-            roles = [e["role"] for e in events if e.get("event") == "role_changed"]
-            role = roles[-1] if roles else "follower"
+            # A follower that stops hearing its leader pre-votes without a
+            # role_changed: a pre-vote after the last role change counts too.
+            changes = [e for e in events if e.get("event") in ("role_changed", "pre_vote_started", "election_started")]
+            last = changes[-1] if changes else {"event": "role_changed", "role": "follower"}
+            role = last["role"] if last["event"] == "role_changed" else "candidate"
             leaders = [e.get("leader") for e in events if e.get("event") == "leader_known"]
             if name == primary and role != "leader":
                 return None
