@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.support import wait_for
 from tests.support.e2e.checker import VipMonitor
 from tests.support.e2e.lab import DATA, E2ELab, lab_dir
 from tests.support.e2e.scenarios import FAULTS, REPORT, Profile, RunResult, run_fault, run_stability, start_run
@@ -145,7 +146,13 @@ async def test_fault(cluster: tuple[E2ELab, VipMonitor], name: str) -> None:
     if name.startswith("clock-"):
         _clock_shim_works(lab)
         # The previous fault's aftermath must not count as this one's.
-        await lab.wait_for("every supervisor following the leader", lab.settled, 60)
+        await wait_for(
+            "every supervisor following the leader",
+            lab.settled,
+            60,
+            interval_s=0.2,
+            detail=lambda: f"{lab.unsettled}\n{lab.log_tails()}\nsaved logs: {lab.save_logs()}",
+        )
     counts = _event_counts(lab)
     r = await run_fault(lab, monitor, fault, next(_ids))
     _check_safety(r, lab)

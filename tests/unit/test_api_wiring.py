@@ -44,7 +44,13 @@ async def test_real_supervisors_report_status_and_count_a_failover() -> None:
         assert counters.failovers == 0
         assert counters.events["promoted"] == 1
         follower = next(n for n in c.sups if n != old)
-        await c.wait_for(lambda: c.sups[follower].status().primary_position is not None)
+        # The follower reports streaming from its own next probe, which may
+        # come after the heartbeat that told it the primary's position.
+        await c.wait_for(
+            lambda: (
+                c.sups[follower].status().primary_position is not None and c.sups[follower].status().streaming_standby
+            )
+        )
         fst = c.sups[follower].status()
         assert fst.leader == old and fst.leader_live and fst.role is Role.FOLLOWER and fst.streaming_standby
 

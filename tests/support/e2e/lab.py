@@ -99,6 +99,21 @@ class Supervisor:
     log_offset: int  # where this process's lines start in the (shared, appended) log file
 
 
+# The events after which a member holds a role, beside role_changed: a
+# follower that stops hearing its leader starts a pre-vote without a
+# role_changed, and a pre-vote that yields, is lost or times out returns it to
+# following without one (a timed-out candidacy that stands again logs
+# pre_vote_started next).
+_ROLE_EVENTS = {
+    "role_changed": "",
+    "pre_vote_started": "candidate",
+    "election_started": "candidate",
+    "pre_vote_yielded": "follower",
+    "election_lost": "follower",
+    "election_timed_out": "follower",
+}
+
+
 @dataclass
 class E2ELab:
     base: Path
@@ -111,6 +126,7 @@ class E2ELab:
     degraded: str | None = None  # how the links are slowed down now, if they are
     slowlink: subprocess.Popen | None = None
     slowlink_summary: str = ""  # its last report: frames forwarded and dropped, how late they left
+    unsettled: str = ""  # why `settled` last found the cluster not settled
 
     def __post_init__(self) -> None:
         if set(self.modes) != set(DATA) or not set(self.modes.values()) <= {"caps", "root"}:
@@ -556,23 +572,36 @@ format = "json"
     async def settled(self) -> str | None:
         """The primary's name once the cluster is healthy and every supervisor
         says so too: the primary's leads, every other follows it. A fault's
-        aftermath (a member still pre-voting after a heal) is over."""
+        aftermath (a member still pre-voting after a heal) is over. While it
+        is not, `unsettled` says why."""
         primary = await self.healthy()
         if primary is None:
+            self.unsettled = f"not healthy: {await self.health_report()}"
             return None
         for name in DATA:
             events = self.events(name)
-            # A follower that stops hearing its leader pre-votes without a
-            # role_changed: a pre-vote after the last role change counts too.
-            changes = [e for e in events if e.get("event") in ("role_changed", "pre_vote_started", "election_started")]
+            changes = [e for e in events if e.get("event") in _ROLE_EVENTS]
             last = changes[-1] if changes else {"event": "role_changed", "role": "follower"}
-            role = last["role"] if last["event"] == "role_changed" else "candidate"
+            role = last["role"] if last["event"] == "role_changed" else _ROLE_EVENTS[last["event"]]
             leaders = [e.get("leader") for e in events if e.get("event") == "leader_known"]
-            if name == primary and role != "leader":
+            if (name == primary and role != "leader") or (
+                name != primary and (role != "follower" or not leaders or leaders[-1] != primary)
+            ):
+                self.unsettled = (
+                    f"{primary} is primary; {name}'s last role event: {json.dumps(last, default=str)}; "
+                    f"last leader it knew: {leaders[-1] if leaders else None}"
+                )
                 return None
-            if name != primary and (role != "follower" or not leaders or leaders[-1] != primary):
-                return None
+        self.unsettled = ""
         return primary
+
+    async def health_report(self) -> str:
+        """What `healthy` saw, member by member: role, upstream, VIP."""
+        now = time.monotonic()
+        obs = await asyncio.gather(*(a.probe(now) for a in self.adapters.values()))
+        holders = await asyncio.to_thread(self.vip_holders)
+        parts = [f"{n} {o.role.value} following {o.following}" for n, o in zip(self.adapters, obs, strict=True)]
+        return ", ".join(parts) + f"; VIP on {holders}"
 
     def leadership(self) -> tuple[str | None, int]:
         """The latest leader and term seen in the logs."""
