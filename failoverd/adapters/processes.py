@@ -5,7 +5,10 @@ second. Nothing here finds a process by name."""
 from __future__ import annotations
 
 import os
+import select
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def process_alive(pid: int) -> bool:
@@ -69,6 +72,94 @@ def live_postmaster_pid(data_dir: Path) -> int | None:
     if pid is None or not process_alive(pid) or not runs_in(pid, data_dir):
         return None
     return pid
+
+
+class PostmasterWatch:
+    """The postmaster of one data directory, found the way
+    `live_postmaster_pid` finds it and then held by a pidfd. While the pidfd
+    does not say the process exited, the same postmaster runs: a probe costs
+    one poll instead of the pid file, /proc and two realpaths, and no reused
+    pid can be mistaken for it.
+
+    With `on_exit`, the pidfd is also watched by the running asyncio loop, and
+    `on_exit()` is called as soon as the postmaster exits (a probe need not
+    wait for its turn to see a crash). Without pidfds (a kernel before 5.3),
+    every call makes the full check."""
+
+    def __init__(self, data_dir: Path, on_exit: Callable[[], None] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self._on_exit = on_exit
+        self._pid: int | None = None
+        self._fd: int | None = None
+        self._loop: Any = None  # the asyncio loop watching _fd, if one is
+
+    @property
+    def on_exit(self) -> Callable[[], None] | None:
+        return self._on_exit
+
+    @on_exit.setter
+    def on_exit(self, callback: Callable[[], None] | None) -> None:
+        """Set from the loop: a postmaster already held is watched from now on."""
+        self._on_exit = callback
+        if self._fd is not None and self._loop is None:
+            self._watch(self._fd)
+
+    def pid(self) -> int | None:
+        """The postmaster's pid while it runs, else None."""
+        if self._fd is not None:
+            if not _pidfd_exited(self._fd):
+                return self._pid
+            self.forget()
+        pid = live_postmaster_pid(self.data_dir)
+        if pid is None:
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # gone since, or no pidfds here
+            return live_postmaster_pid(self.data_dir)
+        # The pidfd pins the process: check again that it is the one the pid
+        # file names and that it serves this directory, now that its pid
+        # cannot be reused under us.
+        if _pidfd_exited(fd) or read_postmaster_pid(self.data_dir) != pid or not runs_in(pid, self.data_dir):
+            os.close(fd)
+            return None
+        self._pid, self._fd = pid, fd
+        self._watch(fd)
+        return pid
+
+    def forget(self) -> None:
+        """Close the pidfd: the next call looks the postmaster up again."""
+        fd, self._fd, self._pid = self._fd, None, None
+        if fd is None:
+            return
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(fd)  # before the close: the number may be reused at once
+        os.close(fd)
+
+    def _watch(self, fd: int) -> None:
+        if self._on_exit is None:
+            return
+        import asyncio  # here, not at the top: the watchdog imports this module and never watches
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.add_reader(fd, self._exited)
+        self._loop = loop
+
+    def _exited(self) -> None:
+        self.forget()  # a pidfd stays readable: leaving it watched would spin the loop
+        if self._on_exit is not None:
+            self._on_exit()
+
+
+def _pidfd_exited(fd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    poller = select.poll()  # not select(): it fails on descriptors above 1023
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def is_stopped(pid: int) -> bool:

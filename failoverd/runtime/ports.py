@@ -7,7 +7,7 @@ tests wire in their own.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from failoverd.core.messages import Message
@@ -29,6 +29,7 @@ class PostgresPort(Protocol):
     def pending_restart(self) -> tuple[str, ...]: ...  # settings that wait for a restart
     @property
     def waiting_on_upstream(self) -> bool: ...  # a running follow() may be cancelled harmlessly
+    def watch_postmaster(self, wake: Callable[[], None]) -> None: ...  # wake() when the postmaster exits
 
 
 class PeersPort(Protocol):

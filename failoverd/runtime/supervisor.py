@@ -140,6 +140,7 @@ class Supervisor:
         loops: list[tuple[str, Coroutine[Any, Any, None]]] = [("ticker", self._ticker())]
         if self.postgres is not None:
             loops += [("prober", self._prober()), ("pg_worker", self._pg_worker())]
+            self.postgres.watch_postmaster(self._probe_now.set)  # a crash is probed at once
         self._tasks = [asyncio.create_task(self._guard(name, loop), name=name) for name, loop in loops]
         self.log.info("supervisor_started", node=self.node.name, term=self.node.term)
 

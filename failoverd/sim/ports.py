@@ -121,6 +121,10 @@ class SimPostgresPort:
     def waiting_on_upstream(self) -> bool:
         return self._asking
 
+    def watch_postmaster(self, wake: Callable[[], None]) -> None:
+        """Nothing: a simulated crash is seen at the next probe, as the real
+        adapter sees it where it has no pidfds (the slower case)."""
+
     # ------------------------------------------------------------- actions
 
     async def promote(self) -> None:

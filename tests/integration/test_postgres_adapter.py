@@ -384,12 +384,84 @@ async def test_programs_runs_as_the_postgres_user(os_user: str) -> None:
     assert done.stdout.strip() == os_user
 
 
+async def test_a_dying_postmaster_wakes_the_prober_and_is_stopped_before_its_wal_is_scanned(
+    base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None
+) -> None:
+    """With watch_postmaster (the supervisor's): the postmaster's exit wakes
+    the prober at once; that probe says STOPPED without the end of WAL, and
+    the scan's end wakes it again for the probe that has it."""
+    config = make_config(base_dir, bin_dir=bin_dir, os_user=os_user, names=("db1", "db2", "db3"))
+    prepare_node_dirs(config, owner)
+    pg = PostgresAdapter(config, config.nodes[0], SECRET, keep_probe_connection=True)
+    wakes = asyncio.Queue[float]()
+    pg.watch_postmaster(lambda: wakes.put_nowait(time.monotonic()))
+    try:
+        await pg.bootstrap_primary()
+        running = await probe(pg)
+        assert running.role is PgRole.PRIMARY and running.position is not None
+        pid = pg.postmaster_pid()
+        assert pid is not None
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(5):
+            woken_at = await wakes.get()
+        assert woken_at - killed_at < 1.0  # liveness only: the loop's wakeup, not a poll
+        first = await probe(pg)
+        assert first.role is PgRole.STOPPED and first.position is None
+        async with asyncio.timeout(30):
+            await wakes.get()  # the scan has the end of WAL
+        second = await probe(pg)
+        assert second.role is PgRole.STOPPED and second.position is not None
+        assert second.position >= running.position
+    finally:
+        pg.close()
+        await pg.stop("immediate")
+
+
+async def test_a_postmaster_that_starts_no_backend_is_unresponsive_despite_the_kept_connection(
+    base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kept connection's backend answers while its postmaster hangs; the
+    bare new connection opened once a second does not. The postmaster is
+    SIGSTOPped and the /proc check switched off, so that only the new
+    connection can tell."""
+    config = make_config(base_dir, bin_dir=bin_dir, os_user=os_user, names=("db1", "db2", "db3"))
+    prepare_node_dirs(config, owner)
+    pg = PostgresAdapter(config, config.nodes[0], SECRET, keep_probe_connection=True, probe_timeout_s=0.5)
+    try:
+        await pg.bootstrap_primary()
+        assert (await probe(pg)).role is PgRole.PRIMARY
+        kept = pg._probe_conn
+        pg._probe_conn_at = 0.0  # the once-a-second check is due
+        assert (await probe(pg)).role is PgRole.PRIMARY and pg._probe_conn is kept  # checked, and kept
+        monkeypatch.setattr(processes, "is_stopped", lambda pid: False)
+        pid = pg.postmaster_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert (await probe(pg)).role is PgRole.PRIMARY  # its own backend still answers
+            pg._probe_conn_at = 0.0
+            assert (await probe(pg)).role is PgRole.UNRESPONSIVE
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        async def primary_again() -> bool:
+            pg._probe_conn_at = 0.0
+            return (await probe(pg)).role is PgRole.PRIMARY
+
+        await wait_for("the postmaster answering again", primary_again, 10)
+    finally:
+        pg.close()
+        await pg.stop("immediate")
+
+
 async def test_kept_probe_connection_still_sees_a_frozen_or_restarted_server(
     base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None
 ) -> None:
-    """The daemon's probe keeps one connection (renewed every second): a
-    SIGSTOPped postmaster is still unresponsive at once, a restart under the
-    kept connection is a standby again on the next probe, not an error."""
+    """The daemon's probe keeps one connection (and checks once a second
+    that the postmaster answers a new one): a SIGSTOPped postmaster is still
+    unresponsive at once, a restart under the kept connection is a standby
+    again on the next probe, not an error."""
     config = make_config(base_dir, bin_dir=bin_dir, os_user=os_user, names=("db1", "db2", "db3"))
     prepare_node_dirs(config, owner)
     node = config.nodes[0]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 from failoverd.adapters import processes
 from tests.support import wait_for_sync
@@ -23,3 +25,77 @@ def test_is_stopped_follows_sigstop_and_sigcont():
         child.kill()
         child.wait()
     assert not processes.is_stopped(child.pid)  # gone
+
+
+def _fake_postmaster(data_dir: Path) -> subprocess.Popen:
+    """A process whose working directory is `data_dir`, named by its
+    postmaster.pid, as a postmaster is."""
+    child = subprocess.Popen(["sleep", "30"], cwd=data_dir)
+    (data_dir / "postmaster.pid").write_text(f"{child.pid}\n{data_dir}\n")
+    return child
+
+
+def test_the_postmaster_watch_holds_the_process_it_verified(tmp_path: Path) -> None:
+    child = _fake_postmaster(tmp_path)
+    watch = processes.PostmasterWatch(tmp_path)
+    try:
+        assert watch.pid() == child.pid
+        # Held by its pidfd now: the pid file is not read again while it runs.
+        (tmp_path / "postmaster.pid").write_text("999999\n")
+        assert watch.pid() == child.pid
+        child.kill()
+        child.wait()
+        assert watch.pid() is None  # exited: looked up again, and the pid file names nothing alive
+    finally:
+        child.kill()
+        child.wait()
+        watch.forget()
+
+
+def test_the_postmaster_watch_refuses_a_process_serving_another_directory(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    child = _fake_postmaster(tmp_path / "elsewhere")
+    try:
+        # A stale pid file whose pid now belongs to an unrelated process.
+        (tmp_path / "data" / "postmaster.pid").write_text(f"{child.pid}\n")
+        assert processes.PostmasterWatch(tmp_path / "data").pid() is None
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_the_postmaster_watch_wakes_the_loop_when_the_postmaster_exits(tmp_path: Path) -> None:
+    child = _fake_postmaster(tmp_path)
+    exited = asyncio.Event()
+    watch = processes.PostmasterWatch(tmp_path, on_exit=exited.set)
+    try:
+        assert watch.pid() == child.pid
+        await asyncio.sleep(0.05)
+        assert not exited.is_set()
+        child.kill()
+        async with asyncio.timeout(5):
+            await exited.wait()  # from the loop's own wakeup, not a poll of ours
+        child.wait()
+        assert watch.pid() is None
+    finally:
+        child.kill()
+        child.wait()
+        watch.forget()
+
+
+async def test_a_postmaster_found_before_the_watch_was_asked_for_is_watched_too(tmp_path: Path) -> None:
+    child = _fake_postmaster(tmp_path)
+    watch = processes.PostmasterWatch(tmp_path)
+    exited = asyncio.Event()
+    try:
+        assert watch.pid() == child.pid  # held, not watched: nobody asked
+        watch.on_exit = exited.set
+        child.kill()
+        async with asyncio.timeout(5):
+            await exited.wait()
+        child.wait()
+    finally:
+        child.kill()
+        child.wait()
+        watch.forget()

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -99,6 +99,9 @@ class FakePostgres:
         self.gates: dict[str, asyncio.Event] = {}
         self.failures: dict[str, Exception] = {}
         self.pending_restart: tuple[str, ...] = ()  # settings that wait for a restart
+
+    def watch_postmaster(self, wake: Callable[[], None]) -> None:
+        self.wake_on_exit = wake
 
     async def _gate(self, what: str) -> None:
         gate = self.gates.get(what)

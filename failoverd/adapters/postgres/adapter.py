@@ -68,7 +68,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ import structlog
 
 from failoverd.adapters import processes, programs
 from failoverd.adapters.postgres import setup
-from failoverd.adapters.postgres.probe import PROBE_RECONNECT_S, PostgresProbe
+from failoverd.adapters.postgres.probe import POSTMASTER_CHECK_S, PostgresProbe
 from failoverd.adapters.postgres.replication import (
     UPSTREAM_CONNECT_TIMEOUT_S,
     PostgresError,
@@ -90,7 +90,7 @@ from failoverd.core.state import PgRole, Position
 __all__ = [
     "IMMEDIATE_STOP_S",
     "KILL_WAIT_S",
-    "PROBE_RECONNECT_S",
+    "POSTMASTER_CHECK_S",
     "START_GRACE_S",
     "SYNC_APPLY_WAIT_S",
     "UPSTREAM_CONNECT_TIMEOUT_S",
@@ -166,13 +166,15 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
         self._identify_failed_logged = False
         # One connection kept for the probes (ten a second by default): a new
         # connection per probe costs a backend fork and most of an idle
-        # supervisor's CPU. Any error or timeout drops it. It is renewed every
-        # PROBE_RECONNECT_S, because only a new connection shows that the
-        # postmaster still accepts clients (a kept one is served by its own
-        # backend even when the postmaster hangs); a stopped postmaster
-        # (SIGSTOP) is seen at once from /proc.
+        # supervisor's CPU. Any error or timeout drops it. Every
+        # POSTMASTER_CHECK_S a probe also opens a bare new connection, because
+        # only that shows that the postmaster still accepts clients (the kept
+        # one is served by its own backend even when the postmaster hangs); a
+        # stopped postmaster (SIGSTOP) is seen at once from /proc.
         self._probe_conn: asyncpg.Connection | None = None
         self._probe_conn_at = 0.0
+        self._postmaster = processes.PostmasterWatch(self.data_dir)
+        self._wake_prober: Callable[[], None] | None = None
         # True while follow() only asks its upstream, before it changes
         # anything here: the supervisor may cancel it then (waiting_on_upstream).
         self._asking_upstream = False
@@ -369,8 +371,17 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
 
     def postmaster_pid(self) -> int | None:
         """The postmaster's pid from postmaster.pid, if that process is alive
-        and serves this data directory."""
-        return processes.live_postmaster_pid(self.data_dir)
+        and serves this data directory (then held by a pidfd: see
+        `processes.PostmasterWatch`)."""
+        return self._postmaster.pid()
+
+    def watch_postmaster(self, wake: Callable[[], None]) -> None:
+        """Call `wake()` from the running loop as soon as a postmaster we have
+        seen exits, rather than leaving the crash to the next probe. A probe
+        of a stopped server then returns before the end of its WAL is known,
+        and `wake()` asks for the probe that reports it."""
+        self._postmaster.on_exit = wake
+        self._wake_prober = wake
 
     # ------------------------------------------------------- building blocks
 

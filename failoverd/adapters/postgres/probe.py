@@ -11,6 +11,8 @@ the attributes and helpers `PostgresAdapter` provides, declared by
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from pathlib import Path
 
@@ -22,7 +24,10 @@ from failoverd.adapters.postgres.base import PostgresBase
 from failoverd.core.state import PgObservation, PgRole, Position
 
 _READY_POLL_S = 0.2
-PROBE_RECONNECT_S = 1.0  # see PostgresAdapter.__init__
+POSTMASTER_CHECK_S = 1.0  # see PostgresAdapter.__init__
+# SSLRequest: the first message a libpq client may send. The backend the
+# postmaster forks for the connection answers it with one byte, N or S.
+_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
 _PROBE_SQL = """
 WITH r AS MATERIALIZED (SELECT pg_is_in_recovery() AS rec)
@@ -138,8 +143,20 @@ class PostgresProbe(PostgresBase):
             return self._scan[1]
         if self._scan_task is None or self._scan_task.done():
             self._scan_task = asyncio.create_task(self._scan_wal(fingerprint), name=f"wal-scan-{self.node.name}")
+            if self._wake_prober is not None:
+                self._scan_task.add_done_callback(self._scan_done)
+        if self._wake_prober is not None and not self._scan_task.done():
+            # Say "stopped" now, and the end of WAL at the probe the scan's end
+            # asks for: a leader whose postmaster died fences without waiting
+            # for pg_controldata and pg_waldump. An unknown position vouches
+            # for no candidate (core.candidacy.vouches) meanwhile.
+            return None
         # Shielded: a probe timing out must not abort a scan the next probe can use.
         return await asyncio.shield(self._scan_task)
+
+    def _scan_done(self, _task: asyncio.Task[Position | None]) -> None:
+        if self._wake_prober is not None:
+            self._wake_prober()
 
     def _cached_scan(self) -> Position | None:
         try:
@@ -207,8 +224,9 @@ class PostgresProbe(PostgresBase):
         if not self._keep_probe_conn:
             async with self._local() as conn:
                 return await conn.fetchrow(_PROBE_SQL)
-        if time.monotonic() - self._probe_conn_at >= PROBE_RECONNECT_S:
-            self._drop_probe_conn()
+        if time.monotonic() - self._probe_conn_at >= POSTMASTER_CHECK_S:
+            await self._postmaster_answers()
+            self._probe_conn_at = time.monotonic()
         kept = self._probe_conn
         if kept is not None and not kept.is_closed():
             try:
@@ -228,6 +246,24 @@ class PostgresProbe(PostgresBase):
         )
         self._probe_conn_at = time.monotonic()
         return await self._probe_conn.fetchrow(_PROBE_SQL)
+
+    async def _postmaster_answers(self) -> None:
+        """Raise unless the postmaster accepts a new connection and starts a
+        backend for it: what the kept probe connection cannot show, since its
+        own backend answers even while the postmaster hangs. A connection
+        that goes no further than this SSLRequest costs the server a fork
+        and logs nothing; a full login would also cost us authentication
+        and asyncpg's set-up, the most expensive part of an idle probe."""
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, str(self.socket_dir / f".s.PGSQL.{self.pg.port}"))
+            await loop.sock_sendall(sock, _SSL_REQUEST)
+            answer = await loop.sock_recv(sock, 1)
+        if answer not in (b"N", b"S"):
+            # Nothing (the backend exited at once), or the postmaster's own
+            # error message when it could not fork one.
+            raise ConnectionError(f"the postmaster started no backend for a new connection (answered {answer!r})")
 
     def _drop_probe_conn(self) -> None:
         conn, self._probe_conn = self._probe_conn, None
