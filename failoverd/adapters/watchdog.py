@@ -6,9 +6,11 @@ supervisor that stops PostgreSQL when the supervisor cannot.
 
 Protocol: newline-delimited commands on stdin, one report per line on stdout.
 
-    arm <deadline>  fence when time.monotonic() passes <deadline>   -> "armed <deadline>"
+    arm <deadline>  fence when time.monotonic() passes <deadline>   -> nothing
                     (CLOCK_MONOTONIC: the supervisor's clock on the same host;
-                    a new arm replaces the deadline, earlier or later)
+                    a new arm replaces the deadline, earlier or later; no
+                    reply, since a leader re-arms on every acknowledgement:
+                    send "ping" to know that the arms before it were read)
     disarm          no deadline                                     -> "disarmed"
     ping                                                            -> "pong"
     EOF             armed: fence at once, then exit; disarmed: exit
@@ -151,7 +153,6 @@ class Watchdog:
                 self.out(f"error bad deadline {words[1][:40]!r}")
             else:
                 self.deadline = deadline
-                self.out(f"armed {deadline!r}")
         elif words:
             self.out(f"error unknown command {line[:40]!r}")
 
