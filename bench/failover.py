@@ -92,7 +92,7 @@ async def lab_round(index: int, bin_dir: Path, faults: list[str], *, idle_s: flo
                 out["runs"].append(r.as_dict())
                 print(
                     f"  stability {r.note}: failover {r.failover}, disruptions {r.disruptions}, "
-                    f"pre-votes {r.pre_votes}, lost {r.lost}",
+                    f"pre-votes {r.pre_votes}, peer streams closed {r.streams_closed}, lost {r.lost}",
                     flush=True,
                 )
         except Exception as error:  # noqa: BLE001 - recorded; the directory is kept for its logs

@@ -56,7 +56,13 @@ from failoverd.config.load import HostPort
 from failoverd.core.messages import Message, ProtocolError, decode_message_bytes, encode_message_bytes
 
 STREAM_PATH = "/peer/v3/stream"
-PING_INTERVAL_S = 1.0  # a silent connection is pinged; no pong within half of this closes it
+# A silent connection is pinged; no pong within half of this closes it. The
+# half must outlast a TCP retransmission on a lossy link (a lost ping or pong
+# is resent after at least 200 ms plus the round trip, and more as it backs
+# off): at 1 s (0.5 s to answer), 2 % loss and 200 ms round trips closed each
+# connection about once a minute, and each reconnect left that peer's
+# messages waiting for several round trips.
+PING_INTERVAL_S = 3.0
 HANDSHAKE_TIMEOUT_S = 5.0
 CLOSE_MALFORMED = 4400
 CLOSE_UNAUTHENTICATED = 4401
@@ -289,6 +295,12 @@ class _StreamEnded(Exception):
     pass
 
 
+def _wake(queue: asyncio.Queue[_Outgoing | None]) -> None:
+    """A None for a pump waiting on an empty queue (a full one is not waited on)."""
+    if not queue.full():
+        queue.put_nowait(None)
+
+
 class PeerClient:
     """Sends messages to peers without ever blocking or raising to the caller.
 
@@ -333,7 +345,7 @@ class PeerClient:
         self._log_interval_s = log_interval_s
         self._last_logged: dict[str, float] = {}
         self._suppressed: collections.Counter[str] = collections.Counter()
-        self._queues: dict[str, asyncio.Queue[_Outgoing]] = {}
+        self._queues: dict[str, asyncio.Queue[_Outgoing | None]] = {}
         self._links: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
@@ -353,16 +365,16 @@ class PeerClient:
             self._note(to, "queue full, dropped the oldest message")
         queue.put_nowait(_Outgoing(encode_message_bytes(msg), time.monotonic(), msg.TYPE))
 
-    def _start_peer(self, to: str) -> asyncio.Queue[_Outgoing]:
+    def _start_peer(self, to: str) -> asyncio.Queue[_Outgoing | None]:
         if self._session is None:
             connector = aiohttp.TCPConnector(ssl=self._ssl_context if self._ssl_context is not None else True, limit=0)
             self._session = aiohttp.ClientSession(connector=connector)
-        queue: asyncio.Queue[_Outgoing] = asyncio.Queue(self._queue_max)
+        queue: asyncio.Queue[_Outgoing | None] = asyncio.Queue(self._queue_max)
         self._queues[to] = queue
         self._links.append(asyncio.create_task(self._link(to, queue), name=f"peer-stream-{to}"))
         return queue
 
-    async def _link(self, to: str, queue: asyncio.Queue[_Outgoing]) -> None:
+    async def _link(self, to: str, queue: asyncio.Queue[_Outgoing | None]) -> None:
         """Keep a stream to `to` open and write its queue to it, forever."""
         failures = 0
         while True:
@@ -413,20 +425,19 @@ class PeerClient:
         return ws, Sealer(key)
 
     async def _pump(
-        self, to: str, ws: aiohttp.ClientWebSocketResponse, sealer: Sealer, queue: asyncio.Queue[_Outgoing]
+        self, to: str, ws: aiohttp.ClientWebSocketResponse, sealer: Sealer, queue: asyncio.Queue[_Outgoing | None]
     ) -> None:
         reader = asyncio.create_task(self._read(to, ws), name=f"peer-stream-{to}-reader")
+        # The reader's end wakes a pump that waits for a message with a None in
+        # the queue: waiting for either costs no task of its own per message.
+        reader.add_done_callback(lambda _: _wake(queue))
         try:
             while True:
-                if queue.empty():  # wait for a message, or for the stream to end meanwhile
-                    getter = asyncio.ensure_future(queue.get())
-                    await asyncio.wait((getter, reader), return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        raise _StreamEnded("closed by the peer or the network")
-                    item = getter.result()
-                else:
-                    item = queue.get_nowait()
+                if reader.done():
+                    raise _StreamEnded("closed by the peer or the network")
+                item = await queue.get()
+                if item is None:  # this stream's end (seen above), or a stale one from an earlier stream's
+                    continue
                 if time.monotonic() - item.queued_at > self._max_age_s:
                     self.metrics.dropped[to] += 1
                     self._note(to, f"dropped a {item.type} queued over {self._max_age_s:g} s")

@@ -72,7 +72,9 @@ def _record(r: RunResult) -> None:
         f"dual pg {r.dual_primary_samples} dual vip {r.dual_vip} samples {r.samples} (max gap {r.sample_max_gap_s} s)"
     )
     if r.note:
-        REPORT.append(f"    {r.note}; disruptions {r.disruptions}, pre-votes {r.pre_votes}")
+        REPORT.append(
+            f"    {r.note}; disruptions {r.disruptions}, pre-votes {r.pre_votes}, peer streams closed {r.streams_closed}"
+        )
     REPORT.append("    " + ", ".join(f"+{t:.2f} {node} {what}" for t, node, what in r.timeline[:25]))
 
 

@@ -169,6 +169,7 @@ class RunResult:
     sample_max_gap_s: float = 0.0
     disruptions: int = 0  # DISRUPTIONS events logged during the run
     pre_votes: int = 0
+    streams_closed: int = 0  # peer streams that ended (a reconnect each: that peer's messages wait)
     client_errors: int = 0
     duration_s: float = 0.0
     timeline: list[tuple[float, str, str]] = field(default_factory=list)  # (s after fault, member, what)
@@ -257,6 +258,7 @@ class _Run:
                 for e in disrupting[:10]
             )
         result.pre_votes = sum(1 for e in events if e.get("event") == "pre_vote_started")
+        result.streams_closed = sum(1 for e in events if e.get("event") == "peer_stream_closed")
         result.term_after = self.lab.leadership()[1]
         result.client_errors = self.client.errors
         result.duration_s = round(end_wall - self.start_wall, 1)
