@@ -28,6 +28,15 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def is_zombie(pid: int) -> bool:
+    """Whether `pid` has exited but is not reaped yet (state Z or X)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
 def children_of(pid: int) -> list[int]:
     """The live processes whose parent is `pid`."""
     found = []
@@ -47,8 +56,14 @@ def children_of(pid: int) -> list[int]:
 def read_postmaster_pid(data_dir: Path) -> int | None:
     """The pid on the first line of postmaster.pid (negative there: a
     single-user backend holds the directory)."""
+    return read_lock_pid(Path(data_dir) / "postmaster.pid")
+
+
+def read_lock_pid(lock_file: Path) -> int | None:
+    """The pid on the first line of a PostgreSQL lock file (postmaster.pid,
+    a socket's .lock)."""
     try:
-        first = (Path(data_dir) / "postmaster.pid").read_text(errors="replace").split("\n", 1)[0].strip()
+        first = Path(lock_file).read_text(errors="replace").split("\n", 1)[0].strip()
         pid = abs(int(first))
     except (OSError, ValueError):
         return None

@@ -195,7 +195,10 @@ def stop_postmaster(data_dir: Path, grace_s: float = FENCE_GRACE_S) -> str:
         return f"postmaster {pid} exited"
     except PermissionError:
         return f"postmaster {pid} could not be signalled: permission denied"
-    end = time.monotonic() + grace_s
+    # A postmaster stopped by a signal (SIGSTOP, a tracer) cannot act on the
+    # SIGQUIT until it is continued: no grace for it, SIGKILL at once.
+    waited_s = 0.0 if processes.is_stopped(pid) else grace_s
+    end = time.monotonic() + waited_s
     while time.monotonic() < end:
         if not processes.process_alive(pid):
             return f"postmaster {pid} stopped by SIGQUIT"
@@ -206,7 +209,7 @@ def stop_postmaster(data_dir: Path, grace_s: float = FENCE_GRACE_S) -> str:
             os.kill(victim, signal.SIGKILL)
         except OSError:
             pass
-    return f"postmaster {pid} SIGKILLed with {len(children)} children after {grace_s:g} s"
+    return f"postmaster {pid} SIGKILLed with {len(children)} children after {waited_s:g} s"
 
 
 def release_vip(argv: Sequence[str], timeout_s: float) -> str:

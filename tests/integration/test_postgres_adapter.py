@@ -384,6 +384,38 @@ async def test_programs_runs_as_the_postgres_user(os_user: str) -> None:
     assert done.stdout.strip() == os_user
 
 
+async def test_an_immediate_stop_of_a_hung_server_sigkills_it_at_once(
+    base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None
+) -> None:
+    """Every process of the server SIGSTOPped (the e2e lab's hung server): an
+    immediate stop does not wait IMMEDIATE_STOP_S for a SIGQUIT it cannot act
+    on. The data survive the crash."""
+    config = make_config(base_dir, bin_dir=bin_dir, os_user=os_user, names=("db1", "db2", "db3"))
+    prepare_node_dirs(config, owner)
+    pg = PostgresAdapter(config, config.nodes[0], SECRET)
+    try:
+        await pg.bootstrap_primary()
+        before = (await probe(pg)).position
+        pid = pg.postmaster_pid()
+        assert pid is not None and before is not None
+        for victim in (pid, *processes.children_of(pid)):
+            with contextlib.suppress(ProcessLookupError):  # a short-lived child may be gone
+                os.kill(victim, signal.SIGSTOP)
+        await wait_for("the SIGSTOP delivered", lambda: processes.is_stopped(pid), 5, interval_s=0.01)
+        with capture_logs() as logs:
+            await pg.stop("immediate")
+        assert pg.postmaster_pid() is None
+        assert any(e["event"] == "pg_stop_escalated" and "SIGKILL at once" in e["error"] for e in logs), logs
+        stopped = await probe(pg)
+        assert stopped.role is PgRole.STOPPED
+        # At once: the killed postmaster may still be an unreaped zombie here,
+        # whose lock files must not stop the start.
+        await pg.start_standby(None)
+        assert (await probe(pg)).role is PgRole.STANDBY, pg.logfile.read_text()[-3000:]
+    finally:
+        await pg.stop("immediate")
+
+
 async def test_a_dying_postmaster_wakes_the_prober_and_is_stopped_before_its_wal_is_scanned(
     base_dir: Path, bin_dir: Path, os_user: str, owner: tuple[int, int] | None
 ) -> None:

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from failoverd.adapters import processes
 from failoverd.adapters.watchdog import WatchdogError, WatchdogHandle
+from tests.support import wait_for_sync
 
 LIVENESS_S = 2.0  # "soon", on any machine: these tests check what happens, not how fast
 
@@ -240,6 +242,20 @@ def test_stubborn_postmaster_and_its_children_are_killed(children: list[Child], 
         time.sleep(0.01)
     else:
         pytest.fail("the postmaster's child survived")
+
+
+def test_a_stopped_postmaster_is_sigkilled_without_the_grace(children: list[Child], data_dir: Path) -> None:
+    """SIGSTOPped (a hung server in the e2e lab), the postmaster cannot act
+    on SIGQUIT: the watchdog does not wait FENCE_GRACE_S for it."""
+    pm, marker, _ = postmaster(children, data_dir)
+    os.kill(pm.proc.pid, signal.SIGSTOP)
+    wait_for_sync("the SIGSTOP delivered", lambda: processes.is_stopped(pm.proc.pid), 5, interval_s=0.01)
+    wd = watchdog(children, data_dir)
+    wd.send(f"arm {time.monotonic()!r}")
+    report = wd.line(timeout_s=2.0)
+    assert "SIGKILLed with 0 children after 0 s" in report, report
+    assert exited(pm) and pm.proc.returncode == -signal.SIGKILL
+    assert not marker.exists()  # it never ran its SIGQUIT handler
 
 
 def test_bad_commands_and_termination_signals_are_ignored(children: list[Child], data_dir: Path) -> None:

@@ -278,6 +278,13 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
         pid = self.postmaster_pid()
         if pid is None:
             return
+        if mode == "immediate" and processes.is_stopped(pid):
+            # Stopped by a signal, it cannot act on SIGQUIT before it is
+            # continued (and must not be continued): SIGKILL, as the escalation would.
+            self.log.warning("pg_stop_escalated", error="the postmaster is stopped (SIGSTOP): SIGKILL at once")
+            await self._kill_postmaster()
+            self.log.info("pg_stopped", mode=mode)
+            return
         wait_s = IMMEDIATE_STOP_S if mode == "immediate" else max(1, math.ceil(self.command_timeout_s))
         try:
             os.kill(pid, _STOP_SIGNALS[mode])
@@ -301,10 +308,12 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
         deadline = started + timeout_s
         appeared = False
         while True:
-            status = _pm_status(self.data_dir)
-            if status in ("ready", "standby"):
-                return True
+            pid, status = _pm_status(self.data_dir)
             alive = self.postmaster_pid() is not None
+            # A postmaster killed with SIGKILL leaves its postmaster.pid saying
+            # "ready" until the new one rewrites it: only a live one's counts.
+            if status in ("ready", "standby") and pid is not None and pid == self.postmaster_pid():
+                return True
             appeared = appeared or alive
             # postmaster.pid is written within moments of the start; without a
             # live postmaster after that, the start failed (its log says why).
@@ -540,6 +549,16 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
             if time.monotonic() >= deadline:
                 raise PostgresError(f"postmaster {pid} survived SIGKILL")
             await asyncio.sleep(0.05)
+        # Killed, it left its lock files behind (postmaster.pid, the socket's
+        # .lock), and until its parent reaps it (init, or a container's first
+        # process, which may take its time) it is a zombie, which PostgreSQL's
+        # own check of those files (kill(pid, 0)) takes for a live postmaster:
+        # the next start would fail. A zombie holds nothing: its files go now.
+        if processes.is_zombie(pid):
+            for lock in (self.data_dir / "postmaster.pid", self.socket_dir / f".s.PGSQL.{self.pg.port}.lock"):
+                if processes.read_lock_pid(lock) == pid:
+                    with contextlib.suppress(FileNotFoundError):
+                        lock.unlink()
         self.log.warning("pg_killed", pid=pid, children=len(children))
 
     # ------------------------------------------------------------- local side
@@ -677,11 +696,15 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
             self.log.info("pg_restarted")
 
 
-def _pm_status(data_dir: Path) -> str | None:
-    """The postmaster's status line in postmaster.pid (the 8th): starting,
-    stopping, ready or standby; None while there is no such line."""
+def _pm_status(data_dir: Path) -> tuple[int | None, str | None]:
+    """The pid (first line) and the status line (the 8th: starting, stopping,
+    ready or standby) of one read of postmaster.pid; None for what it lacks."""
     try:
         lines = (data_dir / "postmaster.pid").read_text(errors="replace").split("\n")
     except OSError:
-        return None
-    return lines[7].strip() if len(lines) > 7 else None
+        return None, None
+    try:
+        pid: int | None = abs(int(lines[0].strip()))
+    except ValueError:
+        pid = None
+    return pid, (lines[7].strip() if len(lines) > 7 else None)

@@ -283,6 +283,20 @@ format = "json"
         for name in DATA:
             self.start(name)
 
+    def signal_postgres(self, name: str, sig: int) -> int:
+        """`sig` to every process of member `name`'s PostgreSQL: the
+        postmaster, then its children (by parent PID, never by name). Returns
+        how many were signalled."""
+        postmaster = self.postmaster_pid(name)
+        if postmaster is None:
+            return 0
+        done = 0
+        for pid in (postmaster, *processes.children_of(postmaster)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+                done += 1
+        return done
+
     def signal_supervisor(self, name: str, sig: int) -> None:
         self.supervisors[name].proc.send_signal(sig)
 

@@ -75,6 +75,11 @@ def _kill_postmaster(lab: E2ELab, primary: str, standby: str) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def _hang_postgres(lab: E2ELab, primary: str, standby: str) -> None:
+    if lab.signal_postgres(primary, signal.SIGSTOP) == 0:
+        raise AssertionError(f"no postmaster running for {primary}")
+
+
 def _step_clocks(lab: E2ELab, offsets: dict[str, float]) -> None:
     for host, seconds in offsets.items():
         lab.step_clock(host, seconds)
@@ -91,6 +96,13 @@ FAULTS = {
             lambda lab, p, s: lab.set_link(p, True),
         ),
         Fault("kill-postmaster", "SIGKILL of the primary's postmaster", True, _kill_postmaster, _nothing),
+        Fault(
+            "hang-postgres",
+            "SIGSTOP of every process of the primary's PostgreSQL, as in a storage stall (SIGCONT to heal)",
+            True,
+            _hang_postgres,
+            lambda lab, p, s: lab.signal_postgres(p, signal.SIGCONT),
+        ),
         Fault(
             "kill-supervisor",
             "SIGKILL of the primary's supervisor (restarted to heal)",
