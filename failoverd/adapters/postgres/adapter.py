@@ -174,7 +174,6 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
         self._probe_conn: asyncpg.Connection | None = None
         self._probe_conn_at = 0.0
         self._postmaster = processes.PostmasterWatch(self.data_dir)
-        self._wake_prober: Callable[[], None] | None = None
         # True while follow() only asks its upstream, before it changes
         # anything here: the supervisor may cancel it then (waiting_on_upstream).
         self._asking_upstream = False
@@ -386,11 +385,8 @@ class PostgresAdapter(PostgresProbe, PostgresReplication):
 
     def watch_postmaster(self, wake: Callable[[], None]) -> None:
         """Call `wake()` from the running loop as soon as a postmaster we have
-        seen exits, rather than leaving the crash to the next probe. A probe
-        of a stopped server then returns before the end of its WAL is known,
-        and `wake()` asks for the probe that reports it."""
+        seen exits, rather than leaving the crash to the next probe."""
         self._postmaster.on_exit = wake
-        self._wake_prober = wake
 
     # ------------------------------------------------------- building blocks
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +52,6 @@ class PostgresBase:
     _scan: tuple[tuple, Position | None] | None
     _scan_task: asyncio.Task[Position | None] | None
     _identify_failed_logged: bool
-    # Wakes the supervisor's prober (PostgresAdapter.watch_postmaster), if it asked.
-    _wake_prober: Callable[[], None] | None
     # True while follow() only asks its upstream (PostgresReplication.waiting_on_upstream).
     _asking_upstream: bool
 

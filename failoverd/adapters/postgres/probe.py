@@ -143,20 +143,11 @@ class PostgresProbe(PostgresBase):
             return self._scan[1]
         if self._scan_task is None or self._scan_task.done():
             self._scan_task = asyncio.create_task(self._scan_wal(fingerprint), name=f"wal-scan-{self.node.name}")
-            if self._wake_prober is not None:
-                self._scan_task.add_done_callback(self._scan_done)
-        if self._wake_prober is not None and not self._scan_task.done():
-            # Say "stopped" now, and the end of WAL at the probe the scan's end
-            # asks for: a leader whose postmaster died fences without waiting
-            # for pg_controldata and pg_waldump. An unknown position vouches
-            # for no candidate (core.candidacy.vouches) meanwhile.
-            return None
+        # Awaited, not reported as unknown meanwhile: the core takes a stopped
+        # server's position as its final one (a switchover hands over once
+        # the target has it; unknown means "the scan failed, go on").
         # Shielded: a probe timing out must not abort a scan the next probe can use.
         return await asyncio.shield(self._scan_task)
-
-    def _scan_done(self, _task: asyncio.Task[Position | None]) -> None:
-        if self._wake_prober is not None:
-            self._wake_prober()
 
     def _cached_scan(self) -> Position | None:
         try:
