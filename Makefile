@@ -151,6 +151,12 @@ bench-proxies: $(STAMP) postgres-server net-tools
 bench-rolling-restart: $(STAMP) postgres-server
 	$(PY) bench/rolling_restart.py --runs 3 --json bench/results/rolling_restart.json
 
+# Every host saturated (pgbench through the VIP, CPU burners, an fsync-ing
+# disk writer) for 3 minutes: elections and failovers must stay at 0.
+.PHONY: bench-saturation
+bench-saturation: $(STAMP) postgres-server net-tools
+	$(PY) bench/saturation.py --seconds 180 --json bench/results/saturation.json
+
 # Idle RSS and CPU of each member (supervisor and watchdog) in the namespace
 # lab over 60 s against the goals, then the heartbeat trade-off on loopback
 # (0.1 s and 0.2 s, 30 s each). About 4 minutes.

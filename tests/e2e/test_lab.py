@@ -13,6 +13,7 @@ no leadership change, no fence and no failover.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -28,12 +29,15 @@ import pytest_asyncio
 from tests.support import wait_for
 from tests.support.e2e.checker import VipMonitor
 from tests.support.e2e.lab import DATA, E2ELab, lab_dir
+from tests.support.e2e.saturation import describe, prepare_pgbench, run_saturation
 from tests.support.e2e.scenarios import FAULTS, REPORT, Profile, RunResult, run_fault, run_stability, start_run
 from tests.support.postgres import find_bin_dir
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
 STABILITY_S = float(os.environ.get("FAILOVERD_E2E_STABILITY_S", "75"))
+# `make bench-saturation` runs it for 3 minutes.
+SATURATION_S = float(os.environ.get("FAILOVERD_E2E_SATURATION_S", "45"))
 FAILOVER_BOUND_S = 10.0  # liveness bound for the tests; the benchmark measures the real figure
 # Slower than the others: the deaf old leader's lease and then the
 # followers' election timeout both have to run out (1.8 s median in
@@ -179,3 +183,21 @@ async def test_stability_profile_causes_no_failover(cluster: tuple[E2ELab, VipMo
     _check_safety(r, lab)
     assert not r.failover and r.disruptions == 0, (r, lab.log_tails(8000))
     assert r.acked > 0
+
+
+async def test_saturation_replaces_no_primary(cluster: tuple[E2ELab, VipMonitor]) -> None:
+    """Every host saturated (pgbench through the VIP, CPU burners, an
+    fsync-ing disk writer): the primary is slow, not hung, and stays."""
+    lab, _ = cluster
+    primary = await lab.wait_for("a healthy cluster", lab.healthy, 120)
+    await asyncio.to_thread(prepare_pgbench, lab, primary)
+    r = await run_saturation(lab, SATURATION_S, clients=8, burners=2 * (os.cpu_count() or 1))
+    REPORT.append(describe(r))
+    assert r["pgbench_rc"] == 0 and r["pgbench"].get("transactions", 0) > 0, r["pgbench_tail"]
+    assert r["pgbench"].get("failed", 0) == 0, r["pgbench_tail"]
+    ev = r["events"]
+    assert (r["primary_after"], r["term_after"], r["leadership_changes"]) == (primary, r["term_before"], 0), (
+        describe(r),
+        lab.log_tails(8000),
+    )
+    assert ev["election_started"] == ev["lease_lost"] == ev["fence"] == 0, (describe(r), lab.log_tails(8000))
