@@ -27,8 +27,9 @@ Fencing is what `pg_ctl stop -m immediate` does, without pg_ctl's start-up
 cost: SIGQUIT to the postmaster named in D/postmaster.pid. On SIGQUIT the
 postmaster SIGQUITs all its children (backends, walsenders, ...) and exits
 without a checkpoint, so no further commit is acknowledged. If it is still
-alive after FENCE_GRACE_S, its children (found by parent PID in /proc, never
-by name) and then it are SIGKILLed: SIGKILL of the postmaster alone would
+alive after FENCE_GRACE_S (at once if it is stopped by a signal, since it
+cannot act on the SIGQUIT then), it and its children (found by parent PID in
+/proc, never by name) are SIGKILLed: SIGKILL of the postmaster alone would
 leave its backends running until they notice the postmaster is gone. Then the
 VIP release command, if any, runs (bounded by --vip-release-timeout).
 
