@@ -24,6 +24,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from tests.support import wait_for
 from tests.support.e2e.checker import VipMonitor
 from tests.support.e2e.lab import DATA, E2ELab, lab_dir
 from tests.support.e2e.proxies import (
@@ -137,7 +138,21 @@ async def test_read_port_serves_standbys_within_lag(lab: tuple[E2ELab, VipMonito
         status, body = proxies.api_get(lagging, "/replica?lag=16MB")
         assert status == 503 and body["name"] == lagging, body
         assert body["lag_bytes"] is None or body["lag_bytes"] > READ_LAG_BYTES, body
-        assert proxies.server_row(READ_BACKEND, lagging)["check_code"] == "503"
+
+        # HAProxy's reason is the API's 503. Waited for, not read once: a
+        # check can be in flight or cut short by a loaded machine (CI saw one
+        # row with check_code 0); the next one, 250 ms later, answers 503.
+        async def checked_503() -> bool | None:
+            row = proxies.server_row(READ_BACKEND, lagging)
+            return True if (row["check_status"], row["check_code"]) == ("L7STS", "503") else None
+
+        await wait_for(
+            f"HAProxy's check of {lagging} answered 503",
+            checked_503,
+            10,
+            interval_s=0.1,
+            detail=lambda: str(proxies.server_row(READ_BACKEND, lagging)),
+        )
         answers = proxies.read_through(READ_PORT, 6)
         assert answers == [(current, True)] * 6, answers
         # Writes are unaffected (ANY 1: the other standby acknowledges).
