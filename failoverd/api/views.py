@@ -159,6 +159,7 @@ def member_view(
         "writable": status.writable,
         "primary_ready": status.primary_ready,
         "lease_remaining_s": None if status.lease_remaining_s is None else round(status.lease_remaining_s, 3),
+        "promise_s": round(status.promise_s, 3),
         "postgres": postgres,
         "lag_bytes": lag_bytes(status.primary_position, None if pg is None else pg.position),
         "vip_held": status.vip_held,
@@ -303,6 +304,12 @@ def metrics_text(
     )
     m.one("term", "gauge", "Current term.", status.term)
     m.one("lease_remaining_seconds", "gauge", "Leader only: time left on the lease.", status.lease_remaining_s)
+    m.one(
+        "promise_seconds",
+        "gauge",
+        "The promise of the last heartbeat sent (leader) or taken: election timeouts and leases scale with it.",
+        status.promise_s,
+    )
     m.one("paused", "gauge", "1 while the cluster is paused.", status.paused)
     m.one("leader_live", "gauge", "1 while this member leads or heard its leader lately.", status.leader_live)
     m.one(

@@ -24,7 +24,7 @@ from failoverd.core.status import FailoverRecord, RebuildStatus
 
 # The safety mechanisms the simulator may switch off one at a time, to show
 # it catches what each prevents (failoverd simulate --disable-safeguard).
-SAFEGUARDS = frozenset({"lease", "lsn-check", "persist-vote", follow.SAFEGUARD})
+SAFEGUARDS = frozenset({"lease", "promise-max", "lsn-check", "persist-vote", follow.SAFEGUARD})
 PG_ACTION_RETRY_S = 5.0
 FENCE_RETRY_S = 1.0
 VIP_RETRY_S = 2.0  # a failed acquisition of the VIP is tried again this often while we should hold it
@@ -111,6 +111,9 @@ class Context:
         # crashed, not to vote until up to election_timeout_min after that; it
         # keeps that promise.
         self.promise_until = now + self.timing.election_timeout_min_s
+        # The promise of the last heartbeat we took (or made, as leader):
+        # our election timeout scales with it (docs/design.md §6).
+        self.promise_s = self.timing.election_timeout_min_s
         self.election_deadline = now + self.random_timeout()
 
         # The local PostgreSQL and the VIP.
@@ -217,12 +220,21 @@ class Context:
         return position.timeline == ref.timeline and position.lsn + self.spec.replication.max_lag_bytes < ref.lsn
 
     def random_timeout(self) -> float:
-        """Election timeout, biased so higher-priority members tend to campaign first."""
-        t = self.timing
+        """Election timeout for the last promise, biased so higher-priority
+        members tend to campaign first."""
         candidates = sorted((m for m in self.spec.data_members if m.can_lead), key=lambda m: (-m.priority, m.name))
         rank = next((i for i, m in enumerate(candidates) if m.name == self.name), len(candidates))
         spread = (rank / max(1, len(candidates))) * 0.5 + self.rng.random() * 0.5
-        return t.election_timeout_min_s + spread * (t.election_timeout_max_s - t.election_timeout_min_s)
+        return self.timing.election_timeout_for(self.promise_s, spread)
+
+    def promise_asked(self, promise_s: float) -> float:
+        """The promise we make for a heartbeat asking for `promise_s` (0: an
+        older leader, which asks for none): within our own range, so that a
+        restart (which refuses votes for election_timeout_min_s) covers it."""
+        t = self.timing
+        if promise_s == 0:
+            return t.election_timeout_min_s
+        return min(t.election_timeout_min_s, max(t.promise_floor_s, promise_s))
 
     def claim(self, name: str, position: Position | None) -> tuple[bool, Position, int, str]:
         return standing(position, self.spec.member(name).priority, name)

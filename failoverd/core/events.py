@@ -146,6 +146,18 @@ class LeaseLost(Event):
     now: float
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PromiseChanged(Event):
+    """The leader asks for another promise: acknowledgements (or its own
+    heartbeats) became slower, or have been quick for a whole window."""
+
+    NAME: ClassVar[str] = "promise_changed"
+    promise_s: float
+    previous_s: float
+    lease_s: float  # what each heartbeat's lease is now
+    delay_s: float  # the delay that was just taken in
+
+
 # ---------------------------------------------------------------- postgres
 
 

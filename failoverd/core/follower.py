@@ -29,8 +29,13 @@ def on_heartbeat(ctx: Context, m: Heartbeat, now: float) -> None:
         if ctx.me.is_data:
             ctx.out.append(act.ProbeNow())
     ctx.leader_heard_at = now
-    if "lease" not in ctx.disabled:
-        ctx.promise_until = max(ctx.promise_until, now + ctx.timing.election_timeout_min_s)
+    ctx.promise_s = ctx.promise_asked(m.promise_s)
+    if "promise-max" in ctx.disabled:
+        ctx.promise_until = now + ctx.promise_s  # wrong on purpose: a shorter promise cuts one already made
+    elif "lease" not in ctx.disabled:
+        # A running maximum: a shorter promise never shortens one already
+        # made, on which an earlier heartbeat's lease may rest (§6).
+        ctx.promise_until = max(ctx.promise_until, now + ctx.promise_s)
     ctx.election_deadline = now + ctx.random_timeout()
     ctx.leader_primary_ready = m.primary_ready
     if m.primary_position is not None:
@@ -67,6 +72,7 @@ def acknowledge(ctx: Context, leader: str, seq: int) -> None:
             holds_nothing=fresh and ctx.holds_nothing(),
             pg_healthy=pg is not None and pg.running,
             following_leader=pg is not None and pg.role is PgRole.STANDBY and pg.following == leader,
+            promised_s=ctx.promise_s,
         ),
     )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from failoverd.core import actions as act
+from failoverd.core import events as ev
 from failoverd.core.context import Context, standing
 from failoverd.core.messages import Heartbeat, HeartbeatAck
 from failoverd.core.quorum import committed_version, quorum_time
@@ -17,14 +18,20 @@ SENT_SEQ_KEPT = 128
 
 def send_heartbeats(ctx: Context, now: float) -> None:
     lead = ctx.leading()
+    if lead.seq > 0 and now > lead.next_heartbeat_at:
+        # A heartbeat that goes out late (a busy host) cuts into the lease
+        # like a slow acknowledgement does.
+        note_delay(ctx, now - lead.next_heartbeat_at, now)
     lead.seq += 1
     lead.sent_at[lead.seq] = now
     lead.sent_at.pop(lead.seq - SENT_SEQ_KEPT, None)
-    lead.acked_at[ctx.name] = now
+    promise = lead.promise.promise_s
+    ctx.promise_s = promise
+    lead.lease_end_at[ctx.name] = now + ctx.timing.lease_for(promise)
     lead.next_heartbeat_at = now + ctx.timing.heartbeat_interval_s
     if "lease" not in ctx.disabled:
         # Counting ourselves in the lease quorum is a promise too.
-        ctx.promise_until = max(ctx.promise_until, now + ctx.timing.election_timeout_min_s)
+        ctx.promise_until = max(ctx.promise_until, now + promise)
     pos = ctx.my_position() if lead.primary_ready else None
     if lead.transfer is not None and lead.transfer.stopped_seen:
         # primary_ready false with a position: our PostgreSQL has stopped
@@ -40,9 +47,26 @@ def send_heartbeats(ctx: Context, now: float) -> None:
                 commit_version=ctx.commit_version,
                 primary_ready=lead.primary_ready,
                 primary_position=pos,
+                # A follower that never said which promise it made may be of
+                # an older version, which refuses the field: it is asked for
+                # none, and promises its election_timeout_min_s.
+                promise_s=promise if peer in lead.promised_by else 0.0,
             ),
         )
     update_lease(ctx, now)
+
+
+def note_delay(ctx: Context, delay_s: float, now: float) -> None:
+    lead = ctx.leading()
+    before = lead.promise.promise_s
+    if lead.promise.note_delay(delay_s, now, ctx.timing):
+        ctx.emit(
+            ev.PromiseChanged,
+            promise_s=round(lead.promise.promise_s, 3),
+            previous_s=round(before, 3),
+            lease_s=round(ctx.timing.lease_for(lead.promise.promise_s), 3),
+            delay_s=round(delay_s, 3),
+        )
 
 
 def record_ack(ctx: Context, m: HeartbeatAck, now: float) -> bool:
@@ -52,7 +76,14 @@ def record_ack(ctx: Context, m: HeartbeatAck, now: float) -> bool:
     sent = lead.sent_at.get(m.seq)
     if sent is None:
         return False  # an ack for a heartbeat we no longer remember: too old to extend anything
-    lead.acked_at[m.sender] = max(lead.acked_at.get(m.sender, sent), sent)
+    if m.promised_s:
+        lead.promised_by.add(m.sender)
+    # An older member promised its election_timeout_min_s: ours, as the
+    # configuration is the same everywhere (reload.lease_fits).
+    promised = m.promised_s or ctx.timing.election_timeout_min_s
+    end = sent + ctx.timing.lease_for(promised)
+    lead.lease_end_at[m.sender] = max(lead.lease_end_at.get(m.sender, end), end)
+    note_delay(ctx, now - sent, now)
     if m.accepted.written_term == ctx.term:
         lead.accepted[m.sender] = max(lead.accepted.get(m.sender, 0), m.accepted.version)
     lead.followers[m.sender] = FollowerView(
@@ -67,10 +98,10 @@ def record_ack(ctx: Context, m: HeartbeatAck, now: float) -> bool:
 
 def update_lease(ctx: Context, now: float) -> None:
     lead = ctx.leading()
-    start = quorum_time(ctx.voters, lead.acked_at)
-    if start is None:
+    # The latest end that a majority's acknowledgements each reach (§6).
+    until = quorum_time(ctx.voters, lead.lease_end_at)
+    if until is None:
         return
-    until = start + ctx.timing.lease_s
     if until > lead.lease_until:
         lead.lease_until = until
         lead.lease_ever = True

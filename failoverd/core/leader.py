@@ -9,6 +9,7 @@ from failoverd.core import events as ev
 from failoverd.core import heartbeats, switchover
 from failoverd.core.context import VIP_RETRY_S, Context
 from failoverd.core.messages import HeartbeatAck
+from failoverd.core.promise import PromiseChooser
 from failoverd.core.roles import Leadership
 from failoverd.core.spec import ReplicationMode
 from failoverd.core.state import HistoryEntry, PgRole, Position, Role
@@ -42,7 +43,11 @@ def become_leader(ctx: Context, now: float) -> None:
     ctx.candidacy = None
     ctx.leader = ctx.name
     lead = ctx.lead = Leadership(
-        elected_at=now, election_version=ctx.state.stamp.version, reason=reason, previous_heard_at=ctx.leader_heard_at
+        elected_at=now,
+        election_version=ctx.state.stamp.version,
+        reason=reason,
+        previous_heard_at=ctx.leader_heard_at,
+        promise=PromiseChooser.new(ctx.timing, now),
     )
     ctx.leader_heard_at = None
     lead.wal_check_waived = failover is not None and failover.allow_data_loss

@@ -19,6 +19,7 @@ from failoverd.core.state import ClusterState, Position, StateStamp, describe
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_TERM = 2**62
 MAX_SEQ = 2**62
+MAX_SECONDS = 3600.0
 
 
 class ProtocolError(Exception):
@@ -30,6 +31,13 @@ def _check_int(name: str, value: Any, low: int = 0, high: int = MAX_TERM) -> Non
         raise TypeError(f"{name}: {describe(value)} is not an integer")
     if not low <= value <= high:
         raise ValueError(f"{name}: {describe(value)} is not within {low}..{high}")
+
+
+def _check_seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: {describe(value)} is not a number")
+    if not 0 <= value <= MAX_SECONDS:  # also refuses NaN
+        raise ValueError(f"{name}: {describe(value)} is not within 0..{MAX_SECONDS} s")
 
 
 def _check_name(name: str, value: Any) -> None:
@@ -99,11 +107,15 @@ class Heartbeat(Envelope):
     commit_version: int = 0
     primary_ready: bool = False  # the leader's PostgreSQL is promoted and writable
     primary_position: Position | None = None  # leader's WAL position when it is primary
+    # How long the follower promises not to vote (docs/design.md §6); 0: its
+    # own election_timeout_min_s (a leader of an older version sends none).
+    promise_s: float = 0.0
 
     def __post_init__(self) -> None:
         Envelope.__post_init__(self)
         _check_int("seq", self.seq, 0, MAX_SEQ)
         _check_int("commit_version", self.commit_version)
+        _check_seconds("promise_s", self.promise_s)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -122,10 +134,14 @@ class HeartbeatAck(Envelope):
     pg_healthy: bool = False
     following_leader: bool = False
     reason: str = ""
+    # The promise this follower made for the heartbeat; 0: a member of an
+    # older version, which promised its election_timeout_min_s.
+    promised_s: float = 0.0
 
     def __post_init__(self) -> None:
         Envelope.__post_init__(self)
         _check_int("seq", self.seq, 0, MAX_SEQ)
+        _check_seconds("promised_s", self.promised_s)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -165,6 +165,7 @@ class Node:
             pg=ctx.pg,
             pg_age_s=None if ctx.pg is None else max(0.0, now - ctx.pg.observed_at),
             lease_remaining_s=None if lead is None or not lead.lease_ever else max(0.0, lead.lease_until - now),
+            promise_s=ctx.promise_s,
             primary_ready=bool(lead is not None and lead.primary_ready),
             vip_held=ctx.vip_held,
             vip_error=ctx.vip_error,
@@ -205,6 +206,8 @@ class Node:
         ctx = self.ctx
         ctx.spec = dataclasses.replace(ctx.spec, timing=timing)
         ctx.timing = timing
+        if ctx.lead is not None:
+            ctx.lead.promise.restart(timing)
 
     def persistent_state(self) -> PersistentState:
         return self.ctx.persistent_state()

@@ -38,10 +38,11 @@ def vote_tally(
     return Tally.PENDING
 
 
-def quorum_time(voters: Collection[str], acked_at: Mapping[str, float]) -> float | None:
-    """The latest time t such that a majority of `voters` acknowledged something sent at or after t."""
+def quorum_time(voters: Collection[str], times_of: Mapping[str, float]) -> float | None:
+    """The latest time t that a majority of `voters` each reach (their time
+    in `times_of` is t or later): with lease ends, the lease a majority backs."""
     majority = len(voters) // 2 + 1
-    times = sorted((acked_at[v] for v in voters if v in acked_at), reverse=True)
+    times = sorted((times_of[v] for v in voters if v in times_of), reverse=True)
     if len(times) < majority:
         return None
     return times[majority - 1]

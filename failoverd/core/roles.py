@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from failoverd.core.promise import PromiseChooser
 from failoverd.core.requests import Failover
 from failoverd.core.state import Position
 
@@ -69,10 +70,14 @@ class Leadership:
     election_version: int  # the state version written on election; promotion waits for its commit
     reason: str  # why we lead: bootstrap, election, transfer, operator failover
     previous_heard_at: float | None  # last heartbeat of the leader before us (for the outage figure)
+    promise: PromiseChooser  # what our heartbeats ask followers to promise
     seq: int = 0
     next_heartbeat_at: float = 0.0
     sent_at: dict[int, float] = dataclasses.field(default_factory=dict)
-    acked_at: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Per member, the latest lease end its acknowledgements earned: the send
+    # time of a heartbeat plus the lease for the promise it made (§6).
+    lease_end_at: dict[str, float] = dataclasses.field(default_factory=dict)
+    promised_by: set[str] = dataclasses.field(default_factory=set)  # followers that report their promise
     accepted: dict[str, int] = dataclasses.field(default_factory=dict)
     followers: dict[str, FollowerView] = dataclasses.field(default_factory=dict)
     lease_until: float = 0.0

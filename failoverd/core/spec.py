@@ -75,12 +75,22 @@ class Timing:
     that acknowledged it can vote again, with room for the fence to act:
 
         lease_s / (1 - drift) + fence_margin_s <= election_timeout_min_s / (1 + drift)
+
+    On a quick network the leader asks for shorter promises, down to
+    `promise_floor_s`, and each heartbeat's lease shrinks in proportion
+    (`lease_for`); the rule holds for every promise in between
+    (docs/design.md §6, "Adaptive promises").
     """
 
     heartbeat_interval_s: float = 0.1
     election_timeout_min_s: float = 1.0
     election_timeout_max_s: float = 1.4
     lease_s: float = 0.8
+    # The shortest promise a leader asks for; None: 0.4 x election_timeout_min_s
+    # where that is safe, else no adaptation. Equal to election_timeout_min_s: off.
+    election_timeout_floor_s: float | None = None
+    # How long acknowledgements must stay quick before a shorter promise is asked for.
+    promise_window_s: float = 10.0
     clock_drift_max: float = 0.01  # max clock-rate error of any host, as a fraction
     fence_margin_s: float = 0.05  # time the watchdog needs to stop PostgreSQL
     promote_timeout_s: float = 5.0  # a promotion not seen within this is abandoned
@@ -92,6 +102,8 @@ class Timing:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if value is None and field.name == "election_timeout_floor_s":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SpecError(field.name, f"{value!r} is not a number")
             if (isinstance(value, int) and abs(value) > 2**53) or not math.isfinite(value):
@@ -129,11 +141,79 @@ class Timing:
                 f"and fence_margin_s={self.fence_margin_s}",
             )
 
+        if not 0.01 <= self.promise_window_s <= 3600:
+            raise SpecError("promise_window_s", f"{self.promise_window_s} is not within 0.01..3600 s")
+        floor = self.election_timeout_floor_s
+        if floor is not None:
+            if not 3 * self.heartbeat_interval_s - 1e-9 <= floor <= self.election_timeout_min_s:
+                raise SpecError(
+                    "election_timeout_floor_s",
+                    f"{floor} s is not within 3 heartbeat intervals ({3 * self.heartbeat_interval_s:g} s) "
+                    f"and election_timeout_min_s ({self.election_timeout_min_s} s)",
+                )
+            problem = self._floor_problem(floor)
+            if problem:
+                raise SpecError("election_timeout_floor_s", problem)
+
+    def _floor_problem(self, floor: float) -> str:
+        """Why promises as short as `floor` cannot be asked for ('' if they can).
+        The margin lease_limit_for(p) - lease_for(p) is affine in p, so it is
+        positive on [floor, election_timeout_min_s] when it is at both ends."""
+        lease = self.lease_s * floor / self.election_timeout_min_s
+        if lease <= self.heartbeat_interval_s:
+            return (
+                f"a promise of {floor} s earns a lease of {lease:.3f} s, not longer than heartbeat_interval_s "
+                f"({self.heartbeat_interval_s} s)"
+            )
+        if lease >= self.lease_limit_for(floor):
+            return (
+                f"a promise of {floor} s earns a lease of {lease:.4f} s (lease_s scaled), not shorter than "
+                f"{self.lease_limit_for(floor):.4f} s, the longest safe one; raise it or shorten lease_s"
+            )
+        return ""
+
+    @property
+    def promise_floor_s(self) -> float:
+        """The shortest promise a leader asks of its followers."""
+        if self.election_timeout_floor_s is not None:
+            return self.election_timeout_floor_s
+        auto = max(0.4 * self.election_timeout_min_s, 3 * self.heartbeat_interval_s)
+        if auto >= self.election_timeout_min_s or self._floor_problem(auto):
+            return self.election_timeout_min_s
+        return auto
+
     @property
     def lease_limit_s(self) -> float:
         """The lease must be strictly shorter than this (see class docstring)."""
+        return self.lease_limit_for(self.election_timeout_min_s)
+
+    def lease_limit_for(self, promise_s: float) -> float:
+        """The safe bound on a lease taken from a heartbeat that carried `promise_s`."""
         drift = self.clock_drift_max
-        return (self.election_timeout_min_s / (1 + drift) - self.fence_margin_s) * (1 - drift)
+        return (promise_s / (1 + drift) - self.fence_margin_s) * (1 - drift)
+
+    def lease_for(self, promise_s: float) -> float:
+        """The lease a heartbeat earns once acknowledged with this promise:
+        lease_s scaled to it. Checked on [promise_floor_s, election_timeout_min_s];
+        a shorter promise (a member configured otherwise) is held under its
+        own bound, and one with no safe lease earns none."""
+        scaled = self.lease_s * promise_s / self.election_timeout_min_s
+        return max(0.0, min(scaled, self.lease_limit_for(promise_s) * 0.999))
+
+    def promise_for(self, round_trip_s: float) -> float:
+        """The promise a leader asks for when acknowledgements take up to
+        `round_trip_s`: the lease it earns covers a heartbeat interval plus
+        twice that, within [promise_floor_s, election_timeout_min_s]."""
+        wanted = (self.heartbeat_interval_s + 2 * round_trip_s) * self.election_timeout_min_s / self.lease_s
+        return min(self.election_timeout_min_s, max(self.promise_floor_s, wanted))
+
+    def election_timeout_for(self, promise_s: float, spread: float) -> float:
+        """A follower's election timeout after a heartbeat with this promise:
+        the configured range scaled to it; `spread` in [0, 1)."""
+        scale = promise_s / self.election_timeout_min_s
+        return scale * (
+            self.election_timeout_min_s + spread * (self.election_timeout_max_s - self.election_timeout_min_s)
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ class MemberStatus:
     pg: PgObservation | None
     pg_age_s: float | None  # how old the PostgreSQL observation is
     lease_remaining_s: float | None  # a leader's lease left (None: not leading or never had one)
+    promise_s: float  # the promise of the last heartbeat made or taken (docs/design.md §6)
     primary_ready: bool  # we lead and have seen our PostgreSQL writable
     vip_held: bool
     vip_error: str | None  # why the last acquisition of the VIP failed, while we should hold it

@@ -132,6 +132,15 @@ SAFEGUARD_CASES = [
         40,
         {"one-writable-primary", "one-vip-holder", "no-lost-acked-write", "fenced-primary-accepts-nothing"},
     ),
+    # A follower whose promise follows the last heartbeat's instead of the
+    # longest it made: a shorter promise frees its vote while an earlier
+    # heartbeat's lease still runs (docs/design.md §6, "Adaptive promises").
+    (
+        "promise-max",
+        dict(data_nodes=3),
+        300,
+        {"one-writable-primary", "one-vip-holder", "no-lost-acked-write", "fenced-primary-accepts-nothing"},
+    ),
     ("lsn-check", dict(data_nodes=3), 80, {"no-lost-acked-write"}),
     ("lsn-check", dict(data_nodes=5, sync_count=2), 120, {"no-lost-acked-write"}),
     ("persist-vote", dict(data_nodes=3), 300, {"one-leader-per-term"}),

@@ -107,6 +107,7 @@ def status(
         pg=pg,
         pg_age_s=0.05,
         lease_remaining_s=lease,
+        promise_s=1.0,
         primary_ready=primary_ready,
         vip_held=False,
         vip_error=None,
@@ -483,6 +484,7 @@ async def test_metrics_are_prometheus_text() -> None:
     assert samples['failoverd_role{member="a",role="follower"}'] == 0
     assert samples['failoverd_primary{member="a"}'] == 1 and samples['failoverd_term{member="a"}'] == 3
     assert samples['failoverd_lease_remaining_seconds{member="a"}'] == 0.6
+    assert samples['failoverd_promise_seconds{member="a"}'] == 1.0
     assert samples['failoverd_postgres_state{member="a",state="primary"}'] == 1
     assert samples['failoverd_elections_started_total{member="a"}'] == 2
     assert samples['failoverd_elections_won_total{member="a"}'] == 1

@@ -357,6 +357,7 @@ def _member_status(name: str, **fields: Any) -> MemberStatus:
         pg=PgObservation(PgRole.STANDBY, 0.0, Position(2, 90_000), "db1"),
         pg_age_s=0.05,
         lease_remaining_s=None,
+        promise_s=1.0,
         primary_ready=False,
         vip_held=False,
         vip_error=None,

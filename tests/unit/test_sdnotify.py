@@ -365,6 +365,7 @@ def _member(
         pg=pg,
         pg_age_s=None,
         lease_remaining_s=0.5 if role is Role.LEADER else None,
+        promise_s=1.0,
         primary_ready=role is Role.LEADER,
         vip_held=vip_held,
         vip_error=None,

@@ -378,6 +378,7 @@ LONG_LEASE = Timing(
     election_timeout_min_s=4.0,
     election_timeout_max_s=4.5,
     lease_s=3.0,
+    election_timeout_floor_s=4.0,  # a lease of 3 s throughout, not a shorter adaptive one
     fence_margin_s=0.02,
     promote_timeout_s=2.0,
 )
