@@ -44,8 +44,11 @@ GOALS = {
     "unavailable_median_s": 1.5,  # isolate-primary and kill-postmaster
     "idle_rss_mb": 60.0,
     "idle_cpu_percent": 2.0,
+    "new_primary_on_vip_s": 0.8,  # issue #14: isolation, supervisor SIGKILL and SIGSTOP
+    "hung_replaced_s": 2.5,  # issue #14: every process of the primary's server stopped
 }
 GOAL_FAULTS = ("isolate-primary", "kill-postmaster")
+GOAL_VIP_FAULTS = ("isolate-primary", "kill-supervisor", "stop-supervisor")
 
 
 async def lab_round(index: int, bin_dir: Path, faults: list[str], *, idle_s: float, stability_s: float) -> dict:
@@ -70,7 +73,8 @@ async def lab_round(index: int, bin_dir: Path, faults: list[str], *, idle_s: flo
             for name in faults:
                 started = time.monotonic()
                 try:
-                    r = await run_fault(lab, monitor, FAULTS[name], next(ids))
+                    # From a steady cluster: the leader asks for its shortest promise.
+                    r = await run_fault(lab, monitor, FAULTS[name], next(ids), steady=True)
                 except Exception as error:  # noqa: BLE001 - recorded; this round's cluster may be broken
                     kept = lab.save_logs()
                     out["errors"].append({"fault": name, "error": repr(error)[:2000], "logs": str(kept)})
@@ -84,6 +88,7 @@ async def lab_round(index: int, bin_dir: Path, faults: list[str], *, idle_s: flo
                 out["runs"].append(r.as_dict())
                 print(
                     f"  {name:20} {r.old_primary}->{r.new_primary} unavailable {r.unavailable_s} s "
+                    f"new primary on the VIP {r.new_primary_on_vip_s} s (promise {r.promise_s} s) "
                     f"lost {r.lost} dual {r.dual_primary_samples}/{r.dual_vip} failover {r.failover}",
                     flush=True,
                 )
@@ -114,7 +119,7 @@ def table(rounds: list[dict], faults: list[str]) -> tuple[list[str], dict]:
             by_fault.setdefault(r["fault"], []).append(r)
     lines = [
         f"{'fault':22}{'runs':>5}{'median s':>10}{'min s':>8}{'max s':>8}{'failovers':>11}"
-        f"{'false':>7}{'lost':>6}{'dual pg':>9}{'dual vip':>10}"
+        f"{'false':>7}{'lost':>6}{'dual pg':>9}{'dual vip':>10}   new primary on the VIP: median (min-max) s"
     ]
     summary = {}
     for name in [*faults, "stability"]:
@@ -122,6 +127,7 @@ def table(rounds: list[dict], faults: list[str]) -> tuple[list[str], dict]:
         if not runs:
             continue
         times = sorted(r["unavailable_s"] for r in runs if r["unavailable_s"] is not None)
+        on_vip = sorted(r["new_primary_on_vip_s"] for r in runs if r.get("new_primary_on_vip_s") is not None)
         expected = FAULTS[name].failover if name in FAULTS else False
         s = {
             "runs": len(runs),
@@ -133,6 +139,9 @@ def table(rounds: list[dict], faults: list[str]) -> tuple[list[str], dict]:
             "lost_acked_writes": sum(r["lost"] for r in runs),
             "dual_primary_samples": sum(r["dual_primary_samples"] for r in runs),
             "dual_vip": sum(r["dual_vip"] for r in runs),
+            "new_primary_on_vip_median_s": round(statistics.median(on_vip), 3) if on_vip else None,
+            "new_primary_on_vip_min_s": on_vip[0] if on_vip else None,
+            "new_primary_on_vip_max_s": on_vip[-1] if on_vip else None,
         }
         summary[name] = s
         shown = name if name != "stability" else "stability profile"
@@ -140,6 +149,12 @@ def table(rounds: list[dict], faults: list[str]) -> tuple[list[str], dict]:
             f"{shown:22}{s['runs']:>5}{_f(s['unavailable_median_s']):>10}{_f(s['unavailable_min_s']):>8}"
             f"{_f(s['unavailable_max_s']):>8}{s['failovers']:>11}{s['false_failovers']:>7}"
             f"{s['lost_acked_writes']:>6}{s['dual_primary_samples']:>9}{s['dual_vip']:>10}"
+            + (
+                f"   {_f(s['new_primary_on_vip_median_s'])} ({_f(s['new_primary_on_vip_min_s'])}-"
+                f"{_f(s['new_primary_on_vip_max_s'])})"
+                if on_vip
+                else ""
+            )
         )
     return lines, summary
 
@@ -158,6 +173,24 @@ def goals(summary: dict, idle: dict | None) -> list[tuple[str, bool]]:
             (
                 f"{name}: median unavailability {median} s < {GOALS['unavailable_median_s']} s",
                 median is not None and median < GOALS["unavailable_median_s"],
+            )
+        )
+    for name in GOAL_VIP_FAULTS:
+        if name in summary:
+            on_vip = summary[name].get("new_primary_on_vip_median_s")
+            checks.append(
+                (
+                    f"{name}: median time to a new writable primary on the VIP {on_vip} s "
+                    f"<= {GOALS['new_primary_on_vip_s']} s",
+                    on_vip is not None and on_vip <= GOALS["new_primary_on_vip_s"],
+                )
+            )
+    if "hang-postgres" in summary:
+        median = summary["hang-postgres"].get("unavailable_median_s")
+        checks.append(
+            (
+                f"hang-postgres: median unavailability {median} s < {GOALS['hung_replaced_s']} s",
+                median is not None and median < GOALS["hung_replaced_s"],
             )
         )
     lost = sum(s["lost_acked_writes"] for s in summary.values())

@@ -177,15 +177,37 @@ def _pidfd_exited(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def is_stopped(pid: int) -> bool:
-    """Whether `pid` is stopped by a signal (SIGSTOP, SIGTSTP) or a tracer:
-    state T or t in /proc/<pid>/stat. False when it is gone."""
+def process_state(pid: int) -> bytes | None:
+    """The state letter of /proc/<pid>/stat (R, S, D, T, t, Z, ...); None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return False
+        return None
     # The command name (field 2) may hold spaces and parentheses: the state
     # is the first field after its last closing parenthesis.
     fields = stat[stat.rfind(b")") + 1 :].split()
-    return bool(fields) and fields[0] in (b"T", b"t")
+    return fields[0] if fields else None
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether `pid` is stopped by a signal (SIGSTOP, SIGTSTP) or a tracer:
+    state T or t. False when it is gone."""
+    return process_state(pid) in (b"T", b"t")
+
+
+_CANNOT_RUN = (b"T", b"t", b"D")
+
+
+def server_stalled(postmaster_pid: int) -> bool:
+    """Whether no process of the server can run: the postmaster stopped by a
+    signal (it answers no new connection and restarts nothing: broken,
+    whatever its children still do), or the postmaster and every child stopped or in uninterruptible sleep
+    (a storage stall). A busy server has processes running or runnable, and
+    an idle one sleeps interruptibly (S) in its wait loops."""
+    state = process_state(postmaster_pid)
+    if state in (b"T", b"t"):
+        return True
+    if state != b"D":
+        return False
+    return all(process_state(child) in (*_CANNOT_RUN, None) for child in children_of(postmaster_pid))

@@ -119,6 +119,7 @@ class Context:
         # The local PostgreSQL and the VIP.
         self.pg: PgObservation | None = None
         self.pg_unresponsive_since: float | None = None
+        self.pg_stalled_since: float | None = None  # every probe since then: UNRESPONSIVE and stalled
         self.watchdog_armed = False
         self.vip_held = False
         self.vip_error: str | None = None  # why the address could not be added, while we should hold it

@@ -309,9 +309,16 @@ def check_pg_health(ctx: Context, now: float) -> None:
         return
     if pg.role is PgRole.PRIMARY:
         return
-    since = ctx.pg_unresponsive_since
-    hung = pg.role is PgRole.UNRESPONSIVE and since is not None and now - since >= ctx.timing.pg_unresponsive_s
+    since, stalled_since = ctx.pg_unresponsive_since, ctx.pg_stalled_since
+    # A server that only fails its probes may be busy: pg_unresponsive_s.
+    # One whose every process is stopped or blocked on storage, probe after
+    # probe, runs nothing: pg_stalled_s is enough (docs/failure-modes.md).
+    stalled = stalled_since is not None and now - stalled_since >= ctx.timing.pg_stalled_s
+    hung = pg.role is PgRole.UNRESPONSIVE and (
+        stalled or (since is not None and now - since >= ctx.timing.pg_unresponsive_s)
+    )
     if pg.role is PgRole.UNRESPONSIVE and not hung:
         return
     target = heartbeats.best_successor(ctx, now)
-    ctx.step_down(now, f"local PostgreSQL is {pg.role.value}", transfer_to=target)
+    state = "stalled (no process of it can run)" if stalled else pg.role.value
+    ctx.step_down(now, f"local PostgreSQL is {state}", transfer_to=target)

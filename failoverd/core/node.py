@@ -109,6 +109,11 @@ class Node:
                 ctx.pg_unresponsive_since = pg.observed_at
         else:
             ctx.pg_unresponsive_since = None
+        if pg.role is PgRole.UNRESPONSIVE and pg.stalled:
+            if ctx.pg_stalled_since is None:
+                ctx.pg_stalled_since = pg.observed_at
+        else:
+            ctx.pg_stalled_since = None
         if ctx.role is Role.LEADER:
             leader.observe(ctx, now)
         elif ctx.role is Role.FOLLOWER:

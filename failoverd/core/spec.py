@@ -97,6 +97,7 @@ class Timing:
     bootstrap_timeout_s: float = 120.0  # the same for the first leader's initdb and start
     transfer_timeout_s: float = 5.0  # a leadership transfer not done within this is aborted
     pg_unresponsive_s: float = 3.0  # a primary that fails probes this long is given up
+    pg_stalled_s: float = 1.0  # ... and one seen stalled (PgObservation.stalled) this long
     switchover_max_lag_bytes: int = 16 * 1024 * 1024  # a switchover target further behind is refused
 
     def __post_init__(self) -> None:

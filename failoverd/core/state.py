@@ -311,6 +311,10 @@ class PgObservation:
     observed_at: float
     position: Position | None = None
     following: str | None = None  # member this standby streams from, if known
+    # UNRESPONSIVE, and no process of the server could run when it was
+    # probed (each stopped by a signal or waiting on storage): a hang, not
+    # load. A slow server's processes run (or wait for a socket or a lock).
+    stalled: bool = False
 
     @property
     def running(self) -> bool:

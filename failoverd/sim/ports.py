@@ -112,7 +112,7 @@ class SimPostgresPort:
         pg = self.pg
         if self.world.now < pg.probe_hung_until and pg.running:
             await asyncio.sleep(PROBE_TIMEOUT_S)
-            return PgObservation(PgRole.UNRESPONSIVE, observed_at)
+            return PgObservation(PgRole.UNRESPONSIVE, observed_at, stalled=pg.probe_says_stalled)
         obs = self.world.observation(self.host, observed_at)
         await asyncio.sleep(PROBE_S)
         return obs

@@ -45,6 +45,9 @@ class SimPostgres:
     write_ids: set[int] = dataclasses.field(default_factory=set)
     replication_stalled_until: float = 0.0
     probe_hung_until: float = 0.0  # probes time out (UNRESPONSIVE, position unknown) but the server works
+    # ... and say the server is stalled while it works: evidence that lies
+    # must cost a needless failover at worst, never safety.
+    probe_says_stalled: bool = False
     # Counts stops: a promotion asked of one run of the server is void once it
     # stops (PostgreSQL removes a leftover promote signal file at start-up).
     stops: int = 0

@@ -161,6 +161,7 @@ class FaultInjector:
             host.slow_until = now + heal_after
         elif kind == "pg_hang" and host.pg is not None:
             host.pg.probe_hung_until = now + rng.uniform(0.2, 5.0)
+            host.pg.probe_says_stalled = rng.random() < 0.5
         elif kind == "host_crash":
             sim.kill_supervisor(target)
             sim.stop_server(host, "host crashed")

@@ -27,7 +27,7 @@ from failoverd.core import actions as act
 from failoverd.core.messages import Heartbeat, HeartbeatAck, TimeoutNow, VoteRequest, VoteResponse
 from failoverd.core.node import InvariantViolation, Role
 from failoverd.core.requests import Pause, Resume, Switchover
-from failoverd.core.state import PgRole, StateStamp
+from failoverd.core.state import PgObservation, PgRole, StateStamp
 
 MiB = 1024 * 1024
 ELECTION_STAMP = StateStamp(1, 1)  # what a writes on winning term 1 in a fresh cluster
@@ -532,3 +532,51 @@ def test_shutdown_of_follower_does_nothing():
     w = promoted()
     now = run(w, 2.2, 3.0)
     assert w["b"].shutdown(now) == []
+
+
+# ------------------------------------------------------- a hung server
+
+
+def _unresponsive_from(w: Wire, start: float, end: float, stalled: bool) -> list[str]:
+    """a's PostgreSQL fails every probe from `start` (every 0.1 s, as the
+    supervisor probes) until `end` while the cluster keeps ticking; the
+    times at which a stepped down."""
+    downs = []
+    now = start
+    while now < end - 1e-9:
+        leading = w["a"].role is Role.LEADER
+        w.observe("a", PgObservation(PgRole.UNRESPONSIVE, now, stalled=stalled), now)
+        for n in ("b", "c"):
+            w.observe(n, PgObservation(PgRole.STANDBY, now, pos(1000), "a"), now)
+        w.tick_all(now)
+        if leading and w["a"].role is not Role.LEADER:
+            downs.append(f"{now:.2f}")
+        now = round(now + 0.1, 6)
+    return downs
+
+
+def test_a_stalled_server_is_given_up_after_pg_stalled_s():
+    w = promoted()
+    downs = _unresponsive_from(w, 2.2, 2.2 + T.pg_stalled_s + 0.25, stalled=True)
+    assert downs and float(downs[0]) == pytest.approx(2.2 + T.pg_stalled_s, abs=0.01)
+    assert w["a"].role is Role.FOLLOWER
+
+
+def test_a_server_that_only_fails_its_probes_keeps_pg_unresponsive_s():
+    w = promoted()
+    assert _unresponsive_from(w, 2.2, 2.2 + T.pg_unresponsive_s - 0.05, stalled=False) == []
+    assert w["a"].role is Role.LEADER
+    downs = _unresponsive_from(w, 2.2 + T.pg_unresponsive_s - 0.05, 2.2 + T.pg_unresponsive_s + 0.2, stalled=False)
+    assert downs and w["a"].role is Role.FOLLOWER
+
+
+def test_stall_evidence_must_hold_probe_after_probe():
+    w = promoted()
+    now = 2.2
+    for i in range(30):  # 3 s of alternating evidence: never 1 s of stalled probes in a row
+        stalled = i % 5 != 4
+        w.observe("a", PgObservation(PgRole.UNRESPONSIVE, now, stalled=stalled), now)
+        w.tick_all(now)
+        if i < 29:
+            assert w["a"].role is Role.LEADER, i
+        now = round(now + 0.1, 6)

@@ -99,3 +99,34 @@ async def test_a_postmaster_found_before_the_watch_was_asked_for_is_watched_too(
         child.kill()
         child.wait()
         watch.forget()
+
+
+def test_server_stalled_when_the_postmaster_is_stopped_by_a_signal():
+    parent = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not processes.server_stalled(parent.pid)  # sleeping interruptibly: idle, not stalled
+        os.kill(parent.pid, signal.SIGSTOP)
+        wait_for_sync("the process stopped", lambda: processes.server_stalled(parent.pid), 5, interval_s=0.01)
+        os.kill(parent.pid, signal.SIGCONT)
+        wait_for_sync("the process running again", lambda: not processes.server_stalled(parent.pid), 5, interval_s=0.01)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_server_stalled_in_uninterruptible_sleep_only_when_every_child_is(monkeypatch):
+    # Uninterruptible sleep cannot be made on demand here: the states are given.
+    states = {1: b"D", 2: b"D", 3: b"T"}
+    monkeypatch.setattr(processes, "process_state", lambda pid: states.get(pid))
+    monkeypatch.setattr(processes, "children_of", lambda pid: [2, 3])
+    assert processes.server_stalled(1)
+    states[3] = b"R"  # one child runs: a slow server, not a stalled one
+    assert not processes.server_stalled(1)
+    states[3], states[1] = b"D", b"S"  # the postmaster waits for connections: it answers
+    assert not processes.server_stalled(1)
+
+
+def test_process_state_of_a_gone_process_is_none():
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert processes.process_state(child.pid) is None and not processes.server_stalled(child.pid)

@@ -63,14 +63,17 @@ class PostgresProbe(PostgresBase):
         except BaseException:  # cancelled mid-query: the connection's state is unknown
             self._drop_probe_conn()
             raise
+        stalled = False
         try:
             if not self._has_data():
                 return PgObservation(PgRole.ABSENT, observed_at)
-            if self.postmaster_pid() is None:
+            pid = self.postmaster_pid()
+            if pid is None:
                 return PgObservation(PgRole.STOPPED, observed_at, self._cached_scan())
+            stalled = processes.server_stalled(pid)
         except OSError:
             pass
-        return PgObservation(PgRole.UNRESPONSIVE, observed_at)
+        return PgObservation(PgRole.UNRESPONSIVE, observed_at, stalled=stalled)
 
     async def _probe(self, observed_at: float) -> PgObservation:
         if not self._has_data():
@@ -81,7 +84,7 @@ class PostgresProbe(PostgresBase):
             return PgObservation(PgRole.STOPPED, observed_at, await self._stopped_position())
         if processes.is_stopped(pid):
             self._drop_probe_conn()
-            return PgObservation(PgRole.UNRESPONSIVE, observed_at)
+            return PgObservation(PgRole.UNRESPONSIVE, observed_at, stalled=True)
         row = await self._probe_query()
         if not row["rec"]:
             position = Position(setup.timeline_of_walfile(row["walfile"]), setup.parse_lsn(row["current_lsn"]))
