@@ -167,7 +167,20 @@ def _timing_lines(t: Timing) -> list[str]:
         f"{t.election_timeout_max_s:g} s, lease {t.lease_s:g} s",
         f"             safe lease bound {t.lease_limit_s:.4f} s (clock drift {t.clock_drift_max * 100:g}%, "
         f"fence margin {t.fence_margin_s:g} s)",
+        _adaptive_line(t),
     ]
+
+
+def _adaptive_line(t: Timing) -> str:
+    floor = t.promise_floor_s
+    if floor >= t.election_timeout_min_s:
+        return "             adaptive promises off: election timeouts and lease as above"
+    scale = floor / t.election_timeout_min_s
+    return (
+        f"             on a quick network: promise {floor:g} s, election timeout {t.election_timeout_min_s * scale:.3g}-"
+        f"{t.election_timeout_max_s * scale:.3g} s, lease {t.lease_for(floor):.3g} s "
+        f"(after {t.promise_window_s:g} s of quick acknowledgements)"
+    )
 
 
 # The simulator lives in its own package; registered here so that `failoverd

@@ -29,6 +29,10 @@ POSTMASTER_CHECK_S = 1.0  # see PostgresAdapter.__init__
 # postmaster forks for the connection answers it with one byte, N or S.
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
+# What a server that is stopping or starting says to a new connection
+# (postmaster.c's CAC_* messages).
+_PASSING_STATES = ("the database system is shutting down", "the database system is starting up")
+
 _PROBE_SQL = """
 WITH r AS MATERIALIZED (SELECT pg_is_in_recovery() AS rec)
 SELECT r.rec,
@@ -115,7 +119,11 @@ class PostgresProbe(PostgresBase):
             fields = out.stdout.strip().split("|")
             return Position(int(fields[1]), setup.parse_lsn(fields[2]))
         except (programs.CommandFailed, IndexError, ValueError) as error:
-            if not self._identify_failed_logged:  # once: it repeats every probe
+            if any(state in str(error) for state in _PASSING_STATES):
+                # A server going down or coming up: nothing to fix, and the
+                # once-only warning stays for a refusal that lasts.
+                self.log.debug("pg_identify_system_failed", error=str(error)[:300])
+            elif not self._identify_failed_logged:  # once: it repeats every probe
                 self._identify_failed_logged = True
                 self.log.warning(
                     "pg_identify_system_failed",

@@ -304,8 +304,10 @@ def leader_promise(lab: E2ELab, leader: str, term: int) -> float:
 
 async def steady_promise(lab: E2ELab, leader: str) -> float:
     """Until the leader asks for the shortest promise, as a leader of some
-    standing on a quiet network does (docs/design.md §6): a failover measured
-    from there is what a cluster in service gets. Returns how long it took."""
+    standing on a quiet network does (docs/design.md §6), and every longer
+    promise made before has run out (followers keep the longest they made,
+    and leases of up to lease_s rest on them): a failover measured from
+    there is what a cluster in service gets. Returns how long it took."""
     t0 = time.monotonic()
     term = lab.leadership()[1]
     floor = Timing().promise_floor_s
@@ -314,6 +316,9 @@ async def steady_promise(lab: E2ELab, leader: str) -> float:
         return True if leader_promise(lab, leader, term) <= floor + 1e-6 else None
 
     await lab.wait_for(f"{leader} to ask for a promise of {floor} s", at_floor, Timing().promise_window_s * 3)
+    await asyncio.sleep(Timing().election_timeout_min_s + 0.1)
+    if leader_promise(lab, leader, term) > floor + 1e-6:
+        raise AssertionError(f"{leader} asks for a longer promise again: the network is not quiet")
     return time.monotonic() - t0
 
 
