@@ -83,7 +83,11 @@ def record_ack(ctx: Context, m: HeartbeatAck, now: float) -> bool:
     promised = m.promised_s or ctx.timing.election_timeout_min_s
     end = sent + ctx.timing.lease_for(promised)
     lead.lease_end_at[m.sender] = max(lead.lease_end_at.get(m.sender, end), end)
-    note_delay(ctx, now - sent, now)
+    if m.seq > lead.timed_seq.get(m.sender, 0):
+        # A round trip from the first ack of each heartbeat only: a repeated
+        # ack (follower.report_position) answers a probe, not the heartbeat.
+        lead.timed_seq[m.sender] = m.seq
+        note_delay(ctx, now - sent, now)
     if m.accepted.written_term == ctx.term:
         lead.accepted[m.sender] = max(lead.accepted.get(m.sender, 0), m.accepted.version)
     lead.followers[m.sender] = FollowerView(

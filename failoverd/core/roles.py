@@ -78,6 +78,7 @@ class Leadership:
     # time of a heartbeat plus the lease for the promise it made (§6).
     lease_end_at: dict[str, float] = dataclasses.field(default_factory=dict)
     promised_by: set[str] = dataclasses.field(default_factory=set)  # followers that report their promise
+    timed_seq: dict[str, int] = dataclasses.field(default_factory=dict)  # per follower: the last heartbeat timed
     accepted: dict[str, int] = dataclasses.field(default_factory=dict)
     followers: dict[str, FollowerView] = dataclasses.field(default_factory=dict)
     lease_until: float = 0.0

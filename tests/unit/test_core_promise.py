@@ -234,3 +234,26 @@ def test_promise_fields_round_trip_and_bad_values_are_refused():
         data = encode_message(ack("b", 1, 0.4)) | {"promised_s": bad}
         with pytest.raises(ProtocolError):
             decode_message(data)
+
+
+def test_a_repeated_acknowledgement_is_not_taken_for_a_slow_round_trip():
+    t = Timing(promise_window_s=2.0)
+    w = Wire(make_spec(timing=t))
+    w.elect("a", now=2.0, obs_at=1.9)
+    now = 2.0
+    while now < 2.0 + t.promise_window_s + 1:
+        now += t.heartbeat_interval_s
+        w.tick("a", now)
+    a = w["a"]
+    assert a.lead.promise.promise_s == pytest.approx(0.4)
+    seq = a.lead.seq
+    # b acknowledges the last heartbeat again, 0.3 s after it went out (a
+    # repeated ack after a probe): its lease counts, its lateness does not.
+    out = a.receive(ack("b", seq, 0.4), a.lead.sent_at[seq] + 0.3)
+    assert "promise_changed" not in events(out) and a.lead.promise.promise_s == pytest.approx(0.4)
+    # a first ack that slow lengthens the promise at once
+    w.isolate("a")
+    out = w.tick("a", now + 0.1)["a"]
+    seq = a.lead.seq
+    out = a.receive(ack("b", seq, 0.4), a.lead.sent_at[seq] + 0.3)
+    assert "promise_changed" in events(out) and a.lead.promise.promise_s > 0.4
