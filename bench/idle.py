@@ -13,7 +13,8 @@ host), against the goals of at most 1 % of a core and 45 MB.
 
 Without --lab: three members on 127.0.0.1 (tests.support.cluster.LocalCluster:
 real PostgreSQL, quorum ANY 1, no VIP), once per heartbeat interval given,
-to show what `[timing] heartbeat_interval_s` (also the probe period) costs,
+to show what `[timing] heartbeat_interval_s` costs (the probe period of a
+settled server, `probe_interval_s`, follows it: 5 intervals by default),
 since the supervisors' idle work is heartbeats, their acknowledgements and
 probes.
 """

@@ -326,7 +326,6 @@ async def _run(
         watchdog=watchdog,
         vip=vip,
         members={n.name: n for n in config.nodes},
-        probe_interval_s=config.spec.timing.heartbeat_interval_s,
         log=log,
     )
     server = PeerServer(

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Iterable
 
 from failoverd.core import actions as act
-from failoverd.core import admin, candidacy, follower, heartbeats, leader, voting
+from failoverd.core import admin, candidacy, follower, heartbeats, leader, probing, voting
 from failoverd.core.context import SAFEGUARDS, Context, InvariantViolation, Rng
 from failoverd.core.messages import (
     Heartbeat,
@@ -204,6 +204,10 @@ class Node:
         if ctx.role is Role.LEADER and ctx.lead is not None:
             return leader.next_wakeup(ctx)
         return ctx.election_deadline
+
+    def probe_interval(self) -> float:
+        """Seconds from the end of one probe of the local PostgreSQL to the next."""
+        return probing.probe_interval(self.ctx)
 
     def retime(self, timing: Timing) -> None:
         """Adopt reloaded timing; `failoverd.runtime.reload` decides whether it is

@@ -98,12 +98,16 @@ class Timing:
     transfer_timeout_s: float = 5.0  # a leadership transfer not done within this is aborted
     pg_unresponsive_s: float = 3.0  # a primary that fails probes this long is given up
     pg_stalled_s: float = 1.0  # ... and one seen stalled (PgObservation.stalled) this long
+    # How often a server that is where the cluster wants it is probed; None:
+    # 5 heartbeat intervals. Anything else is probed every heartbeat
+    # (failoverd.core.probing).
+    probe_interval_s: float | None = None
     switchover_max_lag_bytes: int = 16 * 1024 * 1024  # a switchover target further behind is refused
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is None and field.name == "election_timeout_floor_s":
+            if value is None and field.name in ("election_timeout_floor_s", "probe_interval_s"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SpecError(field.name, f"{value!r} is not a number")
@@ -142,6 +146,12 @@ class Timing:
                 f"and fence_margin_s={self.fence_margin_s}",
             )
 
+        probe = self.probe_interval_s
+        if probe is not None and not self.heartbeat_interval_s - 1e-9 <= probe <= 60:
+            raise SpecError(
+                "probe_interval_s",
+                f"{probe} s is not within heartbeat_interval_s ({self.heartbeat_interval_s} s)..60 s",
+            )
         if not 0.01 <= self.promise_window_s <= 3600:
             raise SpecError("promise_window_s", f"{self.promise_window_s} is not within 0.01..3600 s")
         floor = self.election_timeout_floor_s
@@ -172,6 +182,11 @@ class Timing:
                 f"{self.lease_limit_for(floor):.4f} s, the longest safe one; raise it or shorten lease_s"
             )
         return ""
+
+    @property
+    def healthy_probe_interval_s(self) -> float:
+        """How often a settled server is probed (failoverd.core.probing)."""
+        return self.probe_interval_s if self.probe_interval_s is not None else 5 * self.heartbeat_interval_s
 
     @property
     def promise_floor_s(self) -> float:

@@ -90,7 +90,6 @@ class Supervisor:
         watchdog: WatchdogPort | None,
         vip: VipPort | None,
         members: dict[str, Any],
-        probe_interval_s: float,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         log: Any = None,
@@ -108,7 +107,6 @@ class Supervisor:
         self.watchdog = watchdog
         self.vip = vip
         self.members = members  # name -> the member's configuration, for Follow's upstream
-        self.probe_interval_s = probe_interval_s
         self.clock = clock
         self.wall_clock = wall_clock
         self.log = log or structlog.get_logger("failoverd")
@@ -196,7 +194,6 @@ class Supervisor:
         """Apply reloaded protocol timing (see failoverd.runtime.reload for when that is safe)."""
         async with self._lock:
             self.node.retime(timing)
-            self.probe_interval_s = timing.heartbeat_interval_s
         self._nudge()
         self.log.info(
             "timing_changed",
@@ -276,11 +273,13 @@ class Supervisor:
             obs = await postgres.probe(self.clock())
             async with self._lock:
                 await self._execute(self.node.observe(obs, self._now()))
+                interval = self.node.probe_interval()  # failoverd.core.probing
             self._nudge()
             # While a promotion runs, look often: the core hands out the VIP and
             # points the standbys at us only once a probe shows us writable, and
             # the adapter's promote() still has work to do after that point.
-            interval = PROMOTING_PROBE_S if self._promoting else self.probe_interval_s
+            if self._promoting:
+                interval = PROMOTING_PROBE_S
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self._probe_now.wait()

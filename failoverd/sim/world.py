@@ -216,7 +216,6 @@ class World:
             watchdog=SimWatchdog(self, host, inc) if host.is_data else None,
             vip=SimVip(self, host, inc) if host.is_data else None,
             members=self.members,
-            probe_interval_s=self.spec.timing.heartbeat_interval_s,
             clock=loop.time,
             wall_clock=lambda: WALL_CLOCK_BASE + host.wall_offset + self.now,
             log=TraceLog(self, host, inc),

@@ -99,6 +99,7 @@ class FakePostgres:
         self.gates: dict[str, asyncio.Event] = {}
         self.failures: dict[str, Exception] = {}
         self.pending_restart: tuple[str, ...] = ()  # settings that wait for a restart
+        self.probes = 0
 
     def watch_postmaster(self, wake: Callable[[], None]) -> None:
         self.wake_on_exit = wake
@@ -112,6 +113,7 @@ class FakePostgres:
             raise failure
 
     async def probe(self, observed_at: float) -> PgObservation:
+        self.probes += 1
         position = None if self.role is PgRole.ABSENT else Position(self.timeline, self.lsn)
         following = self.upstream if self.role is PgRole.STANDBY else None
         return PgObservation(self.role, observed_at, position, following)
@@ -204,7 +206,6 @@ class Cluster:
                 watchdog=FakeWatchdog(m.name, self.journal),
                 vip=None,
                 members={n.name: n.name for n in SPEC.members},
-                probe_interval_s=0.02,
                 clock=clock,
                 disabled_safeguards=disabled_safeguards,
             )
@@ -264,6 +265,23 @@ async def test_bootstrap_elects_one_leader_and_the_others_follow():
         kinds = [what for who, what, _ in c.journal.entries if who == leader]
         assert kinds.index("arm") < kinds.index("promote")
         assert kinds.index("configure_sync") < kinds.index("promote")
+
+
+async def test_a_settled_cluster_probes_at_the_healthy_interval_and_a_stopped_standby_every_heartbeat():
+    async with Cluster() as c:
+        await c.wait_for(lambda: _ready(c))
+        await asyncio.sleep(0.2)  # the standbys' positions since the election are reported
+        before = {n: pg.probes for n, pg in c.pgs.items()}
+        await asyncio.sleep(1.0)
+        # 10 a second at the healthy interval (0.1 s); every heartbeat would be 50.
+        counts = {n: c.pgs[n].probes - before[n] for n in c.pgs}
+        assert all(3 <= k <= 15 for k in counts.values()), counts
+        standby = next(n for n, pg in c.pgs.items() if pg.role is PgRole.STANDBY)
+        c.pgs[standby].role = PgRole.STOPPED
+        await asyncio.sleep(0.15)  # the next healthy-interval probe sees it
+        mark = c.pgs[standby].probes
+        await asyncio.sleep(0.5)
+        assert c.pgs[standby].probes - mark >= 0.5 / TIMING.heartbeat_interval_s * 0.6
 
 
 async def test_every_granted_vote_is_persisted_before_it_is_sent():

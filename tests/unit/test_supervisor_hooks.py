@@ -105,12 +105,12 @@ async def test_only_the_vetoing_member_is_skipped():
         assert c.primaries() != [first]
 
 
-async def test_retime_changes_the_cores_timing_and_the_probe_interval():
+async def test_retime_changes_the_cores_timing():
     c = Cluster()
     sup = next(iter(c.sups.values()))
     timing = Timing(heartbeat_interval_s=0.05, election_timeout_min_s=1.0, election_timeout_max_s=1.4, lease_s=0.8)
     await sup.retime(timing)
-    assert sup.node.timing is timing and sup.node.spec.timing is timing and sup.probe_interval_s == 0.05
+    assert sup.node.timing is timing and sup.node.spec.timing is timing
 
 
 async def test_a_state_file_that_cannot_be_written_stops_the_supervisor():
