@@ -7,8 +7,13 @@ from __future__ import annotations
 import os
 import select
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+
+# The fencing watchdog imports this module and nothing it can do without
+# (its memory is held on every host for good): paths are handled with
+# os.path, and typing is for the type checker only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def process_alive(pid: int) -> bool:
@@ -53,24 +58,25 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def read_postmaster_pid(data_dir: Path) -> int | None:
+def read_postmaster_pid(data_dir: str | os.PathLike[str]) -> int | None:
     """The pid on the first line of postmaster.pid (negative there: a
     single-user backend holds the directory)."""
-    return read_lock_pid(Path(data_dir) / "postmaster.pid")
+    return read_lock_pid(os.path.join(data_dir, "postmaster.pid"))
 
 
-def read_lock_pid(lock_file: Path) -> int | None:
+def read_lock_pid(lock_file: str | os.PathLike[str]) -> int | None:
     """The pid on the first line of a PostgreSQL lock file (postmaster.pid,
     a socket's .lock)."""
     try:
-        first = Path(lock_file).read_text(errors="replace").split("\n", 1)[0].strip()
+        with open(lock_file, encoding="utf-8", errors="replace") as f:
+            first = f.readline().strip()
         pid = abs(int(first))
     except (OSError, ValueError):
         return None
     return pid if 1 < pid <= 2**22 else None
 
 
-def runs_in(pid: int, data_dir: Path) -> bool:
+def runs_in(pid: int, data_dir: str | os.PathLike[str]) -> bool:
     """False only when we can see that `pid` does not serve `data_dir`: a
     postmaster's working directory is its data directory, and a stale
     postmaster.pid may name a pid since reused by another process."""
@@ -81,7 +87,7 @@ def runs_in(pid: int, data_dir: Path) -> bool:
     return os.path.realpath(cwd) == os.path.realpath(data_dir)
 
 
-def live_postmaster_pid(data_dir: Path) -> int | None:
+def live_postmaster_pid(data_dir: str | os.PathLike[str]) -> int | None:
     """The postmaster of `data_dir`, if one is running."""
     pid = read_postmaster_pid(data_dir)
     if pid is None or not process_alive(pid) or not runs_in(pid, data_dir):
@@ -101,8 +107,8 @@ class PostmasterWatch:
     wait for its turn to see a crash). Without pidfds (a kernel before 5.3),
     every call makes the full check."""
 
-    def __init__(self, data_dir: Path, on_exit: Callable[[], None] | None = None) -> None:
-        self.data_dir = Path(data_dir)
+    def __init__(self, data_dir: str | os.PathLike[str], on_exit: Callable[[], None] | None = None) -> None:
+        self.data_dir = data_dir
         self._on_exit = on_exit
         self._pid: int | None = None
         self._fd: int | None = None
