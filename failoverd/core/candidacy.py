@@ -13,6 +13,12 @@ from failoverd.core.requests import Failover
 from failoverd.core.roles import Candidacy
 from failoverd.core.state import PgRole, Position, Role
 
+# A position probed more than this many heartbeat intervals ago is probed
+# again before we stand on it (`stand`), or before we weigh a candidate
+# against it (voting.on_pre_vote_request): at most what a watchful member's
+# probes every heartbeat leave between them.
+STALE_HEARTBEATS = 2
+
 
 def vouches(ctx: Context, position: Position | None, waived: bool = False) -> bool:
     """Whether our WAL check of a candidate counts towards the data quorum.
@@ -116,6 +122,53 @@ def on_vote_response(ctx: Context, m: PreVoteResponse | VoteResponse, now: float
         ctx.election_deadline = now + ctx.random_timeout()
 
 
+def stand(ctx: Context, now: float, transfer_from: str | None = None) -> None:
+    """Stand for election (a pre-vote first, or at once for a transfer) on a
+    fresh position: a settled standby is probed only every probe_interval_s
+    (core/probing.py), and a position that old understates a WAL that went on
+    arriving until the leader went away; voters who probed later would refuse
+    it. So a position older than two heartbeat intervals is probed again first,
+    and we stand when that probe is in (`on_probe`), or a heartbeat interval
+    later on what we know if it is slow (`timed_out`)."""
+    pg = ctx.pg
+    if pg is not None and now - pg.observed_at > STALE_HEARTBEATS * ctx.timing.heartbeat_interval_s:
+        ctx.stand_after_probe = (now, ctx.term, transfer_from)
+        ctx.election_deadline = now + ctx.timing.heartbeat_interval_s
+        ctx.out.append(act.ProbeNow())
+        return
+    _stand_now(ctx, now, transfer_from)
+
+
+def _stand_now(ctx: Context, now: float, transfer_from: str | None) -> None:
+    ctx.stand_after_probe = None
+    if transfer_from is not None:
+        start_election(ctx, now, transfer_from=transfer_from)
+    else:
+        start_pre_vote(ctx, now)
+
+
+def on_probe(ctx: Context, now: float) -> None:
+    """A probe is in: stand if we were waiting for it and still may."""
+    pending = ctx.stand_after_probe
+    if pending is None or ctx.pg is None or ctx.pg.observed_at < pending[0]:
+        return
+    ctx.stand_after_probe = None
+    if _may_still_stand(ctx, now, pending):
+        _stand_now(ctx, now, pending[2])
+
+
+def _may_still_stand(ctx: Context, now: float, pending: tuple[float, int, str | None]) -> bool:
+    """Nothing since we decided to stand has made it wrong: the same term, no
+    leader heard (its heartbeat renews our promise, which may_campaign
+    checks), and for a transfer, the leader that asked for it released us."""
+    _, term, transfer_from = pending
+    if ctx.role is not Role.FOLLOWER or ctx.term != term:
+        return False
+    if transfer_from is not None and ctx.released_by != transfer_from:
+        return False
+    return may_campaign(ctx, now, transfer=transfer_from is not None)
+
+
 def timed_out(ctx: Context, now: float) -> None:
     """The election deadline passed: give up a running candidacy, and stand
     (pre-vote first) if we may."""
@@ -123,8 +176,15 @@ def timed_out(ctx: Context, now: float) -> None:
         ctx.emit(ev.ElectionTimedOut, role=ctx.role.value)
         ctx.role = Role.FOLLOWER
         ctx.candidacy = None
+    pending = ctx.stand_after_probe
+    if pending is not None:
+        # The probe we waited for is slow: stand on what we know.
+        ctx.stand_after_probe = None
+        if _may_still_stand(ctx, now, pending):
+            _stand_now(ctx, now, pending[2])
+            return
     if may_campaign(ctx, now):
-        start_pre_vote(ctx, now)
+        stand(ctx, now)
     else:
         ctx.election_deadline = now + ctx.random_timeout()
 

@@ -115,6 +115,9 @@ class Context:
         # our election timeout scales with it (docs/design.md §6).
         self.promise_s = self.timing.election_timeout_min_s
         self.election_deadline = now + self.random_timeout()
+        # (asked at, term, transfer_from): we stand once a probe that started
+        # after `asked at` shows our position (candidacy.stand).
+        self.stand_after_probe: tuple[float, int, str | None] | None = None
 
         # The local PostgreSQL and the VIP.
         self.pg: PgObservation | None = None

@@ -102,7 +102,7 @@ def on_timeout_now(ctx: Context, m: TimeoutNow, now: float) -> None:
     if not candidacy.may_campaign(ctx, now, transfer=True):
         ctx.emit(ev.TransferDeclined, leader=m.sender)
         return
-    candidacy.start_election(ctx, now, transfer_from=m.sender)
+    candidacy.stand(ctx, now, transfer_from=m.sender)
 
 
 def keep_local_postgres_in_line(ctx: Context, now: float) -> None:

@@ -118,6 +118,7 @@ class Node:
             leader.observe(ctx, now)
         elif ctx.role is Role.FOLLOWER:
             follower.report_position(ctx)
+            candidacy.on_probe(ctx, now)
         follower.keep_local_postgres_in_line(ctx, now)
         return ctx.flush()
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from core_helpers import T, Wire, make_spec, obs, switchover
+from core_helpers import T, Wire, env, make_spec, messages, obs, pos, switchover
 from test_core_leader import promoted, ready_for_switchover
 
+from failoverd.core import actions as act
+from failoverd.core.messages import PreVoteRequest, TimeoutNow, VoteRequest
 from failoverd.core.node import Role
 from failoverd.core.requests import Switchover
 from failoverd.core.spec import SpecError, Timing
@@ -104,3 +106,72 @@ def test_a_switchover_makes_the_leader_watchful():
     switchover(w["a"], Switchover(8, "b"), 2.3)
     assert w["a"].state.switchover_to == "b"
     assert w["a"].role is Role.LEADER and w["a"].probe_interval() == HB
+
+
+# ------------------------------------------- standing on a fresh position
+
+
+def _silent_leader(w: Wire, heard_until: float = 2.3) -> float:
+    """a stops reaching b and c after they last heard it at `heard_until`;
+    returns the time b's election deadline passes (its promise has run out)."""
+    w.tick_all(heard_until)
+    w.isolate("a")
+    return max(w["b"].ctx.election_deadline, w["b"].ctx.promise_until) + 0.001
+
+
+def test_a_member_whose_position_is_old_probes_before_it_stands():
+    w = settled_cluster()  # b last probed at 2.25
+    t = _silent_leader(w)
+    out = w.tick("b", t)["b"]
+    assert any(isinstance(a, act.ProbeNow) for a in out)
+    assert messages(out, PreVoteRequest) == [] and w["b"].role is Role.FOLLOWER
+    out = w.observe("b", obs(PgRole.STANDBY, at=t + 0.005, lsn=1200, following="a"), t + 0.01)["b"]
+    assert w["b"].role is not Role.FOLLOWER
+    assert [m.position for m in messages(out, PreVoteRequest)] == [pos(1200), pos(1200)]
+
+
+def test_a_probe_that_does_not_come_back_in_time_delays_standing_by_one_heartbeat_at_most():
+    w = settled_cluster()
+    t = _silent_leader(w)
+    w.tick("b", t)
+    assert w["b"].next_wakeup() == pytest.approx(t + HB)
+    out = w.tick("b", t + HB)["b"]
+    assert [m.position for m in messages(out, PreVoteRequest)] == [pos(1000), pos(1000)]  # the 2.25 probe's
+
+
+def test_a_leader_heard_while_the_probe_runs_cancels_the_candidacy():
+    w = settled_cluster()
+    t = _silent_leader(w)
+    w.tick("b", t)
+    w.heal()
+    w.tick("a", t + 0.002)  # a's heartbeat reaches b: a is alive after all
+    out = w.observe("b", obs(PgRole.STANDBY, at=t + 0.005, lsn=1200, following="a"), t + 0.01)["b"]
+    assert messages(out, PreVoteRequest) == [] and w["b"].role is Role.FOLLOWER
+
+
+def test_a_transfer_target_with_an_old_position_probes_then_campaigns_at_once():
+    w = settled_cluster()
+    b = w["b"]
+    out = b.receive(TimeoutNow(**env("a", 1)), 2.6)
+    assert any(isinstance(a, act.ProbeNow) for a in out) and b.role is Role.FOLLOWER
+    out = b.observe(obs(PgRole.STANDBY, at=2.605, lsn=1200), 2.61)
+    requests = messages(out, VoteRequest)
+    assert b.role is Role.CANDIDATE and [(r.transfer_from, r.position) for r in requests] == [("a", pos(1200))] * 2
+
+
+def test_a_transfer_target_whose_probe_is_slow_campaigns_a_heartbeat_later():
+    w = settled_cluster()
+    b = w["b"]
+    b.receive(TimeoutNow(**env("a", 1)), 2.6)
+    out = b.tick(2.6 + HB)
+    assert b.role is Role.CANDIDATE and {r.transfer_from for r in messages(out, VoteRequest)} == {"a"}
+
+
+def test_a_voter_with_an_old_position_probes_when_an_election_starts():
+    w = settled_cluster()
+    c = w["c"]
+    out = c.receive(PreVoteRequest(**env("b", 2), position=pos(1000), stamp=c.state.stamp), 2.9)
+    assert any(isinstance(a, act.ProbeNow) for a in out)
+    c.observe(obs(PgRole.STANDBY, at=2.9, lsn=1000, following="a"), 2.9)
+    out = c.receive(PreVoteRequest(**env("b", 2), position=pos(1000), stamp=c.state.stamp), 2.95)
+    assert not any(isinstance(a, act.ProbeNow) for a in out)
