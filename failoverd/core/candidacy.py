@@ -139,6 +139,27 @@ def stand(ctx: Context, now: float, transfer_from: str | None = None) -> None:
     _stand_now(ctx, now, transfer_from)
 
 
+def probe_ahead_at(ctx: Context) -> float | None:
+    """When to ask for a probe so that, should the election deadline pass,
+    we stand at once on a fresh position rather than wait for one: two
+    heartbeat intervals before the deadline, once per deadline. Each
+    heartbeat moves the deadline on, so a member whose leader is heard never
+    gets here; it costs the ticker a wake-up that finds nothing due."""
+    if ctx.role is not Role.FOLLOWER or not ctx.me.can_lead or ctx.pg is None or ctx.stand_after_probe is not None:
+        return None
+    if ctx.probed_ahead_for == ctx.election_deadline:
+        return None
+    at = ctx.election_deadline - STALE_HEARTBEATS * ctx.timing.heartbeat_interval_s
+    return None if ctx.pg.observed_at >= at else at
+
+
+def probe_ahead(ctx: Context, now: float) -> None:
+    at = probe_ahead_at(ctx)
+    if at is not None and now >= at:
+        ctx.probed_ahead_for = ctx.election_deadline
+        ctx.out.append(act.ProbeNow())
+
+
 def _stand_now(ctx: Context, now: float, transfer_from: str | None) -> None:
     ctx.stand_after_probe = None
     if transfer_from is not None:

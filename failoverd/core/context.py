@@ -118,6 +118,7 @@ class Context:
         # (asked at, term, transfer_from): we stand once a probe that started
         # after `asked at` shows our position (candidacy.stand).
         self.stand_after_probe: tuple[float, int, str | None] | None = None
+        self.probed_ahead_for: float | None = None  # the election deadline a probe was asked ahead of
 
         # The local PostgreSQL and the VIP.
         self.pg: PgObservation | None = None

@@ -63,6 +63,8 @@ class Node:
             leader.tick(ctx, now)
         elif now >= ctx.election_deadline:
             candidacy.timed_out(ctx, now)
+        else:
+            candidacy.probe_ahead(ctx, now)
         follower.keep_local_postgres_in_line(ctx, now)
         return ctx.flush()
 
@@ -204,7 +206,8 @@ class Node:
         ctx = self.ctx
         if ctx.role is Role.LEADER and ctx.lead is not None:
             return leader.next_wakeup(ctx)
-        return ctx.election_deadline
+        ahead = candidacy.probe_ahead_at(ctx)
+        return ctx.election_deadline if ahead is None else min(ahead, ctx.election_deadline)
 
     def probe_interval(self) -> float:
         """Seconds from the end of one probe of the local PostgreSQL to the next."""

@@ -175,3 +175,26 @@ def test_a_voter_with_an_old_position_probes_when_an_election_starts():
     c.observe(obs(PgRole.STANDBY, at=2.9, lsn=1000, following="a"), 2.9)
     out = c.receive(PreVoteRequest(**env("b", 2), position=pos(1000), stamp=c.state.stamp), 2.95)
     assert not any(isinstance(a, act.ProbeNow) for a in out)
+
+
+def test_a_silent_leader_gets_the_probe_asked_for_ahead_so_the_member_stands_at_its_deadline():
+    w = settled_cluster()
+    t = _silent_leader(w)
+    b = w["b"]
+    ahead = b.ctx.election_deadline - 2 * HB
+    assert b.next_wakeup() == pytest.approx(ahead)
+    assert not any(isinstance(a, act.ProbeNow) for a in w.tick("b", ahead - 0.01)["b"])
+    assert any(isinstance(a, act.ProbeNow) for a in w.tick("b", ahead)["b"])
+    assert b.next_wakeup() == b.ctx.election_deadline  # asked once per deadline
+    w.observe("b", obs(PgRole.STANDBY, at=ahead + 0.005, lsn=1200, following="a"), ahead + 0.01)
+    out = w.tick("b", t)["b"]
+    assert [m.position for m in messages(out, PreVoteRequest)] == [pos(1200), pos(1200)]
+
+
+def test_a_leader_heard_moves_the_probe_ahead_on_with_the_deadline():
+    w = settled_cluster()
+    b = w["b"]
+    first = b.next_wakeup()
+    w.tick_all(2.3)  # a heartbeat: the deadline, and the probe ahead of it, move on
+    assert b.next_wakeup() > first
+    assert not any(isinstance(a, act.ProbeNow) for a in w.tick("b", first)["b"])
