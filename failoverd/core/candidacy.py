@@ -14,9 +14,8 @@ from failoverd.core.roles import Candidacy
 from failoverd.core.state import PgRole, Position, Role
 
 # A position probed more than this many heartbeat intervals ago is probed
-# again before we stand on it (`stand`), or before we weigh a candidate
-# against it (voting.on_pre_vote_request): at most what a watchful member's
-# probes every heartbeat leave between them.
+# again before we stand on it (`stand`, `probe_ahead_at`): at most what a
+# watchful member's probes every heartbeat leave between them.
 STALE_HEARTBEATS = 2
 
 
@@ -141,11 +140,15 @@ def stand(ctx: Context, now: float, transfer_from: str | None = None) -> None:
 
 def probe_ahead_at(ctx: Context) -> float | None:
     """When to ask for a probe so that, should the election deadline pass,
-    we stand at once on a fresh position rather than wait for one: two
-    heartbeat intervals before the deadline, once per deadline. Each
-    heartbeat moves the deadline on, so a member whose leader is heard never
-    gets here; it costs the ticker a wake-up that finds nothing due."""
-    if ctx.role is not Role.FOLLOWER or not ctx.me.can_lead or ctx.pg is None or ctx.stand_after_probe is not None:
+    we stand at once on a fresh position rather than wait for one, and weigh
+    other candidates against our WAL as it is: two heartbeat intervals
+    before the deadline, once per deadline (every data member, since each
+    votes; the others' deadlines are within the same spread). Each heartbeat
+    moves the deadline on, so a member whose leader is heard never gets
+    here; it costs the ticker a wake-up that finds nothing due. (Asking when
+    a pre-vote arrives instead made that probe hold up the one a new
+    leader's WAL confirmation waits for.)"""
+    if ctx.role is not Role.FOLLOWER or not ctx.me.is_data or ctx.pg is None or ctx.stand_after_probe is not None:
         return None
     if ctx.probed_ahead_for == ctx.election_deadline:
         return None

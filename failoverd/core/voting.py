@@ -56,15 +56,6 @@ def holds_more_wal_than(ctx: Context, position: Position | None) -> bool:
 
 
 def on_pre_vote_request(ctx: Context, m: PreVoteRequest, now: float) -> None:
-    if (
-        ctx.me.is_data
-        and ctx.pg is not None
-        and now - ctx.pg.observed_at > candidacy.STALE_HEARTBEATS * ctx.timing.heartbeat_interval_s
-    ):
-        # An election is coming: the vote that follows should weigh the
-        # candidate against our WAL as it is, not as a settled standby's
-        # last probe saw it (core/probing.py).
-        ctx.out.append(act.ProbeNow())
     reason = "stale term" if m.term <= ctx.term else refusal(ctx, m.sender, m.position, m.stamp, now, None)
     ctx.send(
         m.sender,

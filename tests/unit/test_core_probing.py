@@ -167,14 +167,15 @@ def test_a_transfer_target_whose_probe_is_slow_campaigns_a_heartbeat_later():
     assert b.role is Role.CANDIDATE and {r.transfer_from for r in messages(out, VoteRequest)} == {"a"}
 
 
-def test_a_voter_with_an_old_position_probes_when_an_election_starts():
+def test_every_data_member_probes_ahead_of_its_deadline_not_when_a_pre_vote_arrives():
     w = settled_cluster()
+    t = _silent_leader(w)
     c = w["c"]
-    out = c.receive(PreVoteRequest(**env("b", 2), position=pos(1000), stamp=c.state.stamp), 2.9)
-    assert any(isinstance(a, act.ProbeNow) for a in out)
-    c.observe(obs(PgRole.STANDBY, at=2.9, lsn=1000, following="a"), 2.9)
-    out = c.receive(PreVoteRequest(**env("b", 2), position=pos(1000), stamp=c.state.stamp), 2.95)
+    out = c.receive(PreVoteRequest(**env("b", 2), position=pos(1000), stamp=c.state.stamp), t)
     assert not any(isinstance(a, act.ProbeNow) for a in out)
+    ahead = c.ctx.election_deadline - 2 * HB
+    assert c.next_wakeup() == pytest.approx(ahead)
+    assert any(isinstance(a, act.ProbeNow) for a in c.tick(ahead))
 
 
 def test_a_silent_leader_gets_the_probe_asked_for_ahead_so_the_member_stands_at_its_deadline():
