@@ -11,26 +11,12 @@ import click
 from failoverd import __version__
 from failoverd.config.load import Config, ConfigError, load_config
 from failoverd.core.spec import ClusterSpec, ReplicationMode, Timing
+from failoverd.sim.command import simulate_command
 
 EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus= stops restarts on it
 
 
-class _Commands(click.Group):
-    """The daemon's commands, and `simulate`, imported only when it is
-    asked for: a running supervisor has no use for the simulator's 1.3 MB."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), "simulate"})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name == "simulate":
-            from failoverd.sim.command import simulate_command
-
-            return simulate_command
-        return super().get_command(ctx, cmd_name)
-
-
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="failoverd")
 def failoverd_main() -> None:
     """The failoverd supervisor of one host of a PostgreSQL cluster."""
@@ -195,3 +181,8 @@ def _adaptive_line(t: Timing) -> str:
         f"{t.election_timeout_max_s * scale:.3g} s, lease {t.lease_for(floor):.3g} s "
         f"(after {t.promise_window_s:g} s of quick acknowledgements)"
     )
+
+
+# The simulator lives in its own package; registered here so that `failoverd
+# --help` lists it beside the daemon's commands.
+failoverd_main.add_command(simulate_command)

@@ -22,7 +22,8 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from failoverd.api.http import ConnectFailed, NoAnswer, fetch
+import aiohttp
+
 from failoverd.config.load import ApiConfig, Config, HostPort, NodeConfig
 from failoverd.config.secrets import SecretError, load_secret
 
@@ -109,14 +110,16 @@ class Answer:
 
 
 class ApiClient:
-    """Calls to any member's API, one connection per call (failoverd.api.http)."""
+    """One aiohttp session for calls to any member; close it when done."""
 
     def __init__(
         self, *, token: str | None = None, ssl_context: ssl.SSLContext | None = None, timeout_s: float = 2.0
     ) -> None:
         self.token = token
         self._ssl = ssl_context
+        self._scheme = "https" if ssl_context is not None else "http"
         self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
 
     async def call(
         self,
@@ -131,6 +134,9 @@ class ApiClient:
     ) -> Answer:
         """One request; `body` is JSON-encoded unless it is bytes already.
         `authorization` replaces the header made from our own token."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True, limit=0)
+            self._session = aiohttp.ClientSession(connector=connector)
         all_headers = dict(headers or {})
         if authorization is not None:
             all_headers["Authorization"] = authorization
@@ -141,23 +147,18 @@ class ApiClient:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             all_headers["Content-Type"] = "application/json"
         total = self.timeout_s if timeout_s is None else timeout_s
+        timeout = aiohttp.ClientTimeout(total=total, sock_connect=min(total, CONNECT_TIMEOUT_S))
+        url = f"{self._scheme}://{address}{path}"
         try:
-            status, raw = await fetch(
-                address.host,
-                address.port,
-                method,
-                path,
-                body=data,
-                headers=all_headers,
-                ssl_context=self._ssl,
-                timeout_s=total,
-                connect_timeout_s=CONNECT_TIMEOUT_S,
-                answer_max=ANSWER_BYTES_MAX,
-            )
-        except ConnectFailed as error:
-            raise Unreachable(address, str(error), delivered=False) from None
-        except NoAnswer as error:
-            raise Unreachable(address, str(error), delivered=True) from None
+            async with self._session.request(method, url, data=data, headers=all_headers, timeout=timeout) as resp:
+                raw = await resp.content.read(ANSWER_BYTES_MAX)
+                status = resp.status
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as error:
+            raise Unreachable(address, _describe(error), delivered=False) from None
+        except TimeoutError:
+            raise Unreachable(address, f"no answer within {total:g} s", delivered=True) from None
+        except aiohttp.ClientError as error:
+            raise Unreachable(address, _describe(error), delivered=True) from None
         text = raw.decode("utf-8", "replace")
         try:
             parsed = json.loads(text)
@@ -166,10 +167,18 @@ class ApiClient:
         return Answer(status, parsed, text)
 
     async def close(self) -> None:
-        """Nothing is kept between calls; here for `async with`."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def __aenter__(self) -> ApiClient:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, aiohttp.ClientConnectorError) and error.os_error is not None:
+        return error.os_error.strerror or str(error.os_error)
+    return f"{type(error).__name__}: {error}"[:300]

@@ -1,4 +1,4 @@
-"""The REST API of one supervisor (on failoverd.api.http): health checks for load balancers,
+"""The REST API of one supervisor (aiohttp): health checks for load balancers,
 the cluster view, metrics, and admin requests. docs/api.md is the reference.
 
 * Read endpoints (GET) are open unless `[api] health_auth` is set; admin
@@ -30,10 +30,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import structlog
+from aiohttp import web
 
 from failoverd.api import views
 from failoverd.api.client import FORWARDED_HEADER, ApiClient, Unreachable, api_address
-from failoverd.api.http import HttpError, HttpServer, Request, Response, error_response, json_response
 from failoverd.api.views import BadRequest
 from failoverd.config.load import Config, NodeConfig
 from failoverd.core import actions as act
@@ -123,16 +123,16 @@ class ApiServer:
         self._reload_config = reload  # the daemon's: re-read the file and apply what may change live
         self.rejected: collections.Counter[str] = collections.Counter()
         self._nodes = {n.name: n for n in config.nodes}
-        self._http: HttpServer | None = None
-        self._routes: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
+        self._runner: web.AppRunner | None = None
 
     @property
     def port(self) -> int:
-        if self._http is None:
+        if self._runner is None or not self._runner.addresses:
             raise RuntimeError("the API server is not started")
-        return self._http.port
+        return int(self._runner.addresses[0][1])
 
     async def start(self) -> None:
+        app = web.Application(client_max_size=BODY_BYTES_MAX, middlewares=[self._errors])
         reads = {
             "/health": self._health,
             "/primary": self._primary,
@@ -142,28 +142,26 @@ class ApiServer:
             "/history": self._history,
             "/metrics": self._metrics,
         }
-        self._routes = {path: {"GET": handler} for path, handler in reads.items()}
-        self._routes["/switchover"] = {"POST": self._switchover, "DELETE": self._cancel_switchover}
-        self._routes["/history"]["POST"] = self._note
-        for path, handler in (
-            ("/failover", self._failover),
-            ("/pause", self._pause),
-            ("/resume", self._resume),
-            ("/reinit", self._reinit),
-            ("/restart", self._restart),
-            ("/reload", self._reload),
-        ):
-            self._routes[path] = {"POST": handler}
-        http = HttpServer(
-            self._handle,
-            host=self.host,
-            port=self._port,
-            body_max=BODY_BYTES_MAX,
-            ssl_context=self._ssl_context,
-            on_refused=self._refused_early,
-        )
-        await http.start()
-        self._http = http
+        for path, handler in reads.items():
+            app.router.add_get(path, handler)
+        app.router.add_post("/switchover", self._switchover)
+        app.router.add_delete("/switchover", self._cancel_switchover)
+        app.router.add_post("/failover", self._failover)
+        app.router.add_post("/pause", self._pause)
+        app.router.add_post("/resume", self._resume)
+        app.router.add_post("/reinit", self._reinit)
+        app.router.add_post("/restart", self._restart)
+        app.router.add_post("/reload", self._reload)
+        app.router.add_post("/history", self._note)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self._port, ssl_context=self._ssl_context)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
         log.info(
             "api_listening",
             node=self.member.name,
@@ -174,31 +172,20 @@ class ApiServer:
         )
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
         if self._own_client:
             await self.client.close()
 
     # ------------------------------------------------------------ plumbing
 
-    def _route(self, request: Request) -> Callable[[Request], Awaitable[Response]]:
-        methods = self._routes.get(request.path)
-        if methods is None:
-            raise HttpError(404, f"no such endpoint: {request.path[:100]} (see docs/api.md)")
-        handler = methods.get("GET" if request.method == "HEAD" else request.method)
-        if handler is None:
-            allowed = ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])}))
-            raise HttpError(
-                405,
-                f"{request.method[:20]} is not allowed on {request.path[:100]} (allowed: {allowed})",
-                {"Allow": allowed},
-            )
-        return handler
-
-    async def _handle(self, request: Request) -> Response:
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
-            return await self._route(request)(request)
+            return await handler(request)
         except _Refused as refused:
             self.rejected[refused.reason] += 1
             if refused.status in (401, 403):
@@ -215,9 +202,13 @@ class ApiServer:
         except BadRequest as error:
             self.rejected["malformed"] += 1
             return _error(400, str(error))
-        except HttpError as error:  # no such endpoint or method
+        except web.HTTPException as error:  # aiohttp's own: 404, 405, 413
             self.rejected[f"http_{error.status}"] += 1
-            return _error(error.status, error.text, headers=error.headers or None)
+            return _error(
+                error.status,
+                _http_error_text(error, request),
+                headers={"Allow": error.headers["Allow"]} if "Allow" in error.headers else None,
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -225,11 +216,7 @@ class ApiServer:
             log.exception("api_handler_failed", node=self.member.name, method=request.method, path=request.path)
             return _error(500, "internal error")
 
-    def _refused_early(self, status: int, remote: str | None) -> None:
-        """A request the HTTP layer refused before routing: malformed, too large, too slow."""
-        self.rejected[f"http_{status}"] += 1
-
-    def _authorize(self, request: Request, *, admin: bool) -> None:
+    def _authorize(self, request: web.Request, *, admin: bool) -> None:
         if not admin and not self.config.api.health_auth:
             return
         if self._token is None:
@@ -250,7 +237,7 @@ class ApiServer:
             raise _Refused(403, "bad_token", "the token is not valid")
 
     @staticmethod
-    def _query(request: Request, allowed: tuple[str, ...] = ()) -> dict[str, str]:
+    def _query(request: web.Request, allowed: tuple[str, ...] = ()) -> dict[str, str]:
         unknown = sorted(set(request.query) - set(allowed))
         if unknown:
             raise BadRequest(
@@ -260,8 +247,8 @@ class ApiServer:
         return {k: request.query[k] for k in allowed if k in request.query}
 
     @staticmethod
-    async def _body(request: Request) -> tuple[Any, bytes]:
-        raw = await request.read()  # the HTTP layer answers 413 past BODY_BYTES_MAX
+    async def _body(request: web.Request) -> tuple[Any, bytes]:
+        raw = await request.read()  # aiohttp answers 413 past BODY_BYTES_MAX
         if not raw.strip():
             return {}, b"{}"
         try:
@@ -282,33 +269,33 @@ class ApiServer:
 
     # ------------------------------------------------------- read endpoints
 
-    async def _health(self, request: Request) -> Response:
+    async def _health(self, request: web.Request) -> web.Response:
         self._authorize(request, admin=False)
         self._query(request)
         status = self.supervisor.status()
         body = self._view(status)
         healthy = self.member.postgres is None or (status.pg is not None and status.pg.running)
-        return json_response(body, status=200 if healthy else 503)
+        return web.json_response(body, status=200 if healthy else 503)
 
-    async def _primary(self, request: Request) -> Response:
+    async def _primary(self, request: web.Request) -> web.Response:
         self._authorize(request, admin=False)
         self._query(request)
         status = self.supervisor.status()
         return self._check(status, status.writable)
 
-    async def _replica(self, request: Request) -> Response:
+    async def _replica(self, request: web.Request) -> web.Response:
         self._authorize(request, admin=False)
         lag_max = self._lag_bound(request)
         status = self.supervisor.status()
         return self._check(status, self._replica_ok(status, lag_max))
 
-    async def _read_only(self, request: Request) -> Response:
+    async def _read_only(self, request: web.Request) -> web.Response:
         self._authorize(request, admin=False)
         lag_max = self._lag_bound(request)
         status = self.supervisor.status()
         return self._check(status, status.writable or self._replica_ok(status, lag_max))
 
-    def _lag_bound(self, request: Request) -> int | None:
+    def _lag_bound(self, request: web.Request) -> int | None:
         query = self._query(request, ("lag",))
         return None if "lag" not in query else views.parse_lag(query["lag"])
 
@@ -322,15 +309,15 @@ class ApiServer:
         lag = views.lag_bytes(status.primary_position, pg.position)
         return lag is not None and lag <= lag_max
 
-    def _check(self, status: MemberStatus, ok: bool) -> Response:
+    def _check(self, status: MemberStatus, ok: bool) -> web.Response:
         body = self._view(status)
-        return json_response(body, status=200 if ok else 503)
+        return web.json_response(body, status=200 if ok else 503)
 
-    async def _cluster(self, request: Request) -> Response:
+    async def _cluster(self, request: web.Request) -> web.Response:
         self._authorize(request, admin=False)
         self._query(request)
         members = await asyncio.gather(*(self._member(n) for n in self.config.nodes))
-        return json_response(views.cluster_view(self.config, list(members), self.member.name))
+        return web.json_response(views.cluster_view(self.config, list(members), self.member.name))
 
     async def _member(self, node: NodeConfig) -> dict[str, Any]:
         if node.name == self.member.name:
@@ -345,11 +332,11 @@ class ApiServer:
             return _unreachable(node, str(address), f"HTTP {answer.status}: {answer.error}")
         return {**body, "reachable": True}
 
-    async def _history(self, request: Request) -> Response:
+    async def _history(self, request: web.Request) -> web.Response:
         self._authorize(request, admin=False)
         self._query(request)
         status = self.supervisor.status()
-        return json_response(
+        return web.json_response(
             {
                 "member": status.name,
                 "state_version": [status.state_stamp.written_term, status.state_stamp.version],
@@ -357,7 +344,7 @@ class ApiServer:
             }
         )
 
-    async def _metrics(self, request: Request) -> Response:
+    async def _metrics(self, request: web.Request) -> web.Response:
         self._authorize(request, admin=False)
         self._query(request)
         text = views.metrics_text(
@@ -368,57 +355,57 @@ class ApiServer:
             peer_rejected=self.peer_metrics.rejected,
             api_rejected=self.rejected,
         )
-        return Response(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     # ------------------------------------------------------ admin endpoints
 
-    async def _admin_body(self, request: Request, **spec: Any) -> tuple[dict[str, Any], bytes]:
+    async def _admin_body(self, request: web.Request, **spec: Any) -> tuple[dict[str, Any], bytes]:
         self._authorize(request, admin=True)
         self._query(request)
         body, raw = await self._body(request)
         return views.fields(body, **spec), raw
 
-    async def _switchover(self, request: Request) -> Response:
+    async def _switchover(self, request: web.Request) -> web.Response:
         args, raw = await self._admin_body(request, optional={"to": str, "at": (int, float, str)})
         to = None if args["to"] is None else views.member_name(self.config, args["to"], "to")
         at = None if args["at"] is None else views.parse_time(args["at"], self._wall_clock())
         return await self._submit(request, raw, Switchover(next(_request_ids), to, at))
 
-    async def _cancel_switchover(self, request: Request) -> Response:
+    async def _cancel_switchover(self, request: web.Request) -> web.Response:
         _, raw = await self._admin_body(request)
         return await self._submit(request, raw, CancelSwitchover(next(_request_ids)))
 
-    async def _pause(self, request: Request) -> Response:
+    async def _pause(self, request: web.Request) -> web.Response:
         _, raw = await self._admin_body(request)
         return await self._submit(request, raw, Pause(next(_request_ids)))
 
-    async def _resume(self, request: Request) -> Response:
+    async def _resume(self, request: web.Request) -> web.Response:
         _, raw = await self._admin_body(request)
         return await self._submit(request, raw, Resume(next(_request_ids)))
 
-    async def _note(self, request: Request) -> Response:
+    async def _note(self, request: web.Request) -> web.Response:
         args, raw = await self._admin_body(request, required={"reason": str})
         reason = args["reason"]
         if not 1 <= len(reason) <= 200:
             raise BadRequest("reason: 1 to 200 characters")
         return await self._submit(request, raw, RecordEvent(next(_request_ids), reason))
 
-    async def _failover(self, request: Request) -> Response:
+    async def _failover(self, request: web.Request) -> web.Response:
         args, raw = await self._admin_body(request, required={"to": str}, optional={"allow_data_loss": bool})
         to = views.member_name(self.config, args["to"], "to")
         return await self._submit(request, raw, Failover(next(_request_ids), to, bool(args["allow_data_loss"])))
 
-    async def _reinit(self, request: Request) -> Response:
+    async def _reinit(self, request: web.Request) -> web.Response:
         args, raw = await self._admin_body(request, required={"node": str})
         name = views.member_name(self.config, args["node"], "node")
         return await self._submit(request, raw, Reinit(next(_request_ids), name), accepted=202)
 
-    async def _restart(self, request: Request) -> Response:
+    async def _restart(self, request: web.Request) -> web.Response:
         args, raw = await self._admin_body(request, required={"node": str})
         name = views.member_name(self.config, args["node"], "node")
         return await self._submit(request, raw, Restart(next(_request_ids), name), accepted=202)
 
-    async def _reload(self, request: Request) -> Response:
+    async def _reload(self, request: web.Request) -> web.Response:
         """Re-read this member's configuration file, as SIGHUP does, and say
         what was applied and what waits for a restart. Every member reloads
         its own file: `failoverctl reload` asks each; nothing is forwarded."""
@@ -426,11 +413,11 @@ class ApiServer:
         if self._reload_config is None:
             raise _Refused(409, "no_reload", f"{self.member.name} cannot reload its configuration here")
         report = await self._reload_config()
-        return json_response({"member": self.member.name, **report}, status=200 if report.get("ok") else 409)
+        return web.json_response({"member": self.member.name, **report}, status=200 if report.get("ok") else 409)
 
     # -------------------------------------------------------------- routing
 
-    async def _submit(self, request: Request, raw: bytes, req: AdminRequest, accepted: int = 200) -> Response:
+    async def _submit(self, request: web.Request, raw: bytes, req: AdminRequest, accepted: int = 200) -> web.Response:
         """Hand the request to our core and say what it answered; when the
         core names another member to ask (REDIRECT), forward it there once."""
         try:
@@ -446,10 +433,12 @@ class ApiServer:
         if reply.code is ReplyCode.UNAVAILABLE:
             raise _Refused(503, "no_leader", reply.message)
         if reply.ok:
-            return json_response({"ok": True, "message": reply.message, "member": self.member.name}, status=accepted)
-        return json_response({"ok": False, "error": reply.message, "member": self.member.name}, status=409)
+            return web.json_response(
+                {"ok": True, "message": reply.message, "member": self.member.name}, status=accepted
+            )
+        return web.json_response({"ok": False, "error": reply.message, "member": self.member.name}, status=409)
 
-    async def _forward(self, request: Request, target: str, raw: bytes) -> Response:
+    async def _forward(self, request: web.Request, target: str, raw: bytes) -> web.Response:
         node = self._nodes[target]
         address = api_address(self.config, node)
         try:
@@ -470,11 +459,21 @@ class ApiServer:
             return _error(502, f"cannot reach {target} at {address}: {error.reason}")
         if not isinstance(answer.body, dict):
             return _error(502, f"{target} answered HTTP {answer.status} without JSON")
-        return json_response({**answer.body, "forwarded_by": self.member.name}, status=answer.status)
+        return web.json_response({**answer.body, "forwarded_by": self.member.name}, status=answer.status)
 
 
-def _error(status: int, text: str, headers: dict[str, str] | None = None) -> Response:
-    return error_response(status, text, headers)
+def _error(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": text}, status=status, headers=headers)
+
+
+def _http_error_text(error: web.HTTPException, request: web.Request) -> str:
+    if error.status == 404:
+        return f"no such endpoint: {request.path[:100]} (see docs/api.md)"
+    if error.status == 405:
+        return f"{request.method} is not allowed on {request.path[:100]} (allowed: {error.headers.get('Allow', '')})"
+    if error.status == 413:
+        return f"the body exceeds {BODY_BYTES_MAX} bytes"
+    return error.reason
 
 
 def _unreachable(node: NodeConfig, address: str, reason: str) -> dict[str, Any]:

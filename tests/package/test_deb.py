@@ -485,7 +485,7 @@ def test_package_declares_its_debian_dependencies_and_files(deb: Path, deb_timin
         needed |= {"python3.11", "python3-click", "python3-structlog"}
         assert needed <= depends, f"missing from Depends: {needed - depends}"
         # Bundled instead (packaging/bundled-requirements.txt): bookworm's are too old.
-        assert not depends & {"python3-aiohttp", "python3-asyncpg"}  # no HTTP library at all
+        assert not depends & {"python3-aiohttp", "python3-asyncpg"}
 
         listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
         paths = {line.split()[5].removeprefix(".") for line in listing.splitlines()}
@@ -512,17 +512,14 @@ def test_version(installed: Root, deb_timings: dict[str, float]) -> None:
 def test_bundled_libraries_and_the_watchdog_through_the_private_interpreter(
     installed: Root, deb_timings: dict[str, float]
 ) -> None:
-    """asyncpg is the bundled one, click and structlog Debian's, and no
-    aiohttp is there; the fencing watchdog (sys.executable -m ...) starts as
-    postgres."""
+    """aiohttp and asyncpg are the bundled ones, click and structlog Debian's;
+    the fencing watchdog (sys.executable -m ...) starts as postgres."""
     script = """
 import asyncio, sys, tempfile
-import asyncpg, click, structlog
-import failoverd.cli, failoverd.daemon
+import aiohttp, asyncpg, click, structlog
 from failoverd.adapters.watchdog import WatchdogHandle
-for module in (asyncpg, click, structlog):
+for module in (aiohttp, asyncpg, click, structlog):
     print(module.__name__, module.__file__)
-print("aiohttp", "aiohttp" in sys.modules)
 async def main():
     with tempfile.TemporaryDirectory() as data_dir:
         watchdog = WatchdogHandle(data_dir)
@@ -534,7 +531,7 @@ asyncio.run(main())
     with timed(deb_timings, "checks"):
         out = installed.run("runuser", "-u", "postgres", "--", PRIVATE_PYTHON, "-s", "-c", script).stdout
         where = dict(line.split(" ", 1) for line in out.splitlines())
-        assert where["aiohttp"] == "False", out
+        assert where["aiohttp"].startswith("/usr/lib/failoverd/lib/python3.11/site-packages/"), out
         assert where["asyncpg"].startswith("/usr/lib/failoverd/lib/python3.11/site-packages/"), out
         assert where["click"].startswith("/usr/lib/python3/dist-packages/"), out
         assert where["structlog"].startswith("/usr/lib/python3/dist-packages/"), out
