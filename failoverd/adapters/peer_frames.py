@@ -1,11 +1,6 @@
 """The peer transport's handshake and frames, without any I/O (docs/design.md
 §11, "Peer transport").
 
-On the wire (TCP, or TLS over it) the client first sends the preamble
-`PREAMBLE`; everything after it, both ways, is frames:
-
-    length (4 bytes, big-endian; of what follows) || kind (1 byte) || payload
-
 A connection starts with a challenge from the server (its member name and a
 fresh nonce) and a hello from the client (its name, its nonce, and a MAC over
 both nonces, the cluster, the sender and the recipient). Both sides then
@@ -29,8 +24,7 @@ from typing import Any
 
 from failoverd.core.messages import MAX_MESSAGE_BYTES
 
-PROTOCOL = "failoverd-peer-4"
-PREAMBLE = PROTOCOL.encode() + b"\n"
+PROTOCOL = "failoverd-peer-3"
 NONCE_BYTES = 32
 SEQ_BYTES = 8
 TAG_BYTES = 32
@@ -39,28 +33,6 @@ MAX_FRAME_BYTES = HEADER_BYTES + MAX_MESSAGE_BYTES
 HANDSHAKE_TEXT_MAX = 1024  # a challenge or a hello is under 300 characters
 NAME_CHARS_MAX = 200
 SECRET_BYTES_MIN = 16
-
-
-# Frame kinds.
-CHALLENGE = 1  # server -> client: {"protocol", "member", "nonce"}
-HELLO = 2  # client -> server: {"sender", "nonce", "mac"}
-WELCOME = 3  # server -> client: empty
-MESSAGE = 4  # client -> server: a sealed message
-REFUSAL = 5  # server -> client: {"seq", "reason", "error"}, one message refused
-PING = 6  # either way, after silence; answered by a PONG with the same payload
-PONG = 7
-CLOSE = 8  # either way: {"code", "reason"}, then the end of the stream
-KIND_NAMES = {
-    CHALLENGE: "challenge",
-    HELLO: "hello",
-    WELCOME: "welcome",
-    MESSAGE: "message",
-    REFUSAL: "refusal",
-    PING: "ping",
-    PONG: "pong",
-    CLOSE: "close",
-}
-LENGTH_BYTES = 4
 
 
 class FrameError(Exception):
@@ -204,43 +176,3 @@ class Opener:
             raise FrameError("replayed", f"frame {number} where {self.seq + 1} was due")
         self.seq = number
         return body
-
-
-# ---------------------------------------------------------------- framing
-
-
-def encode_frame(kind: int, payload: bytes = b"") -> bytes:
-    return (len(payload) + 1).to_bytes(LENGTH_BYTES, "big") + bytes((kind,)) + payload
-
-
-class FrameReader:
-    """Cuts a byte stream into (kind, payload) frames. `limit` bounds one
-    frame's payload, and so what a peer can make us buffer; a stream that
-    breaks it, or names no known kind, raises FrameError and must end."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        buffer = self._buffer
-        buffer += data
-        frames = []
-        start = 0
-        while len(buffer) - start >= LENGTH_BYTES:
-            length = int.from_bytes(buffer[start : start + LENGTH_BYTES], "big")
-            if length == 0:
-                raise FrameError("malformed", "a frame of length 0")
-            if length - 1 > self.limit:
-                raise FrameError("too_large", f"a frame of {length - 1} bytes is longer than {self.limit}")
-            end = start + LENGTH_BYTES + length
-            if len(buffer) < end:
-                break
-            kind = buffer[start + LENGTH_BYTES]
-            if kind not in KIND_NAMES:
-                raise FrameError("malformed", f"a frame of unknown kind {kind}")
-            frames.append((kind, bytes(buffer[start + LENGTH_BYTES + 1 : end])))
-            start = end
-        if start:
-            del buffer[:start]
-        return frames

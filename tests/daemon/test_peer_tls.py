@@ -11,7 +11,6 @@ import ssl
 import pytest
 from daemon_fixture import start_witness, stop_witness
 
-from failoverd.adapters.peer_frames import CHALLENGE, PREAMBLE
 from tests.support.peer_stream import exchange
 from tests.support.tls import self_signed_cert
 
@@ -46,25 +45,29 @@ def test_no_client_certificate_or_a_foreign_one_is_refused_in_the_handshake(tls_
     w, cert, key, base_dir = tls_witness
     member = ssl.create_default_context(cafile=cert)
     member.load_cert_chain(cert, key)
-    assert challenged(w.peer_port, member)  # the probe itself works
+    assert upgraded(w.peer_port, member)  # the probe itself works
     without = ssl.create_default_context(cafile=cert)
     foreign_cert, foreign_key = self_signed_cert(base_dir, "intruder")
     foreign = ssl.create_default_context(cafile=cert)
     foreign.load_cert_chain(foreign_cert, foreign_key)
     for context in (without, foreign, None):
-        assert not challenged(w.peer_port, context)
+        assert not upgraded(w.peer_port, context)
     assert w.alive()
 
 
-def challenged(port: int, context: ssl.SSLContext | None) -> bool:
-    """Whether a stream's preamble gets the server's challenge over `context` (None: no TLS at all)."""
+UPGRADE = b"GET /peer/v3/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+UPGRADE += b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+
+
+def upgraded(port: int, context: ssl.SSLContext | None) -> bool:
+    """Whether a websocket upgrade gets its 101 over `context` (None: no TLS at all)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         try:
             if context is None:
-                raw.sendall(PREAMBLE)
-                return raw.recv(4096)[4:5] == bytes((CHALLENGE,))
+                raw.sendall(UPGRADE)
+                return raw.recv(4096).startswith(b"HTTP/1.1 101")
             with context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
-                conn.sendall(PREAMBLE)
-                return conn.recv(4096)[4:5] == bytes((CHALLENGE,))
-        except (ssl.SSLError, ConnectionError, TimeoutError):
+                conn.sendall(UPGRADE)
+                return conn.recv(4096).startswith(b"HTTP/1.1 101")
+        except (ssl.SSLError, ConnectionError):
             return False

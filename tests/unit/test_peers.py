@@ -12,15 +12,24 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from failoverd.adapters.peer_frames import HELLO, MAX_FRAME_BYTES, MESSAGE, PREAMBLE
+from failoverd.adapters.peer_frames import (
+    MAX_FRAME_BYTES,
+    Sealer,
+    decode_challenge,
+    make_hello,
+    new_nonce,
+    session_key,
+)
 from failoverd.adapters.peers import (
     CLOSE_MALFORMED,
     CLOSE_UNAUTHENTICATED,
+    STREAM_PATH,
     PeerClient,
     PeerMetrics,
     PeerServer,
@@ -37,8 +46,7 @@ from failoverd.core.messages import (
     encode_message_bytes,
 )
 from failoverd.core.state import ClusterState, Position, StateStamp
-from tests.support import free_port, peer_stream, wait_for
-from tests.support.peer_stream import RawStream
+from tests.support import free_port, wait_for
 
 CLUSTER = "pgc"
 SECRET = b"s3cret-s3cret-s3cret-0123456789"
@@ -102,12 +110,6 @@ async def start_server(member: str = "x", **kwargs) -> tuple[PeerServer, Receive
     return srv, receiver
 
 
-@pytest.fixture(autouse=True)
-async def close_streams() -> AsyncIterator[None]:
-    yield
-    await RawStream.close_all()
-
-
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[PeerServer, Receiver]]:
     srv, receiver = await start_server(metrics=PeerMetrics())
@@ -115,20 +117,62 @@ async def server() -> AsyncIterator[tuple[PeerServer, Receiver]]:
     await srv.close()
 
 
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def url(srv: PeerServer) -> str:
+    return f"http://127.0.0.1:{srv.port}{STREAM_PATH}"
+
+
+class Stream:
+    """A hand-driven client end of one stream, for sending what PeerClient never would."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, sealer: Sealer | None) -> None:
+        self.ws, self.sealer = ws, sealer
+
+    async def send(self, body: bytes) -> bytes:
+        assert self.sealer is not None
+        frame = self.sealer.seal(body)
+        await self.ws.send_bytes(frame)
+        return frame
+
+    async def next_text(self) -> dict:
+        frame = await self.ws.receive(timeout=3)
+        assert frame.type == aiohttp.WSMsgType.TEXT, (frame.type, frame.data, self.ws.close_code)
+        return json.loads(frame.data)
+
+    async def closed_with(self) -> int | None:
+        frame = await self.ws.receive(timeout=3)
+        assert frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), (frame.type, frame.data)
+        return self.ws.close_code
+
+
 async def open_stream(
+    http: aiohttp.ClientSession,
     srv: PeerServer,
     sender: str = "a",
     secret: bytes = SECRET,
     recipient: str | None = None,
     hello: str | bytes | None = None,
-) -> RawStream:
+) -> Stream:
     """Connect and shake hands as `sender` (a `hello` given replaces the real one)."""
-    stream, welcomed = await peer_stream.open_stream(
-        srv.port, secret=secret, cluster=CLUSTER, sender=sender, recipient=recipient, hello=hello
-    )
-    assert stream.challenge is not None and stream.challenge.member == srv.member
-    if secret == SECRET and recipient is None and hello is None:
-        assert welcomed
+    ws = await http.ws_connect(url(srv), max_msg_size=0)
+    challenge = decode_challenge((await ws.receive(timeout=3)).data)
+    assert challenge.member == srv.member
+    if hello is not None:
+        await (ws.send_bytes(hello) if isinstance(hello, bytes) else ws.send_str(hello))
+        return Stream(ws, None)
+    nonce = new_nonce()
+    if recipient is not None:
+        challenge = type(challenge)(recipient, challenge.nonce)
+    await ws.send_str(make_hello(secret, CLUSTER, sender, challenge, nonce))
+    key = session_key(secret, CLUSTER, sender, challenge.member, challenge.nonce, nonce)
+    stream = Stream(ws, Sealer(key))
+    if secret == SECRET and recipient is None:
+        assert await stream.next_text() == {"welcome": True}
     return stream
 
 
@@ -150,7 +194,7 @@ async def refused_stream(
     return events
 
 
-async def refused_message(server: tuple[PeerServer, Receiver], stream: RawStream, body: bytes, reason: str, text: str):
+async def refused_message(server: tuple[PeerServer, Receiver], stream: Stream, body: bytes, reason: str, text: str):
     """A refusal that keeps the stream: answered with a text frame, counted, logged."""
     srv, receiver = server
     before = srv.metrics.rejected[reason]
@@ -182,12 +226,12 @@ async def test_client_delivers_messages_intact_and_in_order(server: tuple[PeerSe
     assert sum(srv.metrics.rejected.values()) == 0
 
 
-async def test_sync_callback_is_supported() -> None:
+async def test_sync_callback_is_supported(http: aiohttp.ClientSession) -> None:
     got: list[Message] = []
     srv = PeerServer(CLUSTER, SECRET, got.append, member="x", host="127.0.0.1", port=0)
     await srv.start()
     try:
-        stream = await open_stream(srv)
+        stream = await open_stream(http, srv)
         await stream.send(BODY)
         await wait_for("the message received", lambda: got == [MESSAGES[0]])
     finally:
@@ -216,41 +260,28 @@ async def test_client_reconnects_to_a_restarted_peer_and_sends_what_waited(serve
 # ------------------------------------------------------------ handshake
 
 
-async def test_plain_http_is_400_and_says_what_the_port_is(server) -> None:
-    """A member of protocol 3 (a websocket upgrade) or any HTTP client: an
-    answer it can read, not a hang."""
+async def test_plain_http_is_400(http, server) -> None:
     srv, _ = server
     for method in ("GET", "POST"):
-        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-        writer.write(f"{method} /peer/v3/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        answer = await asyncio.wait_for(reader.read(), 3)
-        writer.close()
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 400 "), answer
-        assert "failoverd-peer-4" in json.loads(body)["error"]
-    assert srv.metrics.rejected["malformed"] == 2
+        async with http.request(method, url(srv), data=BODY) as response:
+            assert response.status in (400, 405)
+    async with http.get(url(srv)) as response:
+        assert response.status == 400 and "websocket" in (await response.json())["error"]
 
 
-async def test_a_wrong_preamble_ends_the_stream(server) -> None:
-    srv, receiver = server
-    stream = await RawStream.connect(srv.port, preamble=b"failoverd-peer-3\n")
-    assert await stream.closed_with() == peer_stream.ABNORMAL
-    assert srv.metrics.rejected["malformed"] == 1 and receiver.messages == []
-
-
-async def test_wrong_secret_is_refused(server) -> None:
-    async def run() -> RawStream:
-        return await open_stream(server[0], secret=b"another-secret-of-enough-length")
+async def test_wrong_secret_is_refused(http, server) -> None:
+    async def run() -> Stream:
+        return await open_stream(http, server[0], secret=b"another-secret-of-enough-length")
 
     events = await refused_stream(server, "unauthenticated", run)
     assert events[0]["detail"] == "bad hello signature"
 
 
-async def test_a_hello_for_another_member_is_refused(server) -> None:
+async def test_a_hello_for_another_member_is_refused(http, server) -> None:
     """A hello is bound to the member that sent the challenge."""
 
-    async def run() -> RawStream:
-        return await open_stream(server[0], recipient="y")
+    async def run() -> Stream:
+        return await open_stream(http, server[0], recipient="y")
 
     await refused_stream(server, "unauthenticated", run)
 
@@ -267,25 +298,26 @@ async def test_a_hello_for_another_member_is_refused(server) -> None:
         ('{"sender": "a", "nonce": "' + "00" * 32 + '", "mac": 5}', "mac"),
         ('{"sender": "a", "nonce": "' + "00" * 32 + '", "mac": "' + "é" * 64 + '"}', "signature"),
         ("x" * 5000, "longer than"),
-        (b"\xff\xfe", "not UTF-8"),
+        (b"binary", "expected a hello"),
     ],
 )
-async def test_malformed_hello_closes_the_stream(server, hello: str | bytes, text: str) -> None:
-    async def run() -> RawStream:
-        return await open_stream(server[0], hello=hello)
+async def test_malformed_hello_closes_the_stream(http, server, hello: str | bytes, text: str) -> None:
+    async def run() -> Stream:
+        return await open_stream(http, server[0], hello=hello)
 
-    reason = {"signature": "unauthenticated", "longer than": "too_large"}.get(text, "malformed")
+    reason = "unauthenticated" if text == "signature" else "malformed"
     code = CLOSE_UNAUTHENTICATED if reason == "unauthenticated" else CLOSE_MALFORMED
     events = await refused_stream(server, reason, run, code)
     assert text in events[0]["detail"]
 
 
-async def test_no_hello_in_time_closes_the_stream() -> None:
+async def test_no_hello_in_time_closes_the_stream(http) -> None:
     srv, _ = await start_server(handshake_timeout_s=0.2)
     try:
-        stream = await RawStream.connect(srv.port)
-        assert await stream.closed_with() == CLOSE_MALFORMED  # the challenge, then nothing: cut
-        assert srv.metrics.rejected["malformed"] == 1
+        ws = await http.ws_connect(url(srv))
+        assert decode_challenge((await ws.receive(timeout=3)).data).member == "x"
+        assert (await ws.receive(timeout=3)).type == aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == CLOSE_MALFORMED and srv.metrics.rejected["malformed"] == 1
     finally:
         await srv.close()
 
@@ -293,94 +325,82 @@ async def test_no_hello_in_time_closes_the_stream() -> None:
 # --------------------------------------------------------------- frames
 
 
-async def test_tampered_frame_closes_the_stream(server) -> None:
-    async def run() -> RawStream:
-        stream = await open_stream(server[0])
+async def test_tampered_frame_closes_the_stream(http, server) -> None:
+    async def run() -> Stream:
+        stream = await open_stream(http, server[0])
         frame = bytearray(stream.sealer.seal(BODY))
         frame[-5] ^= 1
-        stream.write(MESSAGE, bytes(frame))
+        await stream.ws.send_bytes(bytes(frame))
         return stream
 
     await refused_stream(server, "unauthenticated", run)
 
 
-async def test_a_frame_replayed_on_its_stream_is_refused(server) -> None:
+async def test_a_frame_replayed_on_its_stream_is_refused(http, server) -> None:
     srv, receiver = server
 
-    async def run() -> RawStream:
-        stream = await open_stream(srv)
+    async def run() -> Stream:
+        stream = await open_stream(http, srv)
         frame = await stream.send(BODY)
         await receiver.wait_for(1)
         receiver.messages.clear()
-        stream.write(MESSAGE, frame)
+        await stream.ws.send_bytes(frame)
         return stream
 
     await refused_stream(server, "replayed", run)
 
 
-async def test_a_frame_replayed_on_another_stream_or_to_another_member_is_refused(server) -> None:
+async def test_a_frame_replayed_on_another_stream_or_to_another_member_is_refused(http, server) -> None:
     srv, receiver = server
-    first = await open_stream(srv)
+    first = await open_stream(http, srv)
     captured = await first.send(BODY)
     await receiver.wait_for(1)
     receiver.messages.clear()
 
-    async def on_a_new_stream() -> RawStream:
-        stream = await open_stream(srv)
-        stream.write(MESSAGE, captured)
+    async def on_a_new_stream() -> Stream:
+        stream = await open_stream(http, srv)
+        await stream.ws.send_bytes(captured)
         return stream
 
     await refused_stream(server, "unauthenticated", on_a_new_stream)
     other, other_receiver = await start_server(member="y")
     try:
-        stream = await open_stream(other)
-        stream.write(MESSAGE, captured)
+        stream = await open_stream(http, other)
+        await stream.ws.send_bytes(captured)
         assert await stream.closed_with() == CLOSE_UNAUTHENTICATED and other_receiver.messages == []
     finally:
         await other.close()
 
 
-async def test_frames_out_of_order_or_too_short_close_the_stream(server) -> None:
-    async def skipped() -> RawStream:
-        stream = await open_stream(server[0])
+async def test_frames_out_of_order_or_too_short_close_the_stream(http, server) -> None:
+    async def skipped() -> Stream:
+        stream = await open_stream(http, server[0])
         stream.sealer.seq = 5
         await stream.send(BODY)
         return stream
 
-    async def short() -> RawStream:
-        stream = await open_stream(server[0])
-        stream.write(MESSAGE, b"\x00" * 39)
+    async def short() -> Stream:
+        stream = await open_stream(http, server[0])
+        await stream.ws.send_bytes(b"\x00" * 39)
         return stream
 
-    async def another_kind() -> RawStream:
-        stream = await open_stream(server[0])
-        stream.write(HELLO, BODY)
-        return stream
-
-    async def broken_framing() -> RawStream:
-        stream = await open_stream(server[0])
-        stream.write_raw(b"\x00\x00\x00\x00")
-        return stream
-
-    async def unknown_kind() -> RawStream:
-        stream = await open_stream(server[0])
-        stream.write(99, BODY)
+    async def text() -> Stream:
+        stream = await open_stream(http, server[0])
+        await stream.ws.send_str(BODY.decode())
         return stream
 
     await refused_stream(server, "replayed", skipped)
     await refused_stream(server, "malformed", short, CLOSE_MALFORMED)
-    await refused_stream(server, "malformed", another_kind, CLOSE_MALFORMED)
-    await refused_stream(server, "malformed", broken_framing, CLOSE_MALFORMED)
-    await refused_stream(server, "malformed", unknown_kind, CLOSE_MALFORMED)
+    await refused_stream(server, "malformed", text, CLOSE_MALFORMED)
 
 
-async def test_oversized_frame_closes_the_stream(server) -> None:
-    async def run() -> RawStream:
-        stream = await open_stream(server[0])
+async def test_oversized_frame_closes_the_stream(http, server) -> None:
+    async def run() -> Stream:
+        stream = await open_stream(http, server[0])
         await stream.send(b" " * (MAX_FRAME_BYTES - 40 + 1))
         return stream
 
-    await refused_stream(server, "too_large", run, CLOSE_MALFORMED)
+    await refused_stream(server, "too_large", run, aiohttp.WSCloseCode.MESSAGE_TOO_BIG)
     assert MAX_FRAME_BYTES == MAX_MESSAGE_BYTES + 40
 
 
@@ -396,16 +416,16 @@ async def test_oversized_frame_closes_the_stream(server) -> None:
         (encode_message_bytes(TimeoutNow(CLUSTER, "b", 1)), "refused", "on 'a''s connection"),
     ],
 )
-async def test_a_refused_message_is_answered_and_the_stream_stays(server, body, reason, text) -> None:
-    stream = await open_stream(server[0])
+async def test_a_refused_message_is_answered_and_the_stream_stays(http, server, body, reason, text) -> None:
+    stream = await open_stream(http, server[0])
     await refused_message(server, stream, body, reason, text)
     await stream.send(BODY)
     assert await server[1].wait_for(1) == [MESSAGES[0]]
 
 
-async def test_receiver_protocol_error_and_crash_are_answered_and_the_stream_stays(server) -> None:
+async def test_receiver_protocol_error_and_crash_are_answered_and_the_stream_stays(http, server) -> None:
     srv, receiver = server
-    stream = await open_stream(srv)
+    stream = await open_stream(http, srv)
     receiver.fail_with = ProtocolError("sender 'a' is not another member")
     await refused_message(server, stream, BODY, "refused", "not another member")
     receiver.fail_with = RuntimeError("bug with a private detail")
@@ -419,12 +439,12 @@ async def test_receiver_protocol_error_and_crash_are_answered_and_the_stream_sta
     assert await receiver.wait_for(1) == [MESSAGES[0]]
 
 
-async def test_bodies_that_break_the_json_parser_are_refused(server) -> None:
+async def test_bodies_that_break_the_json_parser_are_refused(http, server) -> None:
     # Nesting just below the recursion limit and huge integers make the decoder
     # raise RecursionError/ValueError rather than ProtocolError; the boundary
     # still refuses them as malformed.
     srv, receiver = server
-    stream = await open_stream(srv)
+    stream = await open_stream(http, srv)
     limit = sys.getrecursionlimit()
     bodies = [BODY.replace(b'"term":3', b'"term":' + b"9" * 5000)]
     for depth in range(limit - 400, limit + 30, 2):
@@ -447,25 +467,24 @@ async def test_secret_must_be_long_enough() -> None:
     hello=st.one_of(st.text(max_size=300), st.binary(max_size=300)),
     frames=st.lists(st.binary(max_size=600), max_size=4),
 )
-async def test_random_hellos_and_frames_never_reach_the_receiver(server, hello, frames) -> None:
+async def test_random_hellos_and_frames_never_reach_the_receiver(http, server, hello, frames) -> None:
     srv, receiver = server
-    for stream in (await open_stream(srv, hello=hello), await open_stream(srv)):
+    for stream in (await open_stream(http, srv, hello=hello), await open_stream(http, srv)):
         for frame in frames:
-            stream.write(MESSAGE, frame)
-        await stream.close()
-    stream = await RawStream.connect(srv.port, preamble=PREAMBLE + b"".join(frames))
-    await stream.close()
+            if stream.ws.closed:
+                break
+            await stream.ws.send_bytes(frame)
+        await stream.ws.close()
     assert receiver.messages == []
 
 
-async def test_server_still_serves_after_fuzzing(server) -> None:
+async def test_server_still_serves_after_fuzzing(http, server) -> None:
     srv, receiver = server
     for junk in (b"\x00" * 100, b"{" * 5000, b'{"type":' * 2000):
-        stream = await open_stream(srv)
+        stream = await open_stream(http, srv)
         await stream.send(junk)
-        stream.write(MESSAGE, junk)
-        stream.write_raw(junk)
-    stream = await open_stream(srv)
+        await stream.ws.send_bytes(junk)
+    stream = await open_stream(http, srv)
     await stream.send(BODY)
     assert await receiver.wait_for(1) == [MESSAGES[0]]
 
